@@ -1,0 +1,201 @@
+"""Frozen configuration dataclasses: the one config system of the project.
+
+Named recipes (``tiny``, ``demo``, ``paper``) live in ``jobs/recipes.py`` and are plain functions
+returning a :class:`Recipe`. Checkpoints store their model config as JSON (``to_dict``) so a model can
+be rebuilt with no outside config (``from_dict``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+ECG_FS = 250  # Hz: the rate every ECG is resampled to (what ST-MEM expects)
+ECG_LEADS = ("I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6")
+
+
+@dataclass(frozen=True)
+class ClipConfig:
+    """How ingestion cuts a study into clips (window mode).
+
+    Attributes:
+        frames: frames per clip (T); must be 1 + 2k for the tokenizer.
+        size: output frame height = width in pixels.
+        fps: frame rate the clip is resampled to.
+        ecg_samples: ECG samples per clip at 250 Hz, starting at the clip's first frame.
+        stride_s: hop between clip starts in seconds; ``None`` means the clip duration.
+    """
+
+    frames: int = 5
+    size: int = 32
+    fps: float = 5.0
+    ecg_samples: int = 300
+    stride_s: float | None = None
+
+    @property
+    def seconds(self) -> float:
+        return self.frames / self.fps
+
+    def __post_init__(self) -> None:
+        if self.frames < 1 or (self.frames - 1) % 2:
+            raise ValueError(f"clip frames must be 1 + 2k, got {self.frames}")
+
+
+@dataclass(frozen=True)
+class TokenizerConfig:
+    """C-ViViT-style video tokenizer (first frame alone, then temporal patches of 2)."""
+
+    frames: int = 5
+    image_size: int = 32
+    patch_size: int = 8
+    temporal_patch: int = 2
+    dim: int = 64
+    spatial_depth: int = 2
+    temporal_depth: int = 1
+    heads: int = 4
+    fsq_levels: tuple[int, ...] = (5, 5, 5)
+
+    @property
+    def token_grid(self) -> tuple[int, int, int]:
+        t = 1 + (self.frames - 1) // self.temporal_patch
+        s = self.image_size // self.patch_size
+        return (t, s, s)
+
+    @property
+    def codebook_size(self) -> int:
+        n = 1
+        for level in self.fsq_levels:
+            n *= level
+        return n
+
+
+@dataclass(frozen=True)
+class ECGEncoderConfig:
+    """ST-MEM-style ViT over 12 leads (250 Hz); emits one token per (lead, patch)."""
+
+    leads: int = 12
+    samples: int = 300
+    patch: int = 75
+    dim: int = 64
+    depth: int = 2
+    heads: int = 4
+
+
+@dataclass(frozen=True)
+class GeneratorConfig:
+    """MaskGIT generator over video tokens with cross-attention to ECG tokens."""
+
+    vocab_size: int = 125
+    token_grid: tuple[int, int, int] = (3, 4, 4)
+    dim: int = 64
+    depth: int = 2
+    heads: int = 4
+    ecg: ECGEncoderConfig = field(default_factory=ECGEncoderConfig)
+    cond_dropout: float = 0.15
+    schedule: str = "cosine"
+
+    @property
+    def seq_len(self) -> int:
+        t, h, w = self.token_grid
+        return t * h * w
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training run (tokenizer or generator)."""
+
+    steps: int = 100
+    batch_size: int = 8
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 10
+    grad_clip: float = 1.0
+    log_every: int = 10
+    workers: int = 1
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """Iterative parallel decoding settings."""
+
+    steps: int = 8
+    guidance: float = 2.0
+    temperature: float = 1.0
+    schedule: str = "cosine"
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    """Ray Tune sweep over masking schedules."""
+
+    trials: int = 2
+    schedules: tuple[str, ...] = ("cosine", "linear", "square", "sqrt")
+    steps: int = 30
+    max_concurrent: int = 1
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Everything one end-to-end run needs; named recipes are functions in ``jobs/recipes.py``."""
+
+    name: str
+    clip: ClipConfig
+    tokenizer: TokenizerConfig
+    generator: GeneratorConfig
+    tokenizer_train: TrainConfig
+    generator_train: TrainConfig
+    sampling: SamplingConfig
+    tune: TuneConfig = field(default_factory=TuneConfig)
+    synth_studies: int = 6
+    synth_seconds: float = 4.0
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """A dataclass config as plain JSON-able data (tuples become lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def from_dict(cls: type[T], data: dict[str, Any]) -> T:
+    """Rebuild a (possibly nested) frozen config dataclass from :func:`to_dict` output.
+
+    Raises:
+        ValueError: when ``data`` has keys the dataclass does not know.
+    """
+    known = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = set(data) - set(known)
+    if unknown:
+        raise ValueError(f"{cls.__name__}: unknown config keys {sorted(unknown)}")
+    kwargs: dict[str, Any] = {}
+    hints = {f.name: f.type for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    for name, value in data.items():
+        sub = _dataclass_for(hints[name])
+        if sub is not None and isinstance(value, dict):
+            kwargs[name] = from_dict(sub, value)
+        elif isinstance(value, list):
+            kwargs[name] = tuple(value)
+        else:
+            kwargs[name] = value
+    return cls(**kwargs)
+
+
+_CONFIG_CLASSES = {
+    c.__name__: c
+    for c in (ClipConfig, TokenizerConfig, ECGEncoderConfig, GeneratorConfig, TrainConfig,
+              SamplingConfig, TuneConfig, Recipe)
+}
+
+
+def _dataclass_for(type_hint: Any) -> type | None:
+    # with `from __future__ import annotations` field types are strings
+    name = type_hint if isinstance(type_hint, str) else getattr(type_hint, "__name__", "")
+    return _CONFIG_CLASSES.get(name)
+
+
+def replace(cfg: T, **changes: Any) -> T:
+    """``dataclasses.replace`` re-exported so callers need one import."""
+    return dataclasses.replace(cfg, **changes)  # type: ignore[type-var]

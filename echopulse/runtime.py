@@ -1,0 +1,41 @@
+"""Starting or joining Ray: the embedded default is a local cluster started in-process."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+log = logging.getLogger(__name__)
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Connect to Ray once per process.
+
+    Args:
+        address: a cluster address (``ray://…``, ``auto``); ``None`` reads ``RAY_ADDRESS`` and
+            otherwise starts a local cluster in this process.
+        num_cpus: logical CPUs for a local cluster. Defaults to at least 4 so a Tune trial and its
+            Train worker can be scheduled together on a 2-core laptop.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        log.info("connecting to Ray at %s", address)
+        ray.init(address=address, log_to_driver=True)
+        return
+    cpus = num_cpus or max(os.cpu_count() or 1, 4)
+    log.info("starting a local Ray cluster (%d logical CPUs)", cpus)
+    ray.init(
+        num_cpus=cpus,
+        include_dashboard=False,
+        log_to_driver=True,
+        configure_logging=True,
+        logging_level=logging.WARNING,
+    )
+    # Ray Data's own progress bars are the per-stage progress in a terminal; keep its logs quiet.
+    from ray.data import DataContext
+
+    DataContext.get_current().enable_progress_bars = True

@@ -1,0 +1,95 @@
+"""Parquet contracts between stages (``clips/v1``, ``tokens/v1``, quarantine) and deterministic ids.
+
+Every dataset directory written by a stage holds Parquet parts plus ``dataset.json``
+(:func:`dataset_info`): the schema name, the config and code version that made it, and counts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import uuid
+
+import numpy as np
+import pyarrow as pa
+
+CLIPS_SCHEMA = "clips/v1"
+TOKENS_SCHEMA = "tokens/v1"
+DATASET_INFO_FILE = "dataset.json"
+
+# uuid5 namespace for clip ids: reruns over the same source and span give the same id
+_CLIP_NAMESPACE = uuid.UUID("6f1f4a1e-2c55-5b8e-9d1e-ec40a05e0001")
+SALT_ENV = "ECHOPULSE_STUDY_SALT"
+_DEFAULT_SALT = "echopulse-default-salt"  # documented: set ECHOPULSE_STUDY_SALT for real archives
+
+SPLITS = ("train", "val", "test")
+
+
+def clip_schema(frames: int, size: int, ecg_samples: int) -> pa.Schema:
+    """The ``clips/v1`` Arrow schema for a given clip geometry."""
+    return pa.schema(
+        [
+            ("clip_id", pa.string()),
+            ("study_key", pa.string()),
+            ("split", pa.string()),
+            ("view", pa.string()),
+            ("frames", pa.fixed_shape_tensor(pa.uint8(), [frames, size, size])),
+            ("fps", pa.float32()),
+            ("ecg", pa.fixed_shape_tensor(pa.float32(), [12, ecg_samples])),
+            ("ecg_leads", pa.list_(pa.bool_())),
+            ("ecg_source", pa.string()),
+            ("heart_rate_bpm", pa.float32()),
+            ("r_peaks", pa.list_(pa.int32())),
+            ("t_start_s", pa.float32()),
+            ("t_end_s", pa.float32()),
+            ("ef", pa.float32()),
+            ("source_uri", pa.string()),
+            ("provenance", pa.string()),
+        ],
+        metadata={b"schema": CLIPS_SCHEMA.encode()},
+    )
+
+
+CLIP_COLUMNS = tuple(clip_schema(1, 1, 1).names)
+TOKEN_COLUMNS = ("clip_id", "tokens", "token_grid", "tokenizer_id", "ecg", "view", "ef", "split")
+QUARANTINE_COLUMNS = ("echo", "ecg", "stage", "error", "detail")
+
+QUARANTINE_SCHEMA = pa.schema([(c, pa.string()) for c in QUARANTINE_COLUMNS])
+
+
+def clip_id(source_uri: str, t_start_s: float, t_end_s: float) -> str:
+    """Deterministic clip id: uuid5 over the source and the span (ms resolution)."""
+    key = f"{source_uri}|{round(t_start_s * 1000)}|{round(t_end_s * 1000)}"
+    return str(uuid.uuid5(_CLIP_NAMESPACE, key))
+
+
+def study_key(study_uid: str, salt: str | None = None) -> str:
+    """Salted hash of a study identifier; the raw identifier never leaves ingestion.
+
+    The salt comes from ``salt``, else the ``ECHOPULSE_STUDY_SALT`` environment variable, else a
+    fixed default (fine for the phantom, not for real archives).
+    """
+    salt = salt if salt is not None else os.environ.get(SALT_ENV, _DEFAULT_SALT)
+    return hashlib.sha256(f"{salt}|{study_uid}".encode()).hexdigest()[:24]
+
+
+def split_for(key: str, val_fraction: float = 0.2, test_fraction: float = 0.0) -> str:
+    """Assign a split from a study key, stable across reruns."""
+    u = int(key[:8], 16) / 0xFFFFFFFF
+    if u < test_fraction:
+        return "test"
+    if u < test_fraction + val_fraction:
+        return "val"
+    return "train"
+
+
+def missing_columns(names: list[str] | tuple[str, ...], expected: tuple[str, ...]) -> list[str]:
+    """Columns of ``expected`` absent from ``names`` (for clear wrong-schema errors)."""
+    return [c for c in expected if c not in names]
+
+
+def tensor_column_to_numpy(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """A fixed-shape tensor column as one stacked numpy array (n, *shape)."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    return column.to_numpy_ndarray()

@@ -1,0 +1,1 @@
+"""Ray Train / Ray Tune entry points and named run recipes."""

@@ -1,0 +1,127 @@
+"""The main job: synth -> ingest -> train tokenizer -> tokenize -> train generator -> tune -> generate.
+
+Everything runs on embedded defaults (a local Ray cluster in-process, a sqlite MLflow store in the
+work directory, local files) and lands under one work directory.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from echopulse.config import Recipe, to_dict
+from echopulse.tracking import RunLogger, create_run, resolve_tracking_uri
+
+log = logging.getLogger(__name__)
+
+STAGES = ("synth", "ingest", "train tokenizer", "tokenize", "train generator", "tune", "generate")
+
+
+def _pick_val_ecg(synth_dir: Path) -> Path:
+    with open(synth_dir / "manifest.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    chosen = next((r for r in rows if r.get("split") == "val"), rows[-1])
+    return synth_dir / chosen["ecg"]
+
+
+def quickstart(workdir: str, recipe: Recipe, seed: int = 0, tracking_uri: str | None = None,
+               report: Callable[[str], None] = log.info) -> dict[str, Any]:
+    """Run the whole chain into ``workdir``; returns where every output is.
+
+    Args:
+        workdir: a local directory; created if needed.
+        recipe: the run recipe (``tiny`` for tests, ``demo`` for ``make demo``).
+        seed: seed of the synthetic corpus and of sampling.
+        tracking_uri: MLflow URI (default: ``MLFLOW_TRACKING_URI`` or ``WORKDIR/mlflow.db``).
+        report: called with one progress line per stage.
+    """
+    from echopulse.generate import generate_to_file
+    from echopulse.runtime import init_ray
+    from echopulse.synth.phantom import write_corpus
+    from jobs.train_generator import train_generator
+    from jobs.train_tokenizer import train_tokenizer
+    from jobs.tune_masking import tune_masking
+    from pipelines.ingest import run_ingest
+    from pipelines.tokenize import run_tokenize
+
+    work = Path(workdir).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    uri = resolve_tracking_uri(str(work), tracking_uri)
+    outputs: dict[str, Any] = {"workdir": str(work), "tracking_uri": uri, "recipe": recipe.name}
+    t_all = time.perf_counter()
+
+    def stage(i: int, text: str) -> float:
+        report(f"[{i}/{len(STAGES)}] {STAGES[i - 1]}: {text}")
+        return time.perf_counter()
+
+    def done(t0: float, text: str) -> None:
+        report(f"      done in {time.perf_counter() - t0:.1f} s: {text}")
+
+    t = stage(1, f"{recipe.synth_studies} phantom studies -> {work / 'synth'}")
+    manifest = write_corpus(work / "synth", studies=recipe.synth_studies, seed=seed,
+                            duration_s=recipe.synth_seconds)
+    outputs["manifest"] = str(manifest)
+    done(t, str(manifest))
+
+    init_ray()
+    parent = create_run(uri, f"quickstart-{recipe.name}", {"recipe": to_dict(recipe), "seed": seed},
+                        tags={"echopulse.stage": "quickstart"})
+    parent_log = RunLogger(uri, parent)
+    try:
+        t = stage(2, "DICOM + WFDB -> clips/v1 (Ray Data)")
+        summary = run_ingest(str(manifest), str(work / "clips"), recipe.clip)
+        outputs["clips"] = str(work / "clips")
+        parent_log.log_metrics({f"ingest_{k}": v for k, v in summary.as_dict().items()}, step=0)
+        done(t, f"{summary.clips} clips from {summary.inputs_with_clips}/{summary.inputs} inputs, "
+                f"{summary.quarantined} quarantined")
+        if summary.clips == 0:
+            raise RuntimeError("ingest produced no clips; see clips/quarantine")
+
+        t = stage(3, f"{recipe.tokenizer_train.steps} steps (Ray Train)")
+        tok = train_tokenizer(str(work / "clips"), str(work / "tokenizer"), recipe, uri,
+                              parent_run_id=parent)
+        outputs["tokenizer"] = tok.checkpoint
+        done(t, f"psnr {tok.metrics.get('psnr', float('nan')):.2f} dB -> {tok.checkpoint}")
+
+        t = stage(4, "clips -> tokens/v1 (Ray Data actor pool)")
+        toks = run_tokenize(str(work / "clips"), tok.checkpoint, str(work / "tokens"))
+        outputs["tokens"] = str(work / "tokens")
+        done(t, f"{toks.tokens} token grids")
+
+        t = stage(5, f"{recipe.generator_train.steps} steps (Ray Train)")
+        gen = train_generator(str(work / "tokens"), tok.checkpoint, str(work / "generator"), recipe,
+                              uri, parent_run_id=parent)
+        outputs["generator"] = gen.checkpoint
+        done(t, f"masked acc {gen.metrics.get('masked_acc', float('nan')):.3f}, "
+                f"val ce {gen.metrics.get('val_ce', float('nan')):.3f} -> {gen.checkpoint}")
+
+        t = stage(6, f"{recipe.tune.trials} trials over masking schedules (Ray Tune)")
+        tuned = tune_masking(str(work / "tokens"), tok.checkpoint, str(work / "tune"), recipe, uri,
+                             parent_run_id=parent)
+        outputs["tune"] = {"best_recipe": tuned.best_recipe, "trials_csv": tuned.table,
+                           "best_schedule": tuned.best["schedule"]}
+        done(t, f"best schedule {tuned.best['schedule']} (val ce {tuned.best['val_ce']:.3f})")
+
+        t = stage(7, "ECG of a held-out study -> echo video")
+        ecg = _pick_val_ecg(work / "synth")
+        videos = []
+        for suffix in (".gif", ".mp4"):
+            res = generate_to_file(gen.checkpoint, str(ecg), str(work / "generated" / f"echo{suffix}"),
+                                   seed=seed)
+            videos.append(res["out"])
+            parent_log.log_artifact(res["out"], "generated")
+        outputs["videos"] = videos
+        done(t, ", ".join(videos))
+    except BaseException:
+        parent_log.finish("FAILED")
+        raise
+    outputs["seconds"] = round(time.perf_counter() - t_all, 1)
+    outputs["mlflow_run_id"] = parent
+    (work / "quickstart.json").write_text(json.dumps(outputs, indent=2))
+    parent_log.log_artifact(str(work / "quickstart.json"))
+    parent_log.finish()
+    return outputs

@@ -1,0 +1,108 @@
+"""Named run recipes: plain functions deriving from one another (``tiny`` -> ``demo`` -> ``paper``).
+
+``get_recipe`` also accepts a JSON file (for example the best config a sweep wrote).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from echopulse.config import (
+    ClipConfig,
+    ECGEncoderConfig,
+    GeneratorConfig,
+    Recipe,
+    SamplingConfig,
+    TokenizerConfig,
+    TrainConfig,
+    TuneConfig,
+    from_dict,
+    replace,
+)
+from echopulse.errors import ConfigError
+
+
+def _generator_for(tokenizer: TokenizerConfig, ecg: ECGEncoderConfig, **kw) -> GeneratorConfig:
+    return GeneratorConfig(vocab_size=tokenizer.codebook_size, token_grid=tokenizer.token_grid,
+                           ecg=ecg, **kw)
+
+
+def tiny() -> Recipe:
+    """Seconds on a CPU: every test uses this one."""
+    clip = ClipConfig(frames=5, size=32, fps=5.0, ecg_samples=300)
+    tokenizer = TokenizerConfig(frames=5, image_size=32, patch_size=8, dim=64, spatial_depth=2,
+                                temporal_depth=1, heads=4, fsq_levels=(5, 5, 5))
+    ecg = ECGEncoderConfig(samples=clip.ecg_samples, patch=75, dim=64, depth=2, heads=4)
+    return Recipe(
+        name="tiny",
+        clip=clip,
+        tokenizer=tokenizer,
+        generator=_generator_for(tokenizer, ecg, dim=64, depth=2, heads=4),
+        tokenizer_train=TrainConfig(steps=40, batch_size=8, lr=2e-3, warmup_steps=5, log_every=10),
+        generator_train=TrainConfig(steps=40, batch_size=8, lr=1e-3, warmup_steps=5, log_every=10),
+        sampling=SamplingConfig(steps=4, guidance=2.0),
+        tune=TuneConfig(trials=2, steps=15, schedules=("cosine", "linear")),
+        synth_studies=4,
+        synth_seconds=3.0,
+    )
+
+
+def demo() -> Recipe:
+    """Minutes on 2 CPU cores: what ``make demo`` runs."""
+    base = tiny()
+    clip = ClipConfig(frames=11, size=64, fps=10.0, ecg_samples=300)
+    tokenizer = replace(base.tokenizer, frames=11, image_size=64, dim=96, fsq_levels=(8, 5, 5, 5))
+    ecg = replace(base.generator.ecg, samples=clip.ecg_samples, dim=96)
+    return replace(
+        base,
+        name="demo",
+        clip=clip,
+        tokenizer=tokenizer,
+        generator=_generator_for(tokenizer, ecg, dim=128, depth=3, heads=4),
+        tokenizer_train=replace(base.tokenizer_train, steps=500, batch_size=8, log_every=25),
+        generator_train=replace(base.generator_train, steps=400, batch_size=8, log_every=25),
+        sampling=SamplingConfig(steps=8, guidance=2.0),
+        tune=TuneConfig(trials=2, steps=60, schedules=("cosine", "linear", "square", "sqrt")),
+        synth_studies=16,
+        synth_seconds=6.0,
+    )
+
+
+def paper() -> Recipe:
+    """The paper's size: 128x128, 11 frames, 1536 tokens per clip, generator dim 512 / depth 6 / 8 heads."""
+    base = demo()
+    clip = ClipConfig(frames=11, size=128, fps=10.0, ecg_samples=2250)
+    tokenizer = replace(base.tokenizer, image_size=128, dim=256, spatial_depth=4, temporal_depth=4,
+                        heads=8, fsq_levels=(8, 8, 8, 5, 5, 5))
+    ecg = ECGEncoderConfig(samples=2250, patch=75, dim=384, depth=8, heads=6)
+    return replace(
+        base,
+        name="paper",
+        clip=clip,
+        tokenizer=tokenizer,
+        generator=_generator_for(tokenizer, ecg, dim=512, depth=6, heads=8),
+        tokenizer_train=replace(base.tokenizer_train, steps=100_000, batch_size=32, lr=1e-4),
+        generator_train=replace(base.generator_train, steps=100_000, batch_size=32, lr=1e-4),
+        sampling=SamplingConfig(steps=18, guidance=3.0),
+        synth_studies=200,
+        synth_seconds=12.0,
+    )
+
+
+RECIPES = {"tiny": tiny, "demo": demo, "paper": paper}
+
+
+def get_recipe(name_or_path: str) -> Recipe:
+    """A named recipe, or a recipe JSON file (as written by ``echopulse tune``)."""
+    if name_or_path in RECIPES:
+        return RECIPES[name_or_path]()
+    path = Path(name_or_path)
+    if path.suffix == ".json":
+        if not path.exists():
+            raise ConfigError(f"{path}: recipe file not found")
+        try:
+            return from_dict(Recipe, json.loads(path.read_text()))
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"{path}: not a valid recipe ({exc})") from exc
+    raise ConfigError(f"unknown recipe {name_or_path!r}: use one of {', '.join(RECIPES)} or a .json file")

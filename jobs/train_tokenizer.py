@@ -1,0 +1,124 @@
+"""Train the video tokenizer with Ray Train (``TorchTrainer``; DDP over ``workers``).
+
+Reads the train split of a ``clips/v1`` dataset; writes ``OUT/checkpoint`` (safetensors + JSON) and
+logs one MLflow run (params, per-step metrics, the checkpoint's files).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from echopulse import storage
+from echopulse.config import Recipe, from_dict, to_dict
+from echopulse.errors import EchoPulseError
+from echopulse.schema import CLIPS_SCHEMA
+from jobs.train_common import (
+    TrainResult,
+    export_checkpoint,
+    report_final,
+    repeat_batches,
+    run_name,
+    scaling,
+    storage_path,
+    train_worker_loop,
+    unwrap,
+)
+
+log = logging.getLogger(__name__)
+
+
+def tokenizer_loop(config: dict[str, Any]) -> None:
+    """Ray Train per-worker loop: the model file knows nothing of this."""
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    from echopulse.models.checkpoint import save_checkpoint
+    from echopulse.models.tokenizer import VideoTokenizer
+    from echopulse.tracking import RunLogger
+    from echopulse.training.steps import tokenizer_train_step
+
+    recipe = from_dict(Recipe, config["recipe"])
+    train = recipe.tokenizer_train
+    ctx = ray.train.get_context()
+    torch.manual_seed(train.seed)
+    model = ray.train.torch.prepare_model(VideoTokenizer(recipe.tokenizer))
+    logger = RunLogger(config["tracking_uri"], config["run_id"] if ctx.get_world_rank() == 0 else None)
+    per_worker = max(1, train.batch_size // ctx.get_world_size())
+    batches = repeat_batches(ray.train.get_dataset_shard("train"), per_worker,
+                             ray.train.torch.get_device())
+    final = train_worker_loop(model=model, train=train, step_fn=tokenizer_train_step,
+                              batches=batches, logger=logger)
+    report_final(final, lambda d: save_checkpoint(unwrap(model), recipe.tokenizer, d, kind="tokenizer",
+                                                  extra={"clip": to_dict(recipe.clip)}))
+
+
+def clips_dataset(clips: str, split: str = "train"):
+    """The clips' frames for one split (all clips when that split is empty)."""
+    from pipelines.common import read_parquet_dir
+
+    ds = read_parquet_dir(storage.join(clips, "clips")).select_columns(["frames", "split"])
+    picked = ds.filter(lambda row: row["split"] == split)
+    if picked.count() == 0:
+        if ds.count() == 0:
+            raise EchoPulseError(f"{clips}: the clips dataset is empty")
+        log.warning("%s: no %r clips; training on all clips", clips, split)
+        picked = ds
+    return picked.select_columns(["frames"])
+
+
+def train_tokenizer(clips: str, out: str, recipe: Recipe, tracking_uri: str,
+                    workers: int | None = None, use_gpu: bool | None = None,
+                    parent_run_id: str | None = None) -> TrainResult:
+    """Train the tokenizer on ``clips`` and write ``OUT/checkpoint``.
+
+    Args:
+        clips: a ``clips/v1`` dataset (ingest output).
+        out: output directory or URI.
+        recipe: the run recipe (its ``tokenizer`` and ``tokenizer_train`` parts are used).
+        tracking_uri: MLflow tracking URI.
+        workers: Ray Train workers (default: the recipe's).
+        use_gpu: one GPU per worker (default: when CUDA is available).
+        parent_run_id: nest the MLflow run under this one.
+    """
+    from ray.train import RunConfig
+    from ray.train.torch import TorchTrainer
+
+    from echopulse.runtime import init_ray
+    from echopulse.tracking import RunLogger, create_run
+
+    if recipe.clip.frames != recipe.tokenizer.frames or recipe.clip.size != recipe.tokenizer.image_size:
+        raise EchoPulseError("recipe mismatch: clip geometry differs from the tokenizer's input")
+    from pipelines.common import read_dataset_info
+
+    read_dataset_info(clips, CLIPS_SCHEMA)  # a bad path fails here, before Ray starts
+    init_ray()
+    dataset = clips_dataset(clips)
+    storage.makedirs(out)
+    name = run_name("tokenizer")
+    run_id = create_run(tracking_uri, name, {"recipe": to_dict(recipe), "clips": clips, "out": out},
+                        parent_run_id=parent_run_id, tags={"echopulse.stage": "train_tokenizer"})
+    logger = RunLogger(tracking_uri, run_id)
+    trainer = TorchTrainer(
+        tokenizer_loop,
+        train_loop_config={"recipe": to_dict(recipe), "tracking_uri": tracking_uri, "run_id": run_id},
+        scaling_config=scaling(workers or recipe.tokenizer_train.workers, use_gpu),
+        run_config=RunConfig(name=name, storage_path=storage_path(out)),
+        datasets={"train": dataset},
+    )
+    try:
+        result = trainer.fit()
+        checkpoint = export_checkpoint(result, out)
+    except BaseException:
+        logger.finish("FAILED")
+        raise
+    logger.set_tag("checkpoint_uri", checkpoint)
+    _log_checkpoint_files(logger, checkpoint)
+    logger.finish()
+    return TrainResult(checkpoint=checkpoint, metrics=dict(result.metrics or {}), run_id=run_id)
+
+
+def _log_checkpoint_files(logger, checkpoint: str) -> None:
+    if not storage.is_remote(checkpoint):
+        logger.log_artifact(storage.join(checkpoint, "config.json"), "checkpoint")

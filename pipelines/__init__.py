@@ -1,0 +1,1 @@
+"""Ray Data pipelines: wiring only; the stage logic lives in ``echopulse``."""
