@@ -219,6 +219,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(exc: BaseException) -> str:
+    """The informative line of an exception; Ray wraps remote errors in whole tracebacks."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if not lines:
+        return ""
+    return lines[-1] if lines[0].startswith("Traceback") or len(lines) > 3 else lines[0]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -239,8 +247,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # the run failed: one line, the traceback under --debug
         if args.debug:
             raise
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        print(f"error: {type(exc).__name__}: {first} (rerun with --debug for the traceback)",
+        print(f"error: {type(exc).__name__}: {_one_line(exc)} (rerun with --debug for the traceback)",
               file=sys.stderr)
         return EXIT_FAILED
 

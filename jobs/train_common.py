@@ -41,15 +41,66 @@ def use_gpu_default() -> bool:
     return torch.cuda.is_available()
 
 
-def repeat_batches(shard, batch_size: int, device) -> Iterator[dict]:
-    """Endless torch batches from a Ray dataset shard (one epoch after another)."""
+CACHE_BYTES = int(os.environ.get("ECHOPULSE_SHARD_CACHE_MB", "1024")) * 2**20
+
+
+def repeat_batches(shard, batch_size: int, device, seed: int = 0,
+                   cache_bytes: int = CACHE_BYTES) -> Iterator[dict]:
+    """Endless torch batches from a Ray dataset shard, one epoch after another.
+
+    Starting a Ray Data epoch costs seconds, which dominates small datasets trained for many
+    epochs; so a shard whose first epoch fits in ``cache_bytes`` (``ECHOPULSE_SHARD_CACHE_MB``) is
+    kept in this worker's memory and reshuffled each later epoch. Larger shards stream every epoch.
+    """
+    import torch
+
+    cached: list[dict] | None = []
+    size = 0
+    for batch in shard.iter_torch_batches(batch_size=batch_size):
+        if cached is not None:
+            cached.append(batch)
+            size += sum(t.numel() * t.element_size() for t in batch.values())
+            if size > cache_bytes:
+                cached = None
+        yield {k: v.to(device) for k, v in batch.items()}
+    if cached == []:
+        raise RuntimeError("this worker's dataset shard is empty")
+    if cached is None:
+        while True:
+            for batch in shard.iter_torch_batches(batch_size=batch_size, device=device):
+                yield batch
+    data = {k: torch.cat([b[k] for b in cached]) for k in cached[0]}
+    n = len(next(iter(data.values())))
+    generator = torch.Generator().manual_seed(seed)
     while True:
-        empty = True
-        for batch in shard.iter_torch_batches(batch_size=batch_size, device=device):
-            empty = False
+        order = torch.randperm(n, generator=generator)
+        for i in range(0, max(n - batch_size, 0) + 1, batch_size):
+            idx = order[i : i + batch_size]
+            yield {k: v[idx].to(device) for k, v in data.items()}
+
+
+class CachedBatches:
+    """Re-iterable batches of a Ray dataset shard (validation): kept in memory when they fit."""
+
+    def __init__(self, shard, batch_size: int, device, cache_bytes: int = CACHE_BYTES) -> None:
+        self.shard, self.batch_size, self.device, self.cache_bytes = shard, batch_size, device, cache_bytes
+        self._cached: list[dict] | None = None
+        self._fits = True
+
+    def __iter__(self) -> Iterator[dict]:
+        if self._cached is not None:
+            yield from self._cached
+            return
+        cached: list[dict] = []
+        size = 0
+        for batch in self.shard.iter_torch_batches(batch_size=self.batch_size, device=self.device):
+            if self._fits:
+                cached.append(batch)
+                size += sum(t.numel() * t.element_size() for t in batch.values())
+                self._fits = size <= self.cache_bytes
             yield batch
-        if empty:
-            raise RuntimeError("this worker's dataset shard is empty")
+        if self._fits:
+            self._cached = cached
 
 
 def train_worker_loop(

@@ -18,6 +18,7 @@ from echopulse.config import Recipe, from_dict, to_dict
 from echopulse.errors import EchoPulseError
 from echopulse.schema import TOKENS_SCHEMA
 from jobs.train_common import (
+    CachedBatches,
     TrainResult,
     export_checkpoint,
     report_final,
@@ -53,17 +54,20 @@ def generator_loop(config: dict[str, Any]) -> None:
     model = ray.train.torch.prepare_model(MaskGIT(recipe.generator))
     logger = RunLogger(config["tracking_uri"], config["run_id"] if ctx.get_world_rank() == 0 else None)
     per_worker = max(1, train.batch_size // ctx.get_world_size())
-    batches = repeat_batches(ray.train.get_dataset_shard("train"), per_worker, device)
+    batches = repeat_batches(ray.train.get_dataset_shard("train"), per_worker, device,
+                             seed=train.seed + ctx.get_world_rank())
     val_shard = ray.train.get_dataset_shard("val")
 
+    val_batches = CachedBatches(val_shard, per_worker, device)
+
     def validate(step: int, _: dict[str, float]) -> dict[str, float]:
-        if step != train.steps:
-            return {}
+        # every logged step reports val metrics, so Tune schedulers can compare trials early
         unwrap(model).eval()
         totals: dict[str, float] = {}
         n = 0
-        for batch in val_shard.iter_torch_batches(batch_size=per_worker, device=device):
-            m = generator_eval_step(unwrap(model), batch, mask_ratio=VAL_MASK_RATIO)
+        for batch in val_batches:
+            m = generator_eval_step(unwrap(model), batch, mask_ratio=VAL_MASK_RATIO,
+                                    generator=torch.Generator().manual_seed(n))
             k = len(batch["tokens"])
             for key, value in m.items():
                 totals[key] = totals.get(key, 0.0) + value * k

@@ -47,7 +47,7 @@ def tokenizer_loop(config: dict[str, Any]) -> None:
     logger = RunLogger(config["tracking_uri"], config["run_id"] if ctx.get_world_rank() == 0 else None)
     per_worker = max(1, train.batch_size // ctx.get_world_size())
     batches = repeat_batches(ray.train.get_dataset_shard("train"), per_worker,
-                             ray.train.torch.get_device())
+                             ray.train.torch.get_device(), seed=train.seed + ctx.get_world_rank())
     final = train_worker_loop(model=model, train=train, step_fn=tokenizer_train_step,
                               batches=batches, logger=logger)
     report_final(final, lambda d: save_checkpoint(unwrap(model), recipe.tokenizer, d, kind="tokenizer",

@@ -1,0 +1,6 @@
+"""Readers returning ``(array, metadata)``: multi-frame ultrasound DICOM and ECG records."""
+
+from echopulse.io.dicom_echo import EchoReadError, read_echo_dicom
+from echopulse.io.ecg import ECGReadError, normalize_lead_name, read_ecg
+
+__all__ = ["ECGReadError", "EchoReadError", "normalize_lead_name", "read_ecg", "read_echo_dicom"]

@@ -1,0 +1,202 @@
+"""MaskGIT generator over video token ids, conditioned on ECG tokens by cross-attention.
+
+Training (``forward``): mask a schedule-drawn fraction of each sequence, predict the masked ids from
+the rest and the ECG. With probability ``cond_dropout`` a sample's ECG tokens are replaced by a
+learned null condition, so the same network also gives the unconditional logits that
+classifier-free guidance needs at sampling time (``generate``, see ``sampling.py``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange, repeat
+from torch import nn
+
+from echopulse.config import GeneratorConfig
+from echopulse.models.ecg_encoder import ECGEncoder
+from echopulse.models.layers import TransformerBlock, init_weights
+from echopulse.models.schedules import get_schedule
+
+
+class MaskGIT(nn.Module):
+    """Bidirectional transformer over ``seq_len = t' * h' * w'`` token ids with ECG cross-attention."""
+
+    def __init__(self, cfg: GeneratorConfig):
+        super().__init__()
+        get_schedule(cfg.schedule)  # fail at construction, not mid-training
+        if not 0.0 <= cfg.cond_dropout < 1.0:
+            raise ValueError(f"cond_dropout must be in [0, 1), got {cfg.cond_dropout}")
+        self.cfg = cfg
+        self.mask_id = cfg.vocab_size  # one extra embedding row for [MASK]
+        self.token_embed = nn.Embedding(cfg.vocab_size + 1, cfg.dim)
+        self.pos_embed = nn.Parameter(torch.randn(cfg.seq_len, cfg.dim) * 0.02)
+
+        self.ecg_encoder = ECGEncoder(cfg.ecg)
+        self.ecg_proj = nn.Linear(cfg.ecg.dim, cfg.dim)
+        # stands in for the ECG tokens when the condition is dropped (and for the unguided branch)
+        self.null_cond = nn.Parameter(torch.randn(cfg.dim) * 0.02)
+
+        self.blocks = nn.ModuleList(
+            TransformerBlock(cfg.dim, cfg.heads, context_dim=cfg.dim) for _ in range(cfg.depth)
+        )
+        self.norm = nn.LayerNorm(cfg.dim)
+        self.to_logits = nn.Linear(cfg.dim, cfg.vocab_size)  # never predicts [MASK]
+        self.apply(init_weights)
+
+    @property
+    def seq_len(self) -> int:
+        return self.cfg.seq_len
+
+    # ---- inputs -------------------------------------------------------------------------------
+
+    def _flatten_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``(b, t', h', w')`` or ``(b, n)`` ids -> ``(b, n)`` long, validated."""
+        grid = self.cfg.token_grid
+        if tokens.ndim == 4 and tuple(tokens.shape[1:]) == tuple(grid):
+            tokens = rearrange(tokens, "b t h w -> b (t h w)")
+        if tokens.ndim != 2 or tokens.shape[1] != self.seq_len:
+            raise ValueError(
+                f"expected tokens (b, {grid[0]}, {grid[1]}, {grid[2]}) or (b, {self.seq_len}), "
+                f"got {tuple(tokens.shape)}"
+            )
+        tokens = tokens.long()
+        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.cfg.vocab_size):
+            raise ValueError(
+                f"token ids must lie in [0, {self.cfg.vocab_size}), "
+                f"got [{int(tokens.min())}, {int(tokens.max())}]"
+            )
+        return tokens
+
+    def encode_ecg(self, ecg: torch.Tensor) -> torch.Tensor:
+        """ECG ``(b, 12, L)`` -> context tokens ``(b, m, dim)`` for cross-attention."""
+        return self.ecg_proj(self.ecg_encoder(ecg))
+
+    def null_context(self, batch: int, num_tokens: int) -> torch.Tensor:
+        """The null condition shaped like a context: ``(batch, num_tokens, dim)``."""
+        return repeat(self.null_cond, "d -> b m d", b=batch, m=num_tokens)
+
+    # ---- network ------------------------------------------------------------------------------
+
+    def logits(
+        self,
+        tokens_in: torch.Tensor,
+        context: torch.Tensor,
+        cond_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits over the vocabulary at every position.
+
+        Args:
+            tokens_in: ``(b, n)`` ids in ``[0, vocab_size]`` (``vocab_size`` is [MASK]).
+            context: ``(b, m, dim)`` from :meth:`encode_ecg`.
+            cond_mask: ``(b,)`` bool; False replaces that sample's context by the null condition.
+
+        Returns:
+            ``(b, n, vocab_size)``.
+        """
+        if cond_mask is not None:
+            null = self.null_context(context.shape[0], context.shape[1]).to(context.dtype)
+            context = torch.where(rearrange(cond_mask, "b -> b 1 1"), context, null)
+        x = self.token_embed(tokens_in) + self.pos_embed  # (b, n, d)
+        for block in self.blocks:
+            x = block(x, context)
+        return self.to_logits(self.norm(x))  # (b, n, vocab)
+
+    # ---- training -----------------------------------------------------------------------------
+
+    def forward(self, tokens: torch.Tensor, ecg: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """Masked-token loss with a schedule-drawn mask ratio per sample.
+
+        Uses the global torch RNG (seed it for reproducibility).
+
+        Args:
+            tokens: ``(b, t', h', w')`` or ``(b, n)`` ids.
+            ecg: ``(b, 12, L)`` float.
+
+        Returns:
+            ``(loss, {"loss", "masked_acc", "mask_ratio"})``: cross-entropy over masked positions only.
+        """
+        tokens = self._flatten_tokens(tokens)
+        b, n = tokens.shape
+        device = tokens.device
+        ratio = get_schedule(self.cfg.schedule)(torch.rand(b, device=device))  # (b,)
+        num_masked = (ratio * n).floor().long().clamp(1, n)  # (b,), at least one target
+        mask = _random_subset(b, n, num_masked, device)  # (b, n) bool
+
+        cond_mask = None
+        if self.training:
+            # always built in training (all True when cond_dropout = 0) so null_cond is in the graph
+            # every step and DDP needs no find_unused_parameters
+            cond_mask = torch.rand(b, device=device) >= self.cfg.cond_dropout
+        logits = self.logits(tokens.masked_fill(mask, self.mask_id), self.encode_ecg(ecg), cond_mask)
+
+        loss = F.cross_entropy(logits[mask], tokens[mask])
+        with torch.no_grad():
+            acc = (logits[mask].argmax(-1) == tokens[mask]).float().mean().item()
+        metrics = {"loss": loss.item(), "masked_acc": acc, "mask_ratio": (num_masked.float() / n).mean().item()}
+        return loss, metrics
+
+    @torch.no_grad()
+    def masked_eval(
+        self,
+        tokens: torch.Tensor,
+        ecg: torch.Tensor,
+        mask_ratio: float = 0.5,
+        generator: torch.Generator | None = None,
+    ) -> dict[str, float]:
+        """Cross-entropy and accuracy on a fixed fraction of masked tokens, conditioned, eval mode.
+
+        Args:
+            tokens: ``(b, t', h', w')`` or ``(b, n)`` ids.
+            ecg: ``(b, 12, L)``.
+            mask_ratio: fraction of positions masked (at least one).
+            generator: RNG for which positions are masked; ``None`` uses the global one.
+
+        Returns:
+            ``{"ce": ..., "acc": ...}`` over the masked positions.
+        """
+        was_training = self.training
+        self.eval()
+        try:
+            tokens = self._flatten_tokens(tokens)
+            b, n = tokens.shape
+            k = min(max(1, int(math.floor(mask_ratio * n))), n)
+            num_masked = torch.full((b,), k, dtype=torch.long, device=tokens.device)
+            mask = _random_subset(b, n, num_masked, tokens.device, generator)
+            logits = self.logits(tokens.masked_fill(mask, self.mask_id), self.encode_ecg(ecg))
+            ce = F.cross_entropy(logits[mask], tokens[mask]).item()
+            acc = (logits[mask].argmax(-1) == tokens[mask]).float().mean().item()
+        finally:
+            self.train(was_training)
+        return {"ce": ce, "acc": acc}
+
+    # ---- sampling -----------------------------------------------------------------------------
+
+    def generate(
+        self,
+        ecg: torch.Tensor,
+        steps: int = 8,
+        guidance: float = 2.0,
+        temperature: float = 1.0,
+        schedule: str = "cosine",
+        seed: int = 0,
+        prime_tokens: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Token ids ``(b, t', h', w')`` for each ECG; see :func:`echopulse.models.sampling.sample`."""
+        from echopulse.models.sampling import sample
+
+        return sample(self, ecg, steps=steps, guidance=guidance, temperature=temperature,
+                      schedule=schedule, seed=seed, prime_tokens=prime_tokens)
+
+
+def _random_subset(
+    b: int, n: int, counts: torch.Tensor, device: torch.device, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """``(b, n)`` bool with exactly ``counts[i]`` uniformly chosen True positions in row ``i``."""
+    # draw on the generator's device (a CPU generator gives the same mask on any device)
+    noise_device = generator.device if generator is not None else device
+    scores = torch.rand(b, n, device=noise_device, generator=generator).to(device)
+    ranks = scores.argsort(dim=-1).argsort(dim=-1)  # (b, n): rank of each position's score
+    return ranks < rearrange(counts, "b -> b 1")

@@ -1,0 +1,88 @@
+"""Masking schedules: progress ``r`` in [0, 1] -> fraction of tokens masked.
+
+One small module shared by training (``r ~ U(0, 1)``, mask ``schedule(r)`` of the tokens) and by
+sampling (after step ``s`` of ``S``, ``schedule((s + 1) / S)`` of the unknown tokens stay masked).
+Every schedule is monotone non-increasing with ``schedule(0) == 1`` and ``schedule(1) == 0``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Union
+
+import torch
+
+Progress = Union[torch.Tensor, float]
+Schedule = Callable[[Progress], Progress]
+
+
+def _apply(r: Progress, fn: Callable[[torch.Tensor], torch.Tensor]) -> Progress:
+    """Evaluate ``fn`` on ``r`` clamped to [0, 1], with exact endpoints; floats in, float out."""
+    is_float = not isinstance(r, torch.Tensor)
+    x = torch.as_tensor(r, dtype=torch.float64) if is_float else r
+    x = x.clamp(0.0, 1.0)
+    out = fn(x).clamp(0.0, 1.0)
+    # cos(pi/2) is 6e-17, not 0: pin the endpoints so "fully masked" / "done" are exact
+    out = torch.where(x <= 0, torch.ones_like(out), out)
+    out = torch.where(x >= 1, torch.zeros_like(out), out)
+    return float(out) if is_float else out
+
+
+def cosine_schedule(r: Progress) -> Progress:
+    """``cos(r * pi / 2)``: the MaskGIT default, few tokens decoded early, many late."""
+    return _apply(r, lambda x: torch.cos(x * math.pi / 2))
+
+
+def linear_schedule(r: Progress) -> Progress:
+    """``1 - r``."""
+    return _apply(r, lambda x: 1 - x)
+
+
+def square_schedule(r: Progress) -> Progress:
+    """``1 - r^2``."""
+    return _apply(r, lambda x: 1 - x**2)
+
+
+def cubic_schedule(r: Progress) -> Progress:
+    """``1 - r^3``."""
+    return _apply(r, lambda x: 1 - x**3)
+
+
+def sqrt_schedule(r: Progress) -> Progress:
+    """``1 - sqrt(r)``: many tokens decoded early."""
+    return _apply(r, lambda x: 1 - torch.sqrt(x))
+
+
+def arccos_schedule(r: Progress) -> Progress:
+    """``arccos(r) / (pi / 2)`` (MaskGIT's arccos variant)."""
+    return _apply(r, lambda x: torch.arccos(x) / (math.pi / 2))
+
+
+def exp_schedule(r: Progress) -> Progress:
+    """``(exp(-5 r) - exp(-5)) / (1 - exp(-5))``: an exponential decay, pinned to hit 0 at r = 1."""
+    return _apply(r, lambda x: (torch.exp(-5 * x) - math.exp(-5)) / (1 - math.exp(-5)))
+
+
+SCHEDULES: dict[str, Schedule] = {
+    "cosine": cosine_schedule,
+    "linear": linear_schedule,
+    "square": square_schedule,
+    "cubic": cubic_schedule,
+    "sqrt": sqrt_schedule,
+    "arccos": arccos_schedule,
+    "exp": exp_schedule,
+}
+
+
+def get_schedule(name: str) -> Schedule:
+    """The masking schedule called ``name``.
+
+    Raises:
+        ValueError: for an unknown name (the message lists the known ones).
+    """
+    try:
+        return SCHEDULES[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown masking schedule {name!r}; known: {', '.join(sorted(SCHEDULES))}"
+        ) from None

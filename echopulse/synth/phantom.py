@@ -1,0 +1,587 @@
+"""The echo phantom: paired synthetic apical echo cine + 12-lead ECG with known ground truth.
+
+Geometry lives in a *reference* (end-diastolic) frame in normalised sector units: lateral ``u`` and
+depth ``d``, both in units of the sector radius, apex at (0, 0). Each chamber is an ellipse in that
+frame. Every output frame is rendered by mapping each pixel back to the reference frame (a smooth,
+roughly area-preserving contraction field around each chamber) and evaluating there (1) the
+analytic tissue reflectivity and (2) one fixed complex-Gaussian speckle field. Speckle therefore
+moves with the tissue instead of being redrawn per frame.
+
+The LV cavity area follows a volume curve driven by the ECG: maximum (end-diastole) exactly at each
+R-peak, minimum (end-systole) at each T-wave end. Volume is derived from area as ``V = A ** 1.5``
+(area-length scaling for a shape that shrinks similarly in all directions), and the end-systolic
+scale is calibrated on the rendered cavity mask so that ``(EDV - ESV) / EDV`` equals the requested EF.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+
+from echopulse.config import ECG_LEADS
+from echopulse.synth.ecg_sim import SimulatedECG, simulate_ecg
+
+log = logging.getLogger(__name__)
+
+VIEWS = ("A4C", "A2C")
+HEADER_ROWS = 14  # burned-in text band above the imaging region
+HEADER_TEXT = "PHANTOM^ALEX 1970-01-01"  # fake patient text: ingestion must never let it through
+SECTOR_HALF_ANGLE_DEG = 40.0  # 80 degree sector
+DEPTH_CM = 16.0  # physical depth of the sector radius
+US_MULTIFRAME_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.3.1"
+ECG_FS = 500
+
+# reflectivities (linear amplitude, before log compression)
+_BLOOD, _BACKGROUND, _MYOCARDIUM, _PERICARDIUM, _VALVE = 0.012, 0.085, 0.55, 1.0, 0.85
+
+
+@dataclass(frozen=True)
+class _Chamber:
+    """A cavity ellipse in reference sector units."""
+
+    name: str
+    center: tuple[float, float]  # (u, d)
+    axes: tuple[float, float]  # (lateral half-width, long half-length)
+    tilt_deg: float  # long axis rotation from the depth direction (positive: base to the right)
+    wall: float  # myocardial wall thickness
+    kind: str  # "ventricle" or "atrium": sets the phase of its volume change
+
+
+_LAYOUTS = {
+    "A4C": (
+        _Chamber("LV", (0.135, 0.43), (0.105, 0.25), 16.0, 0.055, "ventricle"),
+        _Chamber("RV", (-0.13, 0.45), (0.085, 0.215), -20.0, 0.03, "ventricle"),
+        _Chamber("LA", (0.20, 0.80), (0.095, 0.095), 10.0, 0.025, "atrium"),
+        _Chamber("RA", (-0.185, 0.79), (0.09, 0.09), -10.0, 0.025, "atrium"),
+    ),
+    "A2C": (
+        _Chamber("LV", (0.0, 0.43), (0.13, 0.265), 4.0, 0.06, "ventricle"),
+        _Chamber("LA", (0.035, 0.815), (0.12, 0.10), 4.0, 0.025, "atrium"),
+    ),
+}
+# valves: (chamber whose base they close, leaflet length as a fraction of the lateral half-width)
+_VALVES = {"A4C": ("LV", "RV"), "A2C": ("LV",)}
+
+
+@dataclass
+class Study:
+    """One synthetic study.
+
+    Attributes:
+        frames: uint8 (T, rows, cols) B-mode frames, header band included.
+        fps: frame rate.
+        ecg: the paired ECG; its sample 0 is the time of frame 0.
+        view: "A4C" or "A2C".
+        ef: requested (and rendered) ejection fraction.
+        heart_rate_bpm: mean heart rate of the ECG.
+        ed_frames: frame index nearest each R-peak inside the clip.
+        es_frames: frame index nearest each T-wave end inside the clip.
+        region: (x0, y0, x1, y1) inclusive pixel box of the imaging area (DICOM region convention).
+        volume: float (T,) LV volume per frame, ``cavity_area_px ** 1.5``.
+        lv_area: float (T,) LV cavity area in pixels per frame.
+        lv_center: (x, y) pixel at the centre of the end-diastolic LV cavity.
+    """
+
+    frames: np.ndarray
+    fps: float
+    ecg: SimulatedECG
+    view: str
+    ef: float
+    heart_rate_bpm: float
+    ed_frames: list[int]
+    es_frames: list[int]
+    region: tuple[int, int, int, int]
+    volume: np.ndarray
+    lv_area: np.ndarray
+    lv_center: tuple[int, int]
+
+
+def volume_waveform(t: np.ndarray, beat_r_s: np.ndarray, beat_t_end_s: np.ndarray) -> np.ndarray:
+    """Normalised LV volume in [0, 1]: 1 at each R-peak (ED), 0 at each T-wave end (ES).
+
+    Systole is a half-cosine from R to T-end; diastole has rapid filling, diastasis and an atrial
+    kick that brings the volume back to 1 exactly at the next R (zero slope there, so ED is the max).
+
+    Args:
+        t: times in seconds.
+        beat_r_s: R-peak times of every beat (must bracket ``t``).
+        beat_t_end_s: T-wave end time of each beat.
+    """
+    out = np.ones_like(t, dtype=float)
+    for i in range(len(beat_r_s) - 1):
+        r, te, r_next = beat_r_s[i], beat_t_end_s[i], beat_r_s[i + 1]
+        sys = (t >= r) & (t < te)
+        tau = (t[sys] - r) / (te - r)
+        out[sys] = 1 - (1 - np.cos(np.pi * tau)) / 2
+        dia = (t >= te) & (t < r_next)
+        u = (t[dia] - te) / (r_next - te)
+        early = (1 - np.cos(np.pi * np.clip(u / 0.4, 0, 1))) / 2
+        diastasis = np.clip((u - 0.4) / 0.35, 0, 1)
+        kick = (1 - np.cos(np.pi * np.clip((u - 0.75) / 0.25, 0, 1))) / 2
+        out[dia] = 0.78 * early + 0.06 * diastasis + 0.16 * kick
+    return out
+
+
+class _Renderer:
+    """Maps pixels to the reference frame and renders B-mode for one view and image geometry."""
+
+    def __init__(self, view: str, rows: int, cols: int, seed: int):
+        self.view = view
+        self.chambers = _LAYOUTS[view]
+        rng = np.random.default_rng(seed)
+        self.rows, self.cols = rows, cols
+        self.region = (0, HEADER_ROWS, cols - 1, rows - 1)
+        img_h = rows - HEADER_ROWS
+        half = np.deg2rad(SECTOR_HALF_ANGLE_DEG)
+        self.radius = min(img_h - 1.5, (cols / 2 - 1.5) / np.sin(half))  # px
+        self.apex = (cols / 2 - 0.5, HEADER_ROWS + 0.5)  # (x, y) px
+        yy, xx = np.mgrid[0:rows, 0:cols].astype(float)
+        self.u = (xx - self.apex[0]) / self.radius  # (rows, cols)
+        self.d = (yy - self.apex[1]) / self.radius
+        rad = np.hypot(self.u, self.d)
+        ang = np.arctan2(self.u, self.d)
+        # soft 1.5 px sector edge, exactly 0 outside
+        edge = np.minimum((half - np.abs(ang)) * rad * self.radius, (1 - rad) * self.radius)
+        self.sector = np.clip(edge / 1.5, 0, 1) * (self.d > 0) * (yy >= HEADER_ROWS)
+        self.depth = rad
+        # per-chamber jitter of the layout so studies differ slightly
+        self.jitter = {c.name: rng.normal(0, 0.01, size=2) for c in self.chambers}
+        # fixed speckle field in reference pixels (+ margin): complex Gaussian, low-pass filtered;
+        # wider laterally than axially like a real point-spread function. Grains ~2-4 px.
+        self.margin = 24
+        shape = (rows + 2 * self.margin, cols + 2 * self.margin)
+        field = rng.standard_normal(shape) + 1j * rng.standard_normal(shape)
+        psf = (0.9, 1.2)  # (axial, lateral) px
+        field = ndimage.gaussian_filter(field.real, psf) + 1j * ndimage.gaussian_filter(field.imag, psf)
+        self.speckle = field / np.sqrt(np.mean(np.abs(field) ** 2))
+        # slow tissue-texture variation (fibre direction, inhomogeneity) on top of speckle
+        self.texture = np.exp(0.35 * ndimage.gaussian_filter(rng.standard_normal(shape), 4.0) * 4.0)
+        self.noise_rng = np.random.default_rng(seed + 1)
+
+    def _geometry(self, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        ch = next(c for c in self.chambers if c.name == name)
+        center = np.asarray(ch.center) + self.jitter[name]
+        t = np.deg2rad(ch.tilt_deg)
+        long_axis = np.array([np.sin(t), np.cos(t)])  # (u, d): points from apex side toward base
+        lat_axis = np.array([np.cos(t), -np.sin(t)])
+        return center, long_axis, lat_axis
+
+    def _local(self, name: str, u: np.ndarray, d: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Normalised ellipse coordinates (lateral, long) of points in chamber ``name``."""
+        ch = next(c for c in self.chambers if c.name == name)
+        center, long_axis, lat_axis = self._geometry(name)
+        du, dd = u - center[0], d - center[1]
+        p = (du * lat_axis[0] + dd * lat_axis[1]) / ch.axes[0]
+        q = (du * long_axis[0] + dd * long_axis[1]) / ch.axes[1]
+        return p, q
+
+    def backward_map(self, scales: dict[str, float]) -> tuple[np.ndarray, np.ndarray]:
+        """Reference-frame (u, d) of every pixel when chamber ``c`` has linear scale ``scales[c]``.
+
+        Inside a cavity points scale by 1/s; outside, the radius in ellipse units follows
+        rho_ref^2 = rho^2 + 1 - s^2 (myocardium keeps its area, so walls thicken in systole) and the
+        displacement fades with distance. Ventricles contract toward their apex (apex nearly fixed).
+        """
+        du = np.zeros_like(self.u)
+        dd = np.zeros_like(self.d)
+        for ch in self.chambers:
+            s = scales[ch.name]
+            if s == 1.0:
+                continue
+            center, long_axis, lat_axis = self._geometry(ch.name)
+            # the cavity shrinks toward a point 70 % of the way to its apex
+            anchor_shift = -0.7 * (1 - s) * ch.axes[1] if ch.kind == "ventricle" else 0.0
+            c_now = center + anchor_shift * long_axis
+            pu, pd = self.u - c_now[0], self.d - c_now[1]
+            p = (pu * lat_axis[0] + pd * lat_axis[1]) / ch.axes[0]
+            q = (pu * long_axis[0] + pd * long_axis[1]) / ch.axes[1]
+            rho = np.hypot(p, q) + 1e-9
+            rho_ref = np.where(rho < s, rho / s, np.sqrt(np.maximum(rho**2 + 1 - s**2, 0)))
+            ratio = rho_ref / rho
+            fade = np.exp(-np.maximum(rho - 1.0, 0) ** 2 / 0.8)  # keeps far tissue in place
+            p_ref, q_ref = p * ratio, q * ratio
+            ref_u = center[0] + p_ref * ch.axes[0] * lat_axis[0] + q_ref * ch.axes[1] * long_axis[0]
+            ref_d = center[1] + p_ref * ch.axes[0] * lat_axis[1] + q_ref * ch.axes[1] * long_axis[1]
+            du += (ref_u - self.u) * fade
+            dd += (ref_d - self.d) * fade
+        return self.u + du, self.d + dd
+
+    def cavity_mask(self, name: str, ref_u: np.ndarray, ref_d: np.ndarray) -> np.ndarray:
+        p, q = self._local(name, ref_u, ref_d)
+        return (p**2 + q**2) < 1.0
+
+    def reflectivity(self, ref_u: np.ndarray, ref_d: np.ndarray, valves_open: float) -> np.ndarray:
+        """Tissue amplitude reflectivity at reference points; ``valves_open`` in [0, 1]."""
+        refl = np.full_like(ref_u, _BACKGROUND)
+        heart = np.zeros_like(ref_u, dtype=bool)
+        cavity = np.zeros_like(ref_u, dtype=bool)
+        outer_rho = np.full_like(ref_u, np.inf)
+        for ch in self.chambers:
+            p, q = self._local(ch.name, ref_u, ref_d)
+            rho = np.hypot(p, q)
+            cavity |= rho < 1
+            # wall: the ellipse grown by the wall thickness
+            wp = p * ch.axes[0] / (ch.axes[0] + ch.wall)
+            wq = q * ch.axes[1] / (ch.axes[1] + ch.wall)
+            w_rho = np.hypot(wp, wq)
+            heart |= w_rho < 1
+            outer_rho = np.minimum(outer_rho, w_rho)
+        # pericardium: a bright thin rim just outside the walls
+        rim = np.exp(-((outer_rho - 1.015) / 0.03) ** 2)
+        refl = np.maximum(refl, _PERICARDIUM * 0.7 * rim)
+        refl = np.where(heart, _MYOCARDIUM, refl)
+        # fill the crux between chambers (septa / AV junction) with myocardium
+        crux = self._crux(ref_u, ref_d)
+        refl = np.where(crux & ~cavity, np.maximum(refl, _MYOCARDIUM), refl)
+        cavity |= self._inflow(ref_u, ref_d)
+        refl = np.where(cavity, _BLOOD, refl)
+        refl = np.maximum(refl, _VALVE * self._valves(ref_u, ref_d, valves_open))
+        # near-field clutter just below the transducer (chest wall)
+        refl = refl + 0.5 * np.exp(-np.hypot(ref_u, ref_d) / 0.05)
+        return refl
+
+    def _crux(self, ref_u: np.ndarray, ref_d: np.ndarray) -> np.ndarray:
+        names = [c.name for c in self.chambers]
+        if "RV" not in names:
+            return np.zeros_like(ref_u, dtype=bool)
+        # the AV junction and interatrial septum below the ventricular septum
+        return (np.abs(ref_u - 0.01 + 0.1 * (ref_d - 0.6)) < 0.025) & (ref_d > 0.66) & (ref_d < 0.9)
+
+    def _inflow(self, ref_u: np.ndarray, ref_d: np.ndarray) -> np.ndarray:
+        """Blood channel through each AV annulus joining ventricle and atrium (the valve sits in it)."""
+        out = np.zeros_like(ref_u, dtype=bool)
+        for name in _VALVES[self.view]:
+            ch = next(c for c in self.chambers if c.name == name)
+            center, long_axis, lat_axis = self._geometry(name)
+            base = center + ch.axes[1] * long_axis
+            du, dd = ref_u - base[0], ref_d - base[1]
+            p = (du * lat_axis[0] + dd * lat_axis[1]) / (0.8 * ch.axes[0])
+            q = (du * long_axis[0] + dd * long_axis[1]) / 0.075
+            out |= (p**2 + q**2) < 1
+        return out
+
+    def _valves(self, ref_u: np.ndarray, ref_d: np.ndarray, valves_open: float) -> np.ndarray:
+        out = np.zeros_like(ref_u)
+        for name in _VALVES[self.view]:
+            ch = next(c for c in self.chambers if c.name == name)
+            center, long_axis, lat_axis = self._geometry(name)
+            base = center + ch.axes[1] * long_axis * 1.0  # annulus centre at the base of the cavity
+            for side in (-1.0, 1.0):
+                hinge = base + side * ch.axes[0] * 0.8 * lat_axis
+                # closed: leaflet lies across toward the centre; open: swings into the ventricle
+                angle = valves_open * np.deg2rad(75.0)
+                direction = -side * lat_axis * np.cos(angle) - long_axis * np.sin(angle)
+                length = ch.axes[0] * 0.8
+                du, dd = ref_u - hinge[0], ref_d - hinge[1]
+                along = np.clip(du * direction[0] + dd * direction[1], 0, length)
+                dist = np.hypot(du - along * direction[0], dd - along * direction[1])
+                out = np.maximum(out, np.exp(-((dist / 0.012) ** 2)))
+        return out
+
+    def speckle_at(self, ref_u: np.ndarray, ref_d: np.ndarray) -> np.ndarray:
+        """Speckle amplitude (Rayleigh-like) sampled at reference points (bilinear on a fixed field)."""
+        x = ref_u * self.radius + self.apex[0] + self.margin
+        y = ref_d * self.radius + self.apex[1] + self.margin
+        coords = np.stack([y, x])
+        re = ndimage.map_coordinates(self.speckle.real, coords, order=1, mode="reflect")
+        im = ndimage.map_coordinates(self.speckle.imag, coords, order=1, mode="reflect")
+        tex = ndimage.map_coordinates(self.texture, coords, order=1, mode="reflect")
+        return np.hypot(re, im) * tex
+
+    def render(self, scales: dict[str, float], valves_open: float) -> tuple[np.ndarray, float]:
+        """One uint8 frame (rows, cols) without header, and the LV cavity area in pixels."""
+        ref_u, ref_d = self.backward_map(scales)
+        envelope = self.reflectivity(ref_u, ref_d, valves_open) * self.speckle_at(ref_u, ref_d)
+        # depth-dependent gain (attenuation not fully compensated) and weak electronic noise
+        beam_angle = np.arctan2(self.u, self.d) / np.deg2rad(SECTOR_HALF_ANGLE_DEG)  # -1..1 across the sector
+        envelope *= np.exp(-1.1 * self.depth) * (1 - 0.35 * beam_angle**4)
+        envelope += 0.004 * np.abs(self.noise_rng.standard_normal(envelope.shape))
+        # log compression over a 42 dB display range
+        db = 20 * np.log10(np.maximum(envelope, 1e-6))
+        img = np.clip((db + 45.0) / 45.0, 0, 1) ** 1.6 * 255 * self.sector
+        area = float(self.cavity_mask("LV", ref_u, ref_d)[self.sector > 0].sum())
+        return np.round(img).astype(np.uint8), area
+
+    def pixel_of(self, ud: np.ndarray) -> tuple[int, int]:
+        """(x, y) pixel of a reference point (u, d)."""
+        x, y = ud[0] * self.radius + self.apex[0], ud[1] * self.radius + self.apex[1]
+        return (int(round(x)), int(round(y)))
+
+    def lv_area(self, scales: dict[str, float]) -> float:
+        ref_u, ref_d = self.backward_map(scales)
+        return float(self.cavity_mask("LV", ref_u, ref_d)[self.sector > 0].sum())
+
+
+def _chamber_scales(renderer: _Renderer, v_norm: float, s_es: float) -> dict[str, float]:
+    """Linear scales of every chamber for a normalised LV volume (1 = ED, 0 = ES)."""
+    scales = {}
+    for ch in renderer.chambers:
+        if ch.name == "LV":
+            scales[ch.name] = 1 - (1 - s_es) * (1 - v_norm)
+        elif ch.kind == "ventricle":
+            scales[ch.name] = 1 - 0.18 * (1 - v_norm)
+        else:  # atria fill while the ventricles empty
+            scales[ch.name] = 1 + 0.12 * (1 - v_norm) - 0.06
+    return scales
+
+
+def _calibrate_es_scale(renderer: _Renderer, ef: float) -> float:
+    """LV linear scale at ES such that (EDV - ESV) / EDV == ef with V = area ** 1.5 (secant steps)."""
+    area_ed = renderer.lv_area(_chamber_scales(renderer, 1.0, 1.0))
+    target = area_ed * (1 - ef) ** (2 / 3)
+
+    def err(s: float) -> float:
+        return renderer.lv_area(_chamber_scales(renderer, 0.0, s)) - target
+
+    s0, s1 = (1 - ef) ** (1 / 3), (1 - ef) ** (1 / 3) * 0.95
+    e0, e1 = err(s0), err(s1)
+    for _ in range(6):
+        if e1 == e0 or abs(e1) < 0.5:
+            break
+        s0, s1, e0 = s1, float(np.clip(s1 - e1 * (s1 - s0) / (e1 - e0), 0.2, 1.0)), e1
+        e1 = err(s1)
+    return s1
+
+
+def _burn_header(frames: np.ndarray, text: str) -> None:
+    from PIL import Image, ImageDraw, ImageFont
+
+    band = Image.new("L", (frames.shape[2], HEADER_ROWS), 0)
+    ImageDraw.Draw(band).text((2, 1), text, fill=215, font=ImageFont.load_default())
+    frames[:, :HEADER_ROWS, :] = np.asarray(band)[None]
+
+
+def make_study(
+    seed: int,
+    view: str = "A4C",
+    heart_rate_bpm: float = 70,
+    ef: float = 0.6,
+    duration_s: float = 4.0,
+    fps: float = 30.0,
+    rows: int = 128,
+    cols: int = 160,
+) -> Study:
+    """Render one phantom study: an apical cine paired with its 12-lead ECG.
+
+    Args:
+        seed: RNG seed (speckle, layout jitter, ECG); same arguments give identical output.
+        view: "A4C" (four chambers) or "A2C" (LV and LA).
+        heart_rate_bpm: mean heart rate of the ECG driving the motion.
+        ef: ejection fraction of the area-derived LV volume (V = area ** 1.5), in (0.1, 0.85).
+        duration_s: length in seconds of both the cine and the ECG.
+        fps: frame rate.
+        rows: image height in pixels, header band included.
+        cols: image width in pixels.
+    """
+    if view not in _LAYOUTS:
+        raise ValueError(f"unknown view {view!r}; expected one of {VIEWS}")
+    if not 0.1 < ef < 0.85:
+        raise ValueError(f"ef must be in (0.1, 0.85), got {ef}")
+    if rows < HEADER_ROWS + 40 or cols < 48:
+        raise ValueError(f"image too small ({rows}x{cols}); need at least {HEADER_ROWS + 40}x48")
+    ecg = simulate_ecg(duration_s, heart_rate_bpm, fs=ECG_FS, seed=seed)
+    renderer = _Renderer(view, rows, cols, seed)
+    s_es = _calibrate_es_scale(renderer, ef)
+    n_frames = int(round(duration_s * fps))
+    t = np.arange(n_frames) / fps
+    v_norm = volume_waveform(t, ecg.beat_r_s, ecg.beat_t_end_s)
+    # AV valves open during filling (after T-end, before R), closed during systole
+    frames = np.zeros((n_frames, rows, cols), dtype=np.uint8)
+    areas = np.zeros(n_frames)
+    for i, ti in enumerate(t):
+        k = np.searchsorted(ecg.beat_r_s, ti, side="right") - 1
+        te, r_next = ecg.beat_t_end_s[k], ecg.beat_r_s[k + 1]
+        valves_open = float(np.clip(min((ti - te) / 0.06, (r_next - 0.03 - ti) / 0.05), 0, 1))
+        frames[i], areas[i] = renderer.render(_chamber_scales(renderer, v_norm[i], s_es), valves_open)
+    _burn_header(frames, HEADER_TEXT)
+
+    def nearest(times: np.ndarray) -> list[int]:
+        idx = [int(round(x * fps)) for x in times]
+        return [i for i in idx if 0 <= i < n_frames]
+
+    return Study(
+        frames=frames,
+        fps=float(fps),
+        ecg=ecg,
+        view=view,
+        ef=float(ef),
+        heart_rate_bpm=float(heart_rate_bpm),
+        ed_frames=nearest(ecg.r_peaks_s),
+        es_frames=nearest(ecg.t_end_s),
+        region=renderer.region,
+        volume=areas**1.5,
+        lv_area=areas,
+        lv_center=renderer.pixel_of(renderer._geometry("LV")[0]),
+    )
+
+
+def write_study_dicom(study: Study, path: str | Path, seed: int) -> Path:
+    """Write a study as an Ultrasound Multi-frame Image Storage file (explicit VR little endian).
+
+    Patient fields hold fake values; UIDs are derived deterministically from ``seed``.
+
+    Args:
+        study: the study to write.
+        path: output ``.dcm`` path (parent folders are created).
+        seed: the study seed, the entropy source of its UIDs.
+    """
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.sequence import Sequence
+    from pydicom.tag import Tag
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    uid = {
+        k: generate_uid(entropy_srcs=["echopulse-phantom", str(seed), k]) for k in ("study", "series", "sop")
+    }
+    n_frames, rows, cols = study.frames.shape
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = US_MULTIFRAME_SOP_CLASS
+    meta.MediaStorageSOPInstanceUID = uid["sop"]
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = US_MULTIFRAME_SOP_CLASS
+    ds.SOPInstanceUID = uid["sop"]
+    ds.StudyInstanceUID = uid["study"]
+    ds.SeriesInstanceUID = uid["series"]
+    ds.Modality = "US"
+    ds.Manufacturer = "EchoPulse phantom"
+    ds.PatientName = HEADER_TEXT.split(" ")[0]
+    ds.PatientID = f"PHANTOM{seed:06d}"
+    ds.PatientBirthDate = "19700101"
+    ds.PatientSex = "O"
+    ds.StudyDate = ds.SeriesDate = ds.ContentDate = "20000101"
+    ds.StudyTime = ds.SeriesTime = ds.ContentTime = "120000"
+    ds.AccessionNumber = ""
+    ds.ReferringPhysicianName = ""
+    ds.StudyID = "1"
+    ds.SeriesNumber = 1
+    ds.InstanceNumber = 1
+    ds.ImageType = ["ORIGINAL", "PRIMARY"]
+    ds.SeriesDescription = f"phantom {study.view}"
+    ds.BurnedInAnnotation = "YES"
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows, ds.Columns = rows, cols
+    ds.BitsAllocated = 8
+    ds.BitsStored = 8
+    ds.HighBit = 7
+    ds.PixelRepresentation = 0
+    ds.NumberOfFrames = n_frames
+    ds.FrameTime = f"{1000.0 / study.fps:.10g}"
+    ds.CineRate = int(round(study.fps))
+    ds.RecommendedDisplayFrameRate = int(round(study.fps))
+    ds.FrameIncrementPointer = Tag(0x0018, 0x1063)  # -> FrameTime
+    ds.HeartRate = int(round(study.heart_rate_bpm))
+
+    x0, y0, x1, y1 = study.region
+    delta_cm = DEPTH_CM / (y1 - y0)
+    region = Dataset()
+    region.RegionSpatialFormat = 1  # 2D
+    region.RegionDataType = 1  # tissue
+    region.RegionFlags = 0
+    region.RegionLocationMinX0, region.RegionLocationMinY0 = x0, y0
+    region.RegionLocationMaxX1, region.RegionLocationMaxY1 = x1, y1
+    region.PhysicalUnitsXDirection = 3  # cm
+    region.PhysicalUnitsYDirection = 3
+    region.PhysicalDeltaX = delta_cm
+    region.PhysicalDeltaY = delta_cm
+    region.ReferencePixelX0 = (x1 - x0) // 2
+    region.ReferencePixelY0 = 0
+    ds.SequenceOfUltrasoundRegions = Sequence([region])
+    ds.PixelData = np.ascontiguousarray(study.frames, dtype=np.uint8).tobytes()
+    ds.save_as(path, enforce_file_format=True, implicit_vr=False, little_endian=True)
+    return path
+
+
+def write_study_wfdb(study: Study, record_dir: str | Path, record_name: str) -> Path:
+    """Write the study's ECG as a 12-lead WFDB record (16-bit, mV); returns the ``.hea`` path.
+
+    Args:
+        study: the study whose ``ecg`` to write.
+        record_dir: folder for ``<record_name>.hea`` / ``.dat`` (created).
+        record_name: record name (letters, digits, ``_``).
+    """
+    import wfdb
+
+    record_dir = Path(record_dir)
+    record_dir.mkdir(parents=True, exist_ok=True)
+    wfdb.wrsamp(
+        record_name,
+        fs=study.ecg.fs,
+        units=["mV"] * len(ECG_LEADS),
+        sig_name=list(ECG_LEADS),
+        p_signal=study.ecg.signal.T.astype(np.float64),  # (N, 12)
+        fmt=["16"] * len(ECG_LEADS),
+        adc_gain=[1000.0] * len(ECG_LEADS),  # 1 uV per count: fixed gain keeps files reproducible
+        baseline=[0] * len(ECG_LEADS),
+        write_dir=str(record_dir),
+    )
+    return record_dir / f"{record_name}.hea"
+
+
+def write_corpus(out_dir: str | Path, studies: int, seed: int, duration_s: float = 4.0) -> Path:
+    """Write a paired corpus: DICOM echoes, WFDB ECGs, ``manifest.csv`` and ``truth.json``.
+
+    Views, heart rates (55-100 bpm) and EFs (0.35-0.70) vary per study from ``seed``. The manifest
+    has columns ``echo,ecg,view,ef,heart_rate_bpm,split`` with paths relative to ``out_dir``
+    (``echo/study_0000.dcm``, ``ecg/study_0000.hea``); about a fifth of the studies (at least one
+    when there are three or more) are ``val``.
+
+    Args:
+        out_dir: output folder (created).
+        studies: number of studies.
+        seed: corpus seed; the same seed writes identical files.
+        duration_s: seconds per study.
+
+    Returns:
+        The path of ``manifest.csv``.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    n_val = max(1, round(0.2 * studies)) if studies >= 3 else 0
+    split_rng = np.random.default_rng([seed, 2**20])
+    val_ids = set(split_rng.choice(studies, size=n_val, replace=False).tolist()) if n_val else set()
+    rows, truth = [], []
+    for i in range(studies):
+        rng = np.random.default_rng([seed, i])  # study i does not depend on how many studies there are
+        name = f"study_{i:04d}"
+        view = str(VIEWS[int(rng.integers(len(VIEWS)))])
+        hr = float(np.round(rng.uniform(55, 100), 1))
+        ef = float(np.round(rng.uniform(0.35, 0.70), 3))
+        study_seed = int(rng.integers(2**31 - 1))
+        study = make_study(study_seed, view=view, heart_rate_bpm=hr, ef=ef, duration_s=duration_s)
+        echo_rel, ecg_rel = f"echo/{name}.dcm", f"ecg/{name}.hea"
+        write_study_dicom(study, out_dir / echo_rel, seed=study_seed)
+        write_study_wfdb(study, out_dir / "ecg", name)
+        split = "val" if i in val_ids else "train"
+        rows.append(
+            {"echo": echo_rel, "ecg": ecg_rel, "view": view, "ef": ef, "heart_rate_bpm": hr, "split": split}
+        )
+        truth.append({
+            "echo": echo_rel,
+            "ef": ef,
+            "heart_rate_bpm": hr,
+            "ed_frames": study.ed_frames,
+            "es_frames": study.es_frames,
+            "r_peaks_s": [round(float(x), 6) for x in study.ecg.r_peaks_s],
+            "fps": study.fps,
+        })
+        log.info("phantom study %d/%d: %s hr=%.0f ef=%.2f", i + 1, studies, view, hr, ef)
+    manifest = out_dir / "manifest.csv"
+    with open(manifest, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["echo", "ecg", "view", "ef", "heart_rate_bpm", "split"])
+        writer.writeheader()
+        writer.writerows(rows)
+    (out_dir / "truth.json").write_text(json.dumps({"studies": truth}, indent=1))
+    return manifest

@@ -1,0 +1,21 @@
+"""Train/eval steps over dict batches; no Ray or DDP in here (the jobs wrap the model)."""
+
+from echopulse.training.steps import (
+    codebook_usage,
+    generator_eval_step,
+    generator_train_step,
+    lr_at,
+    make_optimizer,
+    tokenizer_eval_step,
+    tokenizer_train_step,
+)
+
+__all__ = [
+    "codebook_usage",
+    "generator_eval_step",
+    "generator_train_step",
+    "lr_at",
+    "make_optimizer",
+    "tokenizer_eval_step",
+    "tokenizer_train_step",
+]

@@ -1,0 +1,1 @@
+"""Pure transforms: ECG conditioning, video crop/resize/resample, clip segmentation."""

@@ -1,0 +1,114 @@
+"""Video transforms on uint8 (T, H, W) cines: crop to the imaging region, sector mask, resize, resample."""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+
+def crop_region(frames: np.ndarray, region: tuple[int, int, int, int]) -> np.ndarray:
+    """Crop to a pixel box; ``region`` is (x0, y0, x1, y1) with inclusive maxima (DICOM convention).
+
+    Args:
+        frames: (T, H, W) cine.
+        region: the box, clipped to the frame.
+
+    Raises:
+        ValueError: when the box is empty after clipping.
+    """
+    _, h, w = frames.shape
+    x0, y0, x1, y1 = (int(v) for v in region)
+    x0, y0 = max(0, x0), max(0, y0)
+    x1, y1 = min(w - 1, x1), min(h - 1, y1)
+    if x1 < x0 or y1 < y0:
+        raise ValueError(f"region {region} is empty for frames of {h}x{w}")
+    return frames[:, y0 : y1 + 1, x0 : x1 + 1]
+
+
+def estimate_region(frames: np.ndarray, threshold: float = 2.0) -> tuple[int, int, int, int]:
+    """Bounding box (x0, y0, x1, y1) of the pixels that change over time (the moving sector).
+
+    Static overlays (burned-in text, scales) do not change, so they fall outside the box unless they
+    sit inside the sector. For files without SequenceOfUltrasoundRegions.
+
+    Args:
+        frames: (T, H, W) cine with T >= 2.
+        threshold: minimum temporal std (grey levels) of a moving pixel.
+    """
+    moving = frames.astype(np.float32).std(axis=0) > threshold  # (H, W)
+    moving = ndimage.binary_opening(moving, iterations=1)
+    labels, n = ndimage.label(moving)
+    if n == 0:
+        return (0, 0, frames.shape[2] - 1, frames.shape[1] - 1)
+    largest = 1 + int(np.argmax(ndimage.sum(moving, labels, index=range(1, n + 1))))
+    ys, xs = np.nonzero(labels == largest)
+    return (int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max()))
+
+
+def mask_outside_sector(frames: np.ndarray, threshold: float = 2.0) -> np.ndarray:
+    """Zero every pixel outside the moving sector (largest region with temporal change, holes filled).
+
+    Args:
+        frames: (T, H, W) cine.
+        threshold: minimum temporal std (grey levels) of a moving pixel.
+    """
+    moving = frames.astype(np.float32).std(axis=0) > threshold
+    moving = ndimage.binary_closing(ndimage.binary_opening(moving), iterations=2)
+    labels, n = ndimage.label(moving)
+    if n == 0:
+        return frames.copy()
+    largest = labels == 1 + int(np.argmax(ndimage.sum(moving, labels, index=range(1, n + 1))))
+    mask = ndimage.binary_fill_holes(largest)
+    return frames * mask[None].astype(frames.dtype)
+
+
+def resize_frames(frames: np.ndarray, size: int) -> np.ndarray:
+    """Resize to (T, size, size), keeping the aspect ratio by zero-padding to a centred square first.
+
+    Padding (not cropping) keeps the whole sector; the pad is black like the outside of the sector.
+    Pillow's bilinear filter widens with the reduction factor, so downscaling is antialiased.
+
+    Args:
+        frames: uint8 (T, H, W).
+        size: output side in pixels.
+    """
+    from PIL import Image
+
+    t, h, w = frames.shape
+    side = max(h, w)
+    square = np.zeros((t, side, side), dtype=np.uint8)
+    y0, x0 = (side - h) // 2, (side - w) // 2
+    square[:, y0 : y0 + h, x0 : x0 + w] = frames
+    if side == size:
+        return square
+    out = np.empty((t, size, size), dtype=np.uint8)
+    for i in range(t):
+        out[i] = np.asarray(Image.fromarray(square[i]).resize((size, size), Image.Resampling.BILINEAR))
+    return out
+
+
+def sample_frames(frames: np.ndarray, fps: float, times_s: np.ndarray) -> np.ndarray:
+    """Frames at arbitrary times by linear interpolation between neighbouring frames.
+
+    Frame ``i`` is at time ``i / fps``. Times up to one frame past the last frame hold the last frame.
+
+    Args:
+        frames: uint8 (T, H, W).
+        fps: frame rate of ``frames``.
+        times_s: (n,) times in seconds.
+
+    Raises:
+        ValueError: for times before 0 or more than one frame interval after the last frame.
+    """
+    times_s = np.asarray(times_s, dtype=np.float64)
+    n = frames.shape[0]
+    pos = times_s * fps  # (n,) fractional frame index
+    if pos.size and (pos.min() < -1e-6 or pos.max() > n + 1e-6):
+        span = f"{times_s.min():.3f}-{times_s.max():.3f} s"
+        raise ValueError(f"times {span} outside the cine (0-{n / fps:.3f} s)")
+    pos = np.clip(pos, 0, n - 1)
+    i0 = np.floor(pos).astype(int)
+    i1 = np.minimum(i0 + 1, n - 1)
+    w = (pos - i0)[:, None, None]
+    out = (1 - w) * frames[i0].astype(np.float32) + w * frames[i1].astype(np.float32)
+    return np.clip(np.round(out), 0, 255).astype(np.uint8)

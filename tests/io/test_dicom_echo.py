@@ -1,0 +1,116 @@
+import numpy as np
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+from pydicom.pixels import convert_color_space
+
+from echopulse.io.dicom_echo import EchoReadError, read_echo_dicom
+from echopulse.synth.phantom import Study, write_study_dicom
+
+
+def _write(tmp_path, frames=None, fps=25.0, name="cine.dcm", seed=0):
+    rng = np.random.default_rng(seed)
+    if frames is None:
+        frames = rng.integers(0, 256, size=(6, 40, 48), dtype=np.uint8)
+    study = Study(frames=frames, fps=fps, ecg=None, view="A4C", ef=0.6, heart_rate_bpm=70,
+                  ed_frames=[], es_frames=[], region=(2, 5, 45, 39), volume=np.ones(len(frames)),
+                  lv_area=np.ones(len(frames)), lv_center=(0, 0))
+    return write_study_dicom(study, tmp_path / name, seed=seed), frames
+
+
+def test_reads_frames_and_metadata(tmp_path):
+    path, frames = _write(tmp_path, fps=30.0)
+    got, meta = read_echo_dicom(path)
+    np.testing.assert_array_equal(got, frames)
+    assert got.dtype == np.uint8 and got.shape == (6, 40, 48)
+    assert meta["fps"] == pytest.approx(30.0)
+    assert meta["region"] == (2, 5, 45, 39)
+    assert meta["n_frames"] == 6 and meta["study_uid"] and meta["sop_uid"]
+
+
+def _rewrite(path, **changes):
+    ds = pydicom.dcmread(path)
+    for key, value in changes.items():
+        if value is None:
+            delattr(ds, key)
+        else:
+            setattr(ds, key, value)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def test_frame_rate_fallbacks(tmp_path):
+    path, _ = _write(tmp_path, fps=25.0)
+    _rewrite(path, FrameTime=None, FrameTimeVector=[0, 50, 50, 50, 50, 50])
+    assert read_echo_dicom(path)[1]["fps"] == pytest.approx(20.0)
+    _rewrite(path, FrameTimeVector=None, CineRate=None)
+    assert read_echo_dicom(path)[1]["fps"] == pytest.approx(25.0)  # RecommendedDisplayFrameRate
+    _rewrite(path, RecommendedDisplayFrameRate=None)
+    with pytest.raises(EchoReadError, match="frame timing"):
+        read_echo_dicom(path)
+
+
+def test_missing_file_and_not_dicom(tmp_path):
+    with pytest.raises(EchoReadError, match="not found"):
+        read_echo_dicom(tmp_path / "nope.dcm")
+    junk = tmp_path / "junk.dcm"
+    junk.write_bytes(b"definitely not a DICOM file" * 20)
+    with pytest.raises(EchoReadError, match="not a DICOM"):
+        read_echo_dicom(junk)
+
+
+def test_truncated_file(tmp_path):
+    path, _ = _write(tmp_path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(EchoReadError):
+        read_echo_dicom(path)
+
+
+def test_wrong_modality():
+    with pytest.raises(EchoReadError, match="not an ultrasound") as info:
+        read_echo_dicom(get_testdata_file("CT_small.dcm"))
+    assert "CT" in str(info.value)
+
+
+def test_single_frame(tmp_path):
+    path, frames = _write(tmp_path)
+    _rewrite(path, NumberOfFrames=1, PixelData=frames[0].tobytes())
+    with pytest.raises(EchoReadError, match="single-frame"):
+        read_echo_dicom(path)
+
+
+def test_frame_count_larger_than_data_fails_before_decoding(tmp_path):
+    path, _ = _write(tmp_path)
+    _rewrite(path, NumberOfFrames=1_000_000)
+    with pytest.raises(EchoReadError, match="claims 1000000 frames"):
+        read_echo_dicom(path)
+
+
+def test_undecodable_compressed_pixel_data(tmp_path):
+    path, _ = _write(tmp_path)
+    ds = pydicom.dcmread(path)
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.JPEGBaseline8Bit
+    ds.PixelData = pydicom.encaps.encapsulate([b"\xff\xd8not a jpeg" * 4] * 6)
+    ds["PixelData"].VR = "OB"
+    ds.save_as(path, enforce_file_format=True)
+    with pytest.raises(EchoReadError, match="could not be decoded"):
+        read_echo_dicom(path)
+    ds.PixelData = pydicom.encaps.encapsulate([b"\xff\xd8not a jpeg" * 4] * 2)
+    ds.save_as(path, enforce_file_format=True)
+    with pytest.raises(EchoReadError, match="only 2 fragments"):
+        read_echo_dicom(path)
+
+
+@pytest.mark.parametrize("photometric", ["RGB", "YBR_FULL"])
+def test_color_converted_to_gray(tmp_path, photometric):
+    path, _ = _write(tmp_path)
+    rng = np.random.default_rng(1)
+    rgb = rng.integers(0, 256, size=(6, 40, 48, 3), dtype=np.uint8)
+    stored = rgb if photometric == "RGB" else convert_color_space(rgb, "RGB", "YBR_FULL")
+    _rewrite(path, SamplesPerPixel=3, PhotometricInterpretation=photometric, PlanarConfiguration=0,
+             PixelData=stored.tobytes())
+    gray, _ = read_echo_dicom(path)
+    luma = rgb.astype(float) @ np.array([0.299, 0.587, 0.114])
+    assert gray.shape == (6, 40, 48) and gray.dtype == np.uint8
+    assert np.abs(gray.astype(float) - luma).max() <= 3

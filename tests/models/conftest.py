@@ -1,0 +1,27 @@
+import pytest
+import torch
+
+from echopulse.config import GeneratorConfig
+from echopulse.models.generator import MaskGIT
+from echopulse.training.steps import generator_train_step, make_optimizer
+
+
+@pytest.fixture(scope="session")
+def trained_generator():
+    """A tiny MaskGIT overfit to 4 (ECG, tokens) pairs, each sequence tied to its own random ECG,
+    trained with the default condition dropout (0.15): 150 steps, ~2 s on 2 CPU cores.
+
+    Shared read-only by the generator and sampling tests: do not train it further.
+    """
+    torch.manual_seed(0)
+    cfg = GeneratorConfig()
+    model = MaskGIT(cfg)
+    rng = torch.Generator().manual_seed(1)
+    batch = {
+        "tokens": torch.randint(0, cfg.vocab_size, (4, *cfg.token_grid), generator=rng),
+        "ecg": torch.randn(4, cfg.ecg.leads, cfg.ecg.samples, generator=rng),
+    }
+    optimizer = make_optimizer(model, lr=2e-3)
+    for _ in range(150):
+        generator_train_step(model, batch, optimizer)
+    return model.eval(), batch

@@ -1,0 +1,85 @@
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from echopulse.config import ECGEncoderConfig, GeneratorConfig, TokenizerConfig, replace
+from echopulse.models.checkpoint import load_checkpoint, save_checkpoint
+from echopulse.models.generator import MaskGIT
+from echopulse.models.tokenizer import VideoTokenizer
+
+
+def test_tokenizer_round_trip(tmp_path):
+    torch.manual_seed(0)
+    cfg = replace(TokenizerConfig(), fsq_levels=(8, 5, 5))
+    model = VideoTokenizer(cfg).eval()
+    model_id = save_checkpoint(model, cfg, tmp_path / "tok", "tokenizer", extra={"step": 7})
+    assert len(model_id) == 16
+    assert sorted(p.name for p in (tmp_path / "tok").iterdir()) == ["config.json", "model.safetensors"]
+    meta = json.loads((tmp_path / "tok" / "config.json").read_text())
+    assert meta["kind"] == "tokenizer" and meta["format_version"] == 1 and meta["model_id"] == model_id
+
+    loaded, loaded_cfg, info = load_checkpoint(tmp_path / "tok", expected_kind="tokenizer")
+    assert loaded_cfg == cfg and info["model_id"] == model_id and info["extra"] == {"step": 7}
+    video = torch.rand(2, cfg.frames, cfg.image_size, cfg.image_size)
+    assert torch.equal(loaded.encode(video), model.encode(video))
+    with torch.no_grad():
+        assert torch.equal(loaded(video)[0], model(video)[0])
+    # same weights -> same id, every time (the file bytes must be deterministic)
+    for i in range(4):
+        assert save_checkpoint(loaded, loaded_cfg, tmp_path / f"again{i}", "tokenizer") == model_id
+
+
+def test_generator_round_trip(tmp_path):
+    torch.manual_seed(0)
+    cfg = GeneratorConfig()
+    model = MaskGIT(cfg).eval()
+    save_checkpoint(model, cfg, tmp_path / "gen", "generator")
+    loaded, loaded_cfg, _ = load_checkpoint(str(tmp_path / "gen"))
+    assert isinstance(loaded, MaskGIT) and loaded_cfg == cfg
+    ecg = torch.randn(2, 12, cfg.ecg.samples)
+    assert torch.equal(loaded.generate(ecg, seed=5), model.generate(ecg, seed=5))
+
+
+def test_wrong_kind_refused(tmp_path):
+    cfg = TokenizerConfig()
+    save_checkpoint(VideoTokenizer(cfg), cfg, tmp_path, "tokenizer")
+    with pytest.raises(ValueError, match="checkpoint is a tokenizer, expected a generator"):
+        load_checkpoint(tmp_path, expected_kind="generator")
+    with pytest.raises(ValueError, match="MaskGIT"):
+        save_checkpoint(VideoTokenizer(cfg), cfg, tmp_path / "x", "generator")
+
+
+def test_missing_files_refused(tmp_path):
+    with pytest.raises(ValueError, match="config.json is missing"):
+        load_checkpoint(tmp_path)
+    cfg = TokenizerConfig()
+    save_checkpoint(VideoTokenizer(cfg), cfg, tmp_path, "tokenizer")
+    (tmp_path / "model.safetensors").unlink()
+    with pytest.raises(ValueError, match="model.safetensors is missing"):
+        load_checkpoint(tmp_path)
+
+
+def test_weights_not_matching_config_refused(tmp_path):
+    small = GeneratorConfig()
+    big = replace(small, dim=128, ecg=ECGEncoderConfig())
+    save_checkpoint(MaskGIT(big), big, tmp_path, "generator")
+    # swap in the config of a smaller model: the weights no longer fit
+    meta = json.loads((tmp_path / "config.json").read_text())
+    meta["config"]["dim"] = 64
+    (tmp_path / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"tensor .*: expected \(.*64.*\), checkpoint has \(.*128.*\)"):
+        load_checkpoint(tmp_path, verify=False)
+
+
+def test_corrupted_or_edited_weights_refused(tmp_path):
+    cfg = TokenizerConfig()
+    save_checkpoint(VideoTokenizer(cfg), cfg, tmp_path, "tokenizer")
+    tensors = load_file(str(tmp_path / "model.safetensors"))
+    tensors.pop("to_code.bias")
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError, match="does not match model_id"):
+        load_checkpoint(tmp_path)
+    with pytest.raises(ValueError, match="missing tensors.*to_code.bias"):
+        load_checkpoint(tmp_path, verify=False)

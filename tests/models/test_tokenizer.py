@@ -1,0 +1,86 @@
+import pytest
+import torch
+
+from echopulse.config import TokenizerConfig
+from echopulse.models.tokenizer import VideoTokenizer
+from echopulse.training.steps import make_optimizer, tokenizer_eval_step, tokenizer_train_step
+
+
+def moving_blobs(frames: int = 5, size: int = 32) -> torch.Tensor:
+    """A smooth synthetic clip ``(1, t, h, w)`` in [0, 1]: two Gaussian blobs moving in opposite directions."""
+    t = torch.arange(frames).float()[:, None, None]
+    y = torch.arange(size).float()[None, :, None]
+    x = torch.arange(size).float()[None, None, :]
+    blob_a = torch.exp(-((y - 10 - 2.5 * t) ** 2 + (x - 8 - 3 * t) ** 2) / (2 * 4.0**2))
+    blob_b = 0.6 * torch.exp(-((y - 22) ** 2 + (x - 20 + 1.5 * t) ** 2) / (2 * 5.0**2))
+    return (0.1 + 0.8 * (blob_a + blob_b).clamp(0, 1))[None]
+
+
+def test_shapes_and_ranges():
+    cfg = TokenizerConfig()
+    tokenizer = VideoTokenizer(cfg)
+    video = torch.rand(2, cfg.frames, cfg.image_size, cfg.image_size)
+    indices = tokenizer.encode(video)
+    assert indices.shape == (2, *cfg.token_grid) == (2, 3, 4, 4)
+    assert indices.dtype == torch.long
+    assert int(indices.min()) >= 0 and int(indices.max()) < cfg.codebook_size
+    recon = tokenizer.decode_from_indices(indices)
+    assert recon.shape == video.shape and float(recon.min()) >= 0 and float(recon.max()) <= 1
+    # flat (b, n) ids decode too; decode(z_q) is the same path
+    assert torch.equal(tokenizer.decode_from_indices(indices.flatten(1)), recon)
+    recon_f, loss, metrics = tokenizer(video)
+    assert recon_f.shape == video.shape and loss.ndim == 0
+    assert {"loss", "mse", "psnr", "mae", "codebook_usage"} <= set(metrics)
+    assert all(isinstance(v, float) for v in metrics.values())
+
+
+def test_first_token_frame_depends_only_on_first_frame():
+    """Causal temporal attention: the first frame can be tokenized alone (first-frame priming)."""
+    torch.manual_seed(0)
+    tokenizer = VideoTokenizer(TokenizerConfig()).eval()
+    video = torch.rand(1, 5, 32, 32)
+    changed = video.clone()
+    changed[:, 1:] = torch.rand(1, 4, 32, 32)
+    a, b = tokenizer.encode_continuous(video), tokenizer.encode_continuous(changed)
+    assert torch.allclose(a[:, 0], b[:, 0], atol=1e-6)
+    assert not torch.allclose(a[:, 1:], b[:, 1:])
+    assert torch.equal(tokenizer.encode_first_frame(video[:, 0]), tokenizer.encode(video)[:, 0])
+
+
+def test_wrong_shape_names_expected_and_given():
+    tokenizer = VideoTokenizer(TokenizerConfig())
+    with pytest.raises(ValueError, match=r"\(b, 5, 32, 32\)") as info:
+        tokenizer.encode(torch.rand(2, 4, 32, 32))
+    assert "(2, 4, 32, 32)" in str(info.value)
+    with pytest.raises(ValueError, match="expected"):
+        tokenizer.encode(torch.rand(5, 32, 32))
+    with pytest.raises(ValueError, match="token ids"):
+        tokenizer.decode_from_indices(torch.zeros(1, 3, 5, 5, dtype=torch.long))
+
+
+def test_bad_config_refused():
+    with pytest.raises(ValueError, match="1 \\+ k"):
+        VideoTokenizer(TokenizerConfig(frames=6))
+    with pytest.raises(ValueError, match="divisible"):
+        VideoTokenizer(TokenizerConfig(image_size=30))
+
+
+def test_tokenizer_overfits_one_clip():
+    """Learning, not shapes: PSNR on one smooth clip goes from ~14 dB to > 22 dB in <= 300 CPU steps."""
+    torch.manual_seed(0)
+    tokenizer = VideoTokenizer(TokenizerConfig())
+    optimizer = make_optimizer(tokenizer, lr=1e-3)
+    batch = {"frames": (moving_blobs() * 255).round().to(torch.uint8)}
+    start = tokenizer_eval_step(tokenizer, batch)["psnr"]
+    for _ in range(300):
+        metrics = tokenizer_train_step(tokenizer, batch, optimizer)
+        if metrics["psnr"] > 23.0:
+            break
+    end = tokenizer_eval_step(tokenizer, batch)
+    assert start < 18.0
+    assert end["psnr"] > 22.0, f"PSNR {end['psnr']:.1f} dB after training (start {start:.1f} dB)"
+    # the token path gives the same reconstruction as forward()
+    video = batch["frames"].float() / 255
+    recon = tokenizer.decode_from_indices(tokenizer.encode(video))
+    psnr = 10 * torch.log10(1 / (recon - video).pow(2).mean())
+    assert float(psnr) == pytest.approx(end["psnr"], abs=1e-3)

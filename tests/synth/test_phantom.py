@@ -1,0 +1,165 @@
+import csv
+import json
+
+import numpy as np
+import pydicom
+import pytest
+import wfdb
+from scipy import ndimage
+
+from echopulse.config import ECG_FS, ECG_LEADS
+from echopulse.io.ecg import read_ecg
+from echopulse.synth.phantom import HEADER_TEXT, make_study, write_corpus, write_study_dicom, write_study_wfdb
+from echopulse.transforms.ecg import prepare_ecg
+from echopulse.transforms.video import crop_region
+
+SMALL = dict(rows=96, cols=112, duration_s=2.5)
+
+
+@pytest.fixture(scope="module")
+def study():
+    return make_study(7, view="A4C", heart_rate_bpm=80, ef=0.55, **SMALL)
+
+
+def test_frames_and_timing(study):
+    assert study.frames.dtype == np.uint8
+    assert study.frames.shape == (round(2.5 * study.fps), 96, 112)
+    assert study.ecg.signal.shape == (12, round(2.5 * study.ecg.fs))
+    assert study.ed_frames and study.es_frames
+    for ed, r in zip(study.ed_frames, study.ecg.r_peaks_s):
+        assert abs(r * study.fps - ed) <= 0.5
+
+
+def test_volume_peaks_at_r_and_ef_matches(study):
+    v = study.volume
+    for ed in study.ed_frames:  # ED is a local maximum of the volume curve
+        assert v[ed] >= v[max(ed - 1, 0)] and v[ed] >= v[min(ed + 1, len(v) - 1)]
+    for es in study.es_frames:  # ES the minimum (the curve is flat there: allow 1-2 px of area)
+        assert v[es] <= 1.02 * min(v[max(es - 1, 0)], v[min(es + 1, len(v) - 1)])
+        assert v[es] < 0.9 * v[study.ed_frames].min()
+    ef = 1 - v[study.es_frames].mean() / v[study.ed_frames].mean()
+    assert ef == pytest.approx(study.ef, abs=0.02)
+
+
+@pytest.mark.parametrize("view,ef", [("A2C", 0.38), ("A4C", 0.68)])
+def test_ef_measured_on_the_pixels(view, ef):
+    s = make_study(11, view=view, ef=ef, **SMALL)
+
+    def cavity_area(frame):
+        # dark connected blob around the LV centre, volume from area ** 1.5 like the phantom
+        labels, _ = ndimage.label(ndimage.gaussian_filter(frame.astype(float), 1.0) < 40)
+        x, y = s.lv_center
+        assert labels[y, x] > 0
+        return (labels == labels[y, x]).sum()
+
+    a_ed = np.mean([cavity_area(s.frames[i]) for i in s.ed_frames])
+    a_es = np.mean([cavity_area(s.frames[i]) for i in s.es_frames])
+    assert 1 - (a_es / a_ed) ** 1.5 == pytest.approx(ef, abs=0.06)
+
+
+def _tissue_mask(study):
+    x0, y0, x1, y1 = study.region
+    mean = study.frames.mean(axis=0)
+    mask = np.zeros(mean.shape, dtype=bool)
+    mask[y0:y1 + 1, x0:x1 + 1] = mean[y0:y1 + 1, x0:x1 + 1] > 60
+    return ndimage.binary_erosion(mask, iterations=1)
+
+
+def test_speckle_moves_with_tissue_and_is_correlated(study):
+    mask = _tissue_mask(study)
+    assert mask.sum() > 300
+    f = study.frames.astype(np.float64)
+    temporal = [np.corrcoef(f[i][mask], f[i + 1][mask])[0, 1] for i in range(0, len(f) - 1, 5)]
+    assert min(temporal) > 0.5
+    other = make_study(8, view="A4C", heart_rate_bpm=80, ef=0.55, **SMALL).frames.astype(np.float64)
+    assert np.corrcoef(f[0][mask], other[0][mask])[0, 1] < min(temporal) - 0.2  # different speckle
+    frame = f[len(f) // 2]
+    inner = ndimage.binary_erosion(mask, iterations=2)
+    ys, xs = np.nonzero(inner)
+    horizontal = np.corrcoef(frame[ys, xs], frame[ys, xs + 1])[0, 1]
+    vertical = np.corrcoef(frame[ys, xs], frame[ys + 1, xs])[0, 1]
+    assert horizontal > 0.5 and vertical > 0.4  # grains span several pixels
+
+
+def test_sector_black_outside_and_gain_falls_with_depth(study):
+    x0, y0, x1, y1 = study.region
+    ever = study.frames[:, y0:y1 + 1, x0:x1 + 1].max(axis=0) > 0
+    ys, xs = np.nonzero(ever)
+    apex_x = (x1 - x0) / 2
+    angles = np.degrees(np.arctan2(np.abs(xs - apex_x), ys + 0.5))
+    assert 37.5 <= angles.max() <= 45.5  # sector of ~75-90 degrees, apex at the top
+    assert not ever[:8, :8].any() and not ever[:8, -8:].any()
+    tissue = _tissue_mask(study)[y0:y1 + 1, x0:x1 + 1]
+    mean = study.frames[:, y0:y1 + 1, x0:x1 + 1].mean(axis=0)
+    rows = np.arange(mean.shape[0])[:, None] * np.ones_like(mean)
+    top = mean[tissue & (rows > 0.2 * mean.shape[0]) & (rows < 0.45 * mean.shape[0])].mean()
+    bottom = mean[tissue & (rows > 0.75 * mean.shape[0])].mean()
+    assert bottom < top
+
+
+def test_header_band_burned_in_and_cropped_away(study):
+    x0, y0, x1, y1 = study.region
+    band = study.frames[:, :y0]
+    assert y0 > 0 and band.max() > 150  # text pixels
+    assert np.all(band == band[0])  # static overlay
+    cropped = crop_region(study.frames, study.region)
+    assert cropped.shape[1:] == (y1 - y0 + 1, x1 - x0 + 1)
+    # no row of the crop matches the header text rows
+    assert not any(np.array_equal(cropped[0, r], band[0, r2]) and band[0, r2].max() > 0
+                   for r in range(4) for r2 in range(y0))
+
+
+def test_dicom_file(tmp_path, study):
+    path = write_study_dicom(study, tmp_path / "s.dcm", seed=7)
+    ds = pydicom.dcmread(path)
+    assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.3.1" and ds.Modality == "US"
+    assert ds.file_meta.TransferSyntaxUID == pydicom.uid.ExplicitVRLittleEndian
+    assert ds.PhotometricInterpretation == "MONOCHROME2" and ds.BitsAllocated == 8 and ds.SamplesPerPixel == 1
+    assert int(ds.NumberOfFrames) == study.frames.shape[0]
+    assert float(ds.FrameTime) == pytest.approx(1000 / study.fps, rel=1e-6)
+    assert ds.FrameIncrementPointer == pydicom.tag.Tag(0x0018, 0x1063)
+    region = ds.SequenceOfUltrasoundRegions[0]
+    assert (region.RegionLocationMinX0, region.RegionLocationMinY0,
+            region.RegionLocationMaxX1, region.RegionLocationMaxY1) == study.region
+    assert region.PhysicalDeltaX > 0 and region.PhysicalUnitsXDirection == 3
+    assert ds.BurnedInAnnotation == "YES"
+    assert str(ds.PatientName) in HEADER_TEXT  # fake, and the one the header shows
+    np.testing.assert_array_equal(ds.pixel_array, study.frames)
+    again = pydicom.dcmread(write_study_dicom(study, tmp_path / "t.dcm", seed=7))
+    other = pydicom.dcmread(write_study_dicom(study, tmp_path / "u.dcm", seed=8))
+    assert again.StudyInstanceUID == ds.StudyInstanceUID and again.SOPInstanceUID == ds.SOPInstanceUID
+    assert other.StudyInstanceUID != ds.StudyInstanceUID
+
+
+def test_wfdb_record_and_r_peaks_on_ed_frames(tmp_path, study):
+    hea = write_study_wfdb(study, tmp_path, "rec")
+    rec = wfdb.rdrecord(str(tmp_path / "rec"))
+    assert rec.fs == 500 and rec.sig_name == list(ECG_LEADS) and rec.units == ["mV"] * 12
+    np.testing.assert_allclose(rec.p_signal.T, study.ecg.signal, atol=1e-3)
+    sig, meta = read_ecg(hea)
+    prepared = prepare_ecg(sig, meta["fs"], meta["leads"])
+    detected_frames = prepared.r_peaks / ECG_FS * study.fps
+    for ed in study.ed_frames:
+        assert np.min(np.abs(detected_frames - ed)) <= 0.5
+
+
+def test_corpus(tmp_path):
+    manifest = write_corpus(tmp_path / "a", studies=3, seed=4, duration_s=2.5)
+    with open(manifest, newline="") as f:
+        reader = csv.DictReader(f)
+        assert reader.fieldnames == ["echo", "ecg", "view", "ef", "heart_rate_bpm", "split"]
+        rows = list(reader)
+    assert len(rows) == 3 and {r["split"] for r in rows} <= {"train", "val"}
+    assert sum(r["split"] == "val" for r in rows) >= 1
+    for r in rows:
+        assert not r["echo"].startswith("/") and (tmp_path / "a" / r["echo"]).is_file()
+        assert (tmp_path / "a" / r["ecg"]).is_file() and r["ecg"].endswith(".hea")
+        assert r["view"] in ("A4C", "A2C") and 0.35 <= float(r["ef"]) <= 0.7
+        assert 55 <= float(r["heart_rate_bpm"]) <= 100
+    truth = json.loads((tmp_path / "a" / "truth.json").read_text())["studies"]
+    assert [t["echo"] for t in truth] == [r["echo"] for r in rows]
+    assert all(t["ed_frames"] and t["r_peaks_s"] and t["fps"] == 30.0 for t in truth)
+    # study i depends only on (seed, i): a one-study corpus reproduces study 0 byte for byte
+    write_corpus(tmp_path / "b", studies=1, seed=4, duration_s=2.5)
+    for rel in ("echo/study_0000.dcm", "ecg/study_0000.dat", "ecg/study_0000.hea"):
+        assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes()

@@ -1,0 +1,38 @@
+from __future__ import annotations
+
+import pytest
+
+from echopulse.tracking import RunLogger, create_run, flatten_params, resolve_tracking_uri, tracked_run
+
+
+def test_flatten_params():
+    assert flatten_params({"a": {"b": 1, "c": [1, 2]}, "d": "x"}) == {"a.b": "1", "a.c": "[1, 2]",
+                                                                        "d": "x"}
+
+
+def test_default_uri_is_sqlite_in_workdir(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert resolve_tracking_uri(str(tmp_path)) == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert resolve_tracking_uri(str(tmp_path)) == "http://127.0.0.1:5000"
+
+
+def test_runs_metrics_and_nesting_land_in_the_store(tmp_path):
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    parent = create_run(uri, "parent", {"recipe": {"name": "tiny"}})
+    with tracked_run(uri, "child", {"lr": 0.1}, parent_run_id=parent) as child:
+        child.log_metrics({"loss": 2.0, "note": "not a number"}, step=1)
+        child.log_metrics({"loss": 1.0}, step=2)
+    with pytest.raises(RuntimeError):
+        with tracked_run(uri, "broken") as broken:
+            raise RuntimeError("boom")
+    client = MlflowClient(tracking_uri=uri)
+    c = client.get_run(child.run_id)
+    assert c.info.status == "FINISHED"
+    assert c.data.tags["mlflow.parentRunId"] == parent
+    assert [m.value for m in client.get_metric_history(child.run_id, "loss")] == [2.0, 1.0]
+    assert client.get_run(parent).data.params["recipe.name"] == "tiny"
+    assert client.get_run(broken.run_id).info.status == "FAILED"
+    assert not RunLogger(uri, None).active  # ranks > 0 log nothing
