@@ -8,7 +8,8 @@ import os
 log = logging.getLogger(__name__)
 
 
-def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+def init_ray(address: str | None = None, num_cpus: int | None = None,
+             worker_logs: bool | None = None) -> None:
     """Connect to Ray once per process.
 
     Args:
@@ -16,22 +17,27 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
             otherwise starts a local cluster in this process.
         num_cpus: logical CPUs for a local cluster. Defaults to at least 4 so a Tune trial and its
             Train worker can be scheduled together on a 2-core laptop.
+        worker_logs: stream every worker's output to this terminal (default: when
+            ``ECHOPULSE_WORKER_LOGS=1``; the CLI's ``--debug`` sets it). Errors reach the driver
+            either way; the worker logs stay in Ray's session directory.
     """
     import ray
 
     if ray.is_initialized():
         return
+    if worker_logs is None:
+        worker_logs = os.environ.get("ECHOPULSE_WORKER_LOGS") == "1"
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         log.info("connecting to Ray at %s", address)
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=worker_logs)
         return
     cpus = num_cpus or max(os.cpu_count() or 1, 4)
     log.info("starting a local Ray cluster (%d logical CPUs)", cpus)
     ray.init(
         num_cpus=cpus,
         include_dashboard=False,
-        log_to_driver=True,
+        log_to_driver=worker_logs,
         configure_logging=True,
         logging_level=logging.WARNING,
     )

@@ -32,6 +32,9 @@ def test_train_has_both_models():
         (["ingest", "--manifest", "m.csv", "--out", "o", "--recipe", "huge"], "unknown recipe"),
         (["generate", "--checkpoint", "/no/ckpt", "--ecg", "x.hea", "--out", "video.avi"], ".avi"),
         (["train", "tokenizer", "--clips", "/no/clips", "--out", "o", "--recipe", "tiny"], "/no/clips"),
+        (["ingest", "--manifest", "nosuch://bucket/m.csv", "--out", "o", "--recipe", "tiny"],
+         "nosuch://bucket/m.csv"),
+        (["tokenize", "--clips", "/no/clips", "--tokenizer", "/no/tok", "--out", "o"], "/no/clips"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, argv, needle, monkeypatch):
