@@ -103,12 +103,34 @@ def cmd_tokenize(args: argparse.Namespace) -> int:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from jobs.tune_masking import tune_masking
+    from echopulse.config import replace
+    from jobs.tune_masking import format_table, tune_masking
 
-    summary = tune_masking(args.tokens, args.tokenizer, args.out, _recipe(args.recipe),
-                           _tracking(args), trials=args.trials, max_concurrent=args.concurrent)
-    _print_json({"best": summary.best, "best_recipe": summary.best_recipe, "trials": summary.table,
-                 "mlflow_run_id": summary.run_id})
+    recipe = _recipe(args.recipe)
+    changes: dict[str, Any] = {}
+    if args.search:
+        changes["search"] = args.search
+    if args.schedules:
+        changes["schedules"] = tuple(s for s in args.schedules.split(",") if s)
+    if args.sampling_steps:
+        changes["sampling_steps"] = tuple(int(s) for s in args.sampling_steps.split(",") if s)
+    if args.steps:
+        changes["steps"] = args.steps
+    if args.no_asha:
+        changes["asha"] = False
+    if changes:
+        recipe = replace(recipe, tune=replace(recipe.tune, **changes))
+    summary = tune_masking(args.tokens, args.tokenizer, args.out, recipe, _tracking(args),
+                           trials=args.trials, max_concurrent=args.concurrent,
+                           workers=args.workers, use_gpu=True if args.gpu else None,
+                           resume=args.resume)
+    print(format_table(summary.trials))
+    print(f"\nbest: {summary.best['schedule']} ({summary.best['val_ce']:.4f} val ce)")
+    print(f"best recipe: {summary.best_recipe}   (train with --recipe {summary.best_recipe})")
+    print(f"trials: {summary.table}")
+    if summary.plot:
+        print(f"plot: {summary.plot}")
+    print(f"MLflow parent run: {summary.run_id}")
     return EXIT_OK
 
 
@@ -199,7 +221,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", required=True, help="tokens/v1 dataset")
     p.add_argument("--tokenizer", required=True, help="tokenizer checkpoint directory")
     p.add_argument("--trials", type=int, default=None, help="number of trials (default: recipe's)")
-    p.add_argument("--concurrent", type=int, default=None, help="concurrent trials")
+    p.add_argument("--search", choices=("grid", "random"), default=None,
+                   help="grid: first N grid points; random: N random points (default: recipe's)")
+    p.add_argument("--schedules", default=None,
+                   help="training masking schedules, comma-separated (e.g. cosine,linear,sqrt)")
+    p.add_argument("--sampling-steps", default=None,
+                   help="sampling steps each trial is evaluated at, comma-separated (e.g. 4,8,16)")
+    p.add_argument("--steps", type=int, default=None, help="training steps per trial")
+    p.add_argument("--no-asha", action="store_true", help="no ASHA early stopping")
+    p.add_argument("--concurrent", type=int, default=None,
+                   help="concurrent trials (default: recipe's; 1 fits 2 CPU cores)")
+    p.add_argument("--workers", type=int, default=1, help="Ray Train workers per trial")
+    p.add_argument("--gpu", action="store_true", help="one GPU per worker")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted sweep in --out")
     p.add_argument("--out", default="tune", help="output directory (default: %(default)s)")
     p.add_argument("--recipe", default="demo", help=recipe_help)
 

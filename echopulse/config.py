@@ -97,6 +97,8 @@ class GeneratorConfig:
     ecg: ECGEncoderConfig = field(default_factory=ECGEncoderConfig)
     cond_dropout: float = 0.15
     schedule: str = "cosine"
+    mask_ratio_min: float = 0.0  # training mask ratio = min + (max - min) * schedule(r)
+    mask_ratio_max: float = 1.0
 
     @property
     def seq_len(self) -> int:
@@ -115,6 +117,9 @@ class TrainConfig:
     warmup_steps: int = 10
     grad_clip: float = 1.0
     log_every: int = 10
+    checkpoint_every: int = 0  # steps between resumable checkpoints (0: only the final one)
+    keep_checkpoints: int = 2  # most recent checkpoints kept in Ray's storage
+    max_failures: int = 1  # worker-group restarts from the latest checkpoint
     workers: int = 1
     seed: int = 0
 
@@ -131,12 +136,29 @@ class SamplingConfig:
 
 @dataclass(frozen=True)
 class TuneConfig:
-    """Ray Tune sweep over masking schedules."""
+    """Ray Tune sweep over masking schedules.
+
+    Training axes (each trial trains one model): ``schedules``, ``mask_ratio_bounds``,
+    ``lr_factors`` (times the recipe's generator lr). Sampling axes (each trial's model is evaluated
+    at every ``sampling_steps`` value, with its own draw of ``sampling_schedules``, ``guidance``,
+    ``temperature``). ``search`` "grid" takes the first ``trials`` points of the grid; "random"
+    draws ``trials`` points with ``seed``.
+    """
 
     trials: int = 2
+    search: str = "grid"
     schedules: tuple[str, ...] = ("cosine", "linear", "square", "sqrt")
+    mask_ratio_bounds: tuple[tuple[float, float], ...] = ((0.0, 1.0),)
+    lr_factors: tuple[float, ...] = (1.0, 0.5, 2.0)
+    sampling_steps: tuple[int, ...] = (4, 8, 12)
+    sampling_schedules: tuple[str, ...] = ("cosine",)
+    guidance: tuple[float, ...] = (2.0,)
+    temperature: tuple[float, ...] = (1.0,)
     steps: int = 30
     max_concurrent: int = 1
+    asha: bool = True
+    eval_clips: int = 4
+    seed: int = 0
 
 
 @dataclass(frozen=True)
@@ -177,10 +199,14 @@ def from_dict(cls: type[T], data: dict[str, Any]) -> T:
         if sub is not None and isinstance(value, dict):
             kwargs[name] = from_dict(sub, value)
         elif isinstance(value, list):
-            kwargs[name] = tuple(value)
+            kwargs[name] = _tuples(value)
         else:
             kwargs[name] = value
     return cls(**kwargs)
+
+
+def _tuples(value: Any) -> Any:
+    return tuple(_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
 _CONFIG_CLASSES = {

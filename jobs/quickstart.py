@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -50,6 +51,10 @@ def quickstart(workdir: str, recipe: Recipe, seed: int = 0, tracking_uri: str | 
 
     work = Path(workdir).resolve()
     work.mkdir(parents=True, exist_ok=True)
+    # a fresh run: earlier stage outputs would be resumed from (or clash with another recipe);
+    # the MLflow store is kept so runs accumulate
+    for stage_dir in ("synth", "clips", "tokenizer", "tokens", "generator", "tune", "generated"):
+        shutil.rmtree(work / stage_dir, ignore_errors=True)
     uri = resolve_tracking_uri(str(work), tracking_uri)
     outputs: dict[str, Any] = {"workdir": str(work), "tracking_uri": uri, "recipe": recipe.name}
     t_all = time.perf_counter()
@@ -103,7 +108,7 @@ def quickstart(workdir: str, recipe: Recipe, seed: int = 0, tracking_uri: str | 
         tuned = tune_masking(str(work / "tokens"), tok.checkpoint, str(work / "tune"), recipe, uri,
                              parent_run_id=parent)
         outputs["tune"] = {"best_recipe": tuned.best_recipe, "trials_csv": tuned.table,
-                           "best_schedule": tuned.best["schedule"]}
+                           "plot": tuned.plot, "best_schedule": tuned.best["schedule"]}
         done(t, f"best schedule {tuned.best['schedule']} (val ce {tuned.best['val_ce']:.3f})")
 
         t = stage(7, "ECG of a held-out study -> echo video")

@@ -42,7 +42,8 @@ def tiny() -> Recipe:
         tokenizer_train=TrainConfig(steps=40, batch_size=8, lr=2e-3, warmup_steps=5, log_every=10),
         generator_train=TrainConfig(steps=40, batch_size=8, lr=1e-3, warmup_steps=5, log_every=10),
         sampling=SamplingConfig(steps=4, guidance=2.0),
-        tune=TuneConfig(trials=2, steps=15, schedules=("cosine", "linear")),
+        tune=TuneConfig(trials=2, steps=15, schedules=("cosine", "linear"), sampling_steps=(2, 4),
+                        eval_clips=2),
         synth_studies=4,
         synth_seconds=3.0,
     )
@@ -63,7 +64,8 @@ def demo() -> Recipe:
         tokenizer_train=replace(base.tokenizer_train, steps=500, batch_size=8, log_every=25),
         generator_train=replace(base.generator_train, steps=400, batch_size=8, log_every=25),
         sampling=SamplingConfig(steps=8, guidance=2.0),
-        tune=TuneConfig(trials=2, steps=60, schedules=("cosine", "linear", "square", "sqrt")),
+        tune=TuneConfig(trials=2, steps=60, schedules=("cosine", "linear", "square", "sqrt"),
+                        sampling_steps=(4, 8, 12), eval_clips=4),
         synth_studies=16,
         synth_seconds=6.0,
     )

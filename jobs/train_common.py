@@ -103,6 +103,25 @@ class CachedBatches:
             self._cached = cached
 
 
+FAIL_ENV = "ECHOPULSE_FAIL_ONCE_AT_STEP"
+
+
+def maybe_fail_once(step: int, marker: str | None) -> None:
+    """Testing aid: with ``ECHOPULSE_FAIL_ONCE_AT_STEP=k`` rank 0 crashes once at step ``k``.
+
+    A marker file in the run's storage keeps it to once, so the restarted worker group goes on.
+    """
+    import ray.train
+
+    at = os.environ.get(FAIL_ENV)
+    if not at or marker is None or int(at) != step or ray.train.get_context().get_world_rank() != 0:
+        return
+    if storage.exists(marker):
+        return
+    storage.write_text(marker, f"failed once at step {step}\n")
+    raise RuntimeError(f"{FAIL_ENV}={at}: injected failure at step {step}")
+
+
 def train_worker_loop(
     *,
     model,
@@ -110,23 +129,59 @@ def train_worker_loop(
     step_fn: Callable[..., dict[str, float]],
     batches: Iterator[dict],
     logger,
+    save: Callable[[str], None],
     on_log: Callable[[int, dict[str, float]], dict[str, float]] | None = None,
-) -> dict[str, float]:
-    """Run ``train.steps`` optimizer steps; log every ``train.log_every``; report to Ray Train.
+    fail_marker: str | None = None,
+    resume_from: str | None = None,
+) -> None:
+    """Run ``train.steps`` optimizer steps, resuming where a checkpoint says.
 
-    Returns the last logged metrics (rank 0's view).
+    The checkpoint resumed from is this run's latest (after a worker-group restart), else
+    ``resume_from`` (an earlier run's, found by :func:`latest_checkpoint`), else none.
+
+    Logs every ``train.log_every`` steps (rank 0, through ``logger``) and reports to Ray Train;
+    every ``train.checkpoint_every`` steps (and at the end) rank 0 attaches a resumable
+    checkpoint: ``save(dir)`` writes the model checkpoint, the optimizer state and step go beside it.
     """
     import ray.train
 
+    from echopulse.models.checkpoint import unwrap
+    from echopulse.training.state import load_train_state, save_train_state
     from echopulse.training.steps import lr_at, make_optimizer
 
     optimizer = make_optimizer(model, train.lr, train.weight_decay)
-    world = ray.train.get_context().get_world_size()
-    last: dict[str, float] = {}
+    start = 0
+    restored = ray.train.get_checkpoint()
+    if restored is not None:
+        with restored.as_directory() as path:
+            start = load_train_state(path, unwrap(model), optimizer)
+    elif resume_from:
+        with tempfile.TemporaryDirectory() as tmp:
+            start = load_train_state(storage.local_copy(resume_from, tmp), unwrap(model), optimizer)
+    if start:
+        log.info("resuming at step %d", start)
+    ctx = ray.train.get_context()
+    world = ctx.get_world_size()
+
+    def report(metrics: dict[str, float], step: int, with_checkpoint: bool) -> None:
+        if not with_checkpoint:
+            ray.train.report(dict(metrics))
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            checkpoint = None
+            if ctx.get_world_rank() == 0:
+                save(tmp)
+                save_train_state(tmp, optimizer, step)
+                checkpoint = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(dict(metrics), checkpoint=checkpoint)
+
+    last: dict[str, float] = {"step": float(start)}
     window: list[dict[str, float]] = []
     t0 = time.perf_counter()
     samples = 0
-    for step in range(1, train.steps + 1):
+    last_checkpoint = start
+    for step in range(start + 1, train.steps + 1):
+        maybe_fail_once(step, fail_marker)
         lr = lr_at(step - 1, train.steps, train.warmup_steps, train.lr)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -145,35 +200,69 @@ def train_worker_loop(
             logger.log_metrics(last, step)
             window, samples, t0 = [], 0, time.perf_counter()
             if step != train.steps:
-                ray.train.report(dict(last))
-    return last
+                due = train.checkpoint_every and step - last_checkpoint >= train.checkpoint_every
+                report(last, step, with_checkpoint=bool(due))
+                last_checkpoint = step if due else last_checkpoint
+    report(last, train.steps, with_checkpoint=True)
 
 
-def report_final(metrics: dict[str, float], save: Callable[[str], None]) -> None:
-    """Report the final metrics; rank 0 attaches the checkpoint written by ``save(dir)``."""
-    import ray.train
+def run_config(name: str, out: str, train: TrainConfig, callbacks: list | None = None):
+    """Ray Train's RunConfig for a training into ``out``: storage, restarts, checkpoints kept."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
 
-    rank = ray.train.get_context().get_world_rank()
-    with tempfile.TemporaryDirectory() as tmp:
-        checkpoint = None
-        if rank == 0:
-            save(tmp)
-            checkpoint = ray.train.Checkpoint.from_directory(tmp)
-        ray.train.report(dict(metrics), checkpoint=checkpoint)
+    # the testing aid reaches the workers explicitly (they do not inherit the driver's environment)
+    env = {FAIL_ENV: os.environ[FAIL_ENV]} if os.environ.get(FAIL_ENV) else {}
+    return RunConfig(name=name, storage_path=storage_path(out), callbacks=callbacks,
+                     failure_config=FailureConfig(max_failures=train.max_failures),
+                     checkpoint_config=CheckpointConfig(num_to_keep=train.keep_checkpoints),
+                     worker_runtime_env={"env_vars": env} if env else None)
 
 
-def unwrap(model):
-    return model.module if hasattr(model, "module") else model
+def latest_checkpoint(out: str, config: dict[str, Any]) -> str | None:
+    """The most advanced resumable checkpoint (a directory URI) of earlier runs into ``out``.
+
+    Raises:
+        EchoPulseError: when ``out`` holds checkpoints of a different model configuration.
+    """
+    import json
+
+    from echopulse.errors import EchoPulseError
+
+    fs, root = storage.filesystem(storage_path(out))
+    best: tuple[int, str] | None = None
+    for state in fs.glob(f"{root.rstrip('/')}/*/checkpoint_*/train_state.json"):
+        with fs.open(state, "r") as f:
+            step = int(json.load(f)["step"])
+        if best is None or step > best[0]:
+            best = (step, state.rsplit("/", 1)[0])
+    if best is None:
+        return None
+    with fs.open(f"{best[1]}/config.json", "r") as f:
+        found = json.load(f)["config"]
+    if found != config:
+        raise EchoPulseError(f"{out} holds checkpoints of another model configuration; "
+                             f"use a new --out to start over")
+    log.info("resuming from %s (step %d)", best[1], best[0])
+    return f"{out.split('://')[0]}://{best[1]}" if storage.is_remote(out) else best[1]
+
+
+def fail_marker(out: str, name: str) -> str:
+    return storage.join(storage_path(out), name, "fail_once.marker")
 
 
 def export_checkpoint(result, out: str, add: Callable[[str], None] | None = None) -> str:
-    """Copy the run's final Ray checkpoint to ``OUT/checkpoint`` (our format), optionally extended."""
+    """Copy the run's final checkpoint to ``OUT/checkpoint``: the model only, no optimizer state."""
+    from echopulse.training.state import OPTIMIZER_FILE, STATE_FILE
+
     if result.checkpoint is None:
         raise RuntimeError("training finished without a checkpoint")
     target = storage.join(out, "checkpoint")
     with tempfile.TemporaryDirectory() as tmp:
         local = os.path.join(tmp, "checkpoint")
         result.checkpoint.to_directory(local)
+        for name in (OPTIMIZER_FILE, STATE_FILE):
+            if os.path.exists(os.path.join(local, name)):
+                os.unlink(os.path.join(local, name))
         if add is not None:
             add(local)
         storage.upload_dir(local, target)

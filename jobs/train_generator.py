@@ -21,13 +21,13 @@ from jobs.train_common import (
     CachedBatches,
     TrainResult,
     export_checkpoint,
-    report_final,
+    fail_marker,
+    latest_checkpoint,
     repeat_batches,
+    run_config,
     run_name,
     scaling,
-    storage_path,
     train_worker_loop,
-    unwrap,
 )
 
 log = logging.getLogger(__name__)
@@ -41,7 +41,7 @@ def generator_loop(config: dict[str, Any]) -> None:
     import ray.train.torch
     import torch
 
-    from echopulse.models.checkpoint import save_checkpoint
+    from echopulse.models.checkpoint import save_checkpoint, unwrap
     from echopulse.models.generator import MaskGIT
     from echopulse.tracking import RunLogger
     from echopulse.training.steps import generator_eval_step, generator_train_step
@@ -75,12 +75,13 @@ def generator_loop(config: dict[str, Any]) -> None:
         unwrap(model).train()
         return {f"val_{k}": v / max(n, 1) for k, v in totals.items()}
 
-    final = train_worker_loop(model=model, train=train, step_fn=generator_train_step,
-                              batches=batches, logger=logger, on_log=validate)
     extra = {"tokenizer_id": config["tokenizer_id"], "clip": to_dict(recipe.clip),
              "sampling": to_dict(recipe.sampling)}
-    report_final(final, lambda d: save_checkpoint(unwrap(model), recipe.generator, d,
-                                                  kind="generator", extra=extra))
+    train_worker_loop(model=model, train=train, step_fn=generator_train_step, batches=batches,
+                      logger=logger, on_log=validate, fail_marker=config.get("fail_marker"),
+                      resume_from=config.get("resume_from"),
+                      save=lambda d: save_checkpoint(unwrap(model), recipe.generator, d,
+                                                     kind="generator", extra=extra))
 
 
 def check_tokens_info(tokens: str, recipe: Recipe) -> dict[str, Any]:
@@ -129,19 +130,24 @@ def check_tokenizer(tokens_info: dict[str, Any], tokenizer: str) -> dict[str, An
 
 
 def build_generator_trainer(datasets: dict[str, Any], recipe: Recipe, tokenizer_id: str,
-                            tracking_uri: str, run_id: str | None, name: str, storage: str,
+                            tracking_uri: str, run_id: str | None, name: str, out: str,
                             workers: int | None = None, use_gpu: bool | None = None,
-                            callbacks: list | None = None):
-    """The ``TorchTrainer`` for one generator training (shared by training and Tune trials)."""
-    from ray.train import RunConfig
+                            callbacks: list | None = None, resume_from: str | None = None):
+    """The ``TorchTrainer`` for one generator training (shared by training and Tune trials).
+
+    Ray keeps the run under ``out``; ``resume_from`` is an earlier run's checkpoint to continue
+    from (:func:`jobs.train_common.latest_checkpoint`).
+    """
     from ray.train.torch import TorchTrainer
 
     return TorchTrainer(
         generator_loop,
         train_loop_config={"recipe": to_dict(recipe), "tracking_uri": tracking_uri,
-                           "run_id": run_id, "tokenizer_id": tokenizer_id},
+                           "run_id": run_id, "tokenizer_id": tokenizer_id,
+                           "fail_marker": fail_marker(out, name),
+                           "resume_from": resume_from},
         scaling_config=scaling(workers or recipe.generator_train.workers, use_gpu),
-        run_config=RunConfig(name=name, storage_path=storage, callbacks=callbacks),
+        run_config=run_config(name, out, recipe.generator_train, callbacks),
         datasets=datasets,
     )
 
@@ -176,6 +182,7 @@ def train_generator(tokens: str, tokenizer: str, out: str, recipe: Recipe, track
     from echopulse.tracking import RunLogger, create_run
 
     tok_info = check_tokenizer(check_tokens_info(tokens, recipe), tokenizer)
+    resume_from = latest_checkpoint(out, to_dict(recipe.generator))
     init_ray()
     datasets, _ = tokens_datasets(tokens, recipe)
     storage.makedirs(out)
@@ -185,7 +192,7 @@ def train_generator(tokens: str, tokenizer: str, out: str, recipe: Recipe, track
                         parent_run_id=parent_run_id, tags={"echopulse.stage": "train_generator"})
     logger = RunLogger(tracking_uri, run_id)
     trainer = build_generator_trainer(datasets, recipe, tok_info["model_id"], tracking_uri, run_id,
-                                      name, storage_path(out), workers, use_gpu)
+                                      name, out, workers, use_gpu, resume_from=resume_from)
     try:
         result = trainer.fit()
         checkpoint = export_checkpoint(result, out, add=bundle_tokenizer(tokenizer))

@@ -16,13 +16,13 @@ from echopulse.schema import CLIPS_SCHEMA
 from jobs.train_common import (
     TrainResult,
     export_checkpoint,
-    report_final,
+    fail_marker,
+    latest_checkpoint,
     repeat_batches,
+    run_config,
     run_name,
     scaling,
-    storage_path,
     train_worker_loop,
-    unwrap,
 )
 
 log = logging.getLogger(__name__)
@@ -34,7 +34,7 @@ def tokenizer_loop(config: dict[str, Any]) -> None:
     import ray.train.torch
     import torch
 
-    from echopulse.models.checkpoint import save_checkpoint
+    from echopulse.models.checkpoint import save_checkpoint, unwrap
     from echopulse.models.tokenizer import VideoTokenizer
     from echopulse.tracking import RunLogger
     from echopulse.training.steps import tokenizer_train_step
@@ -48,10 +48,12 @@ def tokenizer_loop(config: dict[str, Any]) -> None:
     per_worker = max(1, train.batch_size // ctx.get_world_size())
     batches = repeat_batches(ray.train.get_dataset_shard("train"), per_worker,
                              ray.train.torch.get_device(), seed=train.seed + ctx.get_world_rank())
-    final = train_worker_loop(model=model, train=train, step_fn=tokenizer_train_step,
-                              batches=batches, logger=logger)
-    report_final(final, lambda d: save_checkpoint(unwrap(model), recipe.tokenizer, d, kind="tokenizer",
-                                                  extra={"clip": to_dict(recipe.clip)}))
+    train_worker_loop(model=model, train=train, step_fn=tokenizer_train_step, batches=batches,
+                      logger=logger, fail_marker=config.get("fail_marker"),
+                      resume_from=config.get("resume_from"),
+                      save=lambda d: save_checkpoint(unwrap(model), recipe.tokenizer, d,
+                                                     kind="tokenizer",
+                                                     extra={"clip": to_dict(recipe.clip)}))
 
 
 def clips_dataset(clips: str, split: str = "train"):
@@ -82,7 +84,6 @@ def train_tokenizer(clips: str, out: str, recipe: Recipe, tracking_uri: str,
         use_gpu: one GPU per worker (default: when CUDA is available).
         parent_run_id: nest the MLflow run under this one.
     """
-    from ray.train import RunConfig
     from ray.train.torch import TorchTrainer
 
     from echopulse.runtime import init_ray
@@ -93,6 +94,7 @@ def train_tokenizer(clips: str, out: str, recipe: Recipe, tracking_uri: str,
     from pipelines.common import read_dataset_info
 
     read_dataset_info(clips, CLIPS_SCHEMA)  # a bad path fails here, before Ray starts
+    resume_from = latest_checkpoint(out, to_dict(recipe.tokenizer))
     init_ray()
     dataset = clips_dataset(clips)
     storage.makedirs(out)
@@ -102,9 +104,11 @@ def train_tokenizer(clips: str, out: str, recipe: Recipe, tracking_uri: str,
     logger = RunLogger(tracking_uri, run_id)
     trainer = TorchTrainer(
         tokenizer_loop,
-        train_loop_config={"recipe": to_dict(recipe), "tracking_uri": tracking_uri, "run_id": run_id},
+        train_loop_config={"recipe": to_dict(recipe), "tracking_uri": tracking_uri, "run_id": run_id,
+                           "fail_marker": fail_marker(out, name),
+                           "resume_from": resume_from},
         scaling_config=scaling(workers or recipe.tokenizer_train.workers, use_gpu),
-        run_config=RunConfig(name=name, storage_path=storage_path(out)),
+        run_config=run_config(name, out, recipe.tokenizer_train),
         datasets={"train": dataset},
     )
     try:

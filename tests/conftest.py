@@ -21,3 +21,17 @@ def ray_session():
     init_ray()
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_quickstart(tmp_path_factory, ray_session):
+    """The whole chain with the tiny recipe, run once through the CLI and shared by the tests
+    that check its outputs or build on them (tokens and tokenizer for the sweep tests)."""
+    import json
+
+    from echopulse.cli import main
+
+    work = tmp_path_factory.mktemp("quickstart")
+    code = main(["quickstart", "--workdir", str(work), "--recipe", "tiny", "--seed", "3"])
+    assert code == 0
+    return work, json.loads((work / "quickstart.json").read_text())

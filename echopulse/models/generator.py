@@ -27,6 +27,9 @@ class MaskGIT(nn.Module):
     def __init__(self, cfg: GeneratorConfig):
         super().__init__()
         get_schedule(cfg.schedule)  # fail at construction, not mid-training
+        if not 0.0 <= cfg.mask_ratio_min < cfg.mask_ratio_max <= 1.0:
+            raise ValueError(f"mask ratio bounds must satisfy 0 <= min < max <= 1, got "
+                             f"[{cfg.mask_ratio_min}, {cfg.mask_ratio_max}]")
         if not 0.0 <= cfg.cond_dropout < 1.0:
             raise ValueError(f"cond_dropout must be in [0, 1), got {cfg.cond_dropout}")
         self.cfg = cfg
@@ -121,7 +124,9 @@ class MaskGIT(nn.Module):
         tokens = self._flatten_tokens(tokens)
         b, n = tokens.shape
         device = tokens.device
-        ratio = get_schedule(self.cfg.schedule)(torch.rand(b, device=device))  # (b,)
+        # the schedule's ratio, truncated to [mask_ratio_min, mask_ratio_max] (tunable bounds)
+        lo, hi = self.cfg.mask_ratio_min, self.cfg.mask_ratio_max
+        ratio = lo + (hi - lo) * get_schedule(self.cfg.schedule)(torch.rand(b, device=device))  # (b,)
         num_masked = (ratio * n).floor().long().clamp(1, n)  # (b,), at least one target
         mask = _random_subset(b, n, num_masked, device)  # (b, n) bool
 

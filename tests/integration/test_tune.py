@@ -1,0 +1,164 @@
+"""A 3-trial masking-schedule sweep, interrupted and resumed, tracked on a real MLflow server."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from echopulse.config import replace
+from echopulse.errors import ConfigError, EchoPulseError
+from jobs.recipes import tiny
+from jobs.tune_masking import search_space
+
+pytestmark = pytest.mark.integration
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """A real ``mlflow server`` on loopback with a sqlite backend."""
+    root = tmp_path_factory.mktemp("mlflow")
+    port = _free_port()
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1",
+         "--port", str(port), "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
+         "--default-artifact-root", str(root / "artifacts"), "--workers", "1"],
+        stdout=open(root / "server.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 90
+        while time.time() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if proc.poll() is not None:
+                    raise RuntimeError((root / "server.log").read_text()[-2000:])
+                time.sleep(0.5)
+        else:
+            raise TimeoutError("mlflow server did not start in 90 s")
+        yield uri
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def tokens(tiny_quickstart):
+    """The tiny chain's tokens/v1 dataset and the tokenizer that made it."""
+    work, outputs = tiny_quickstart
+    return work / "tokens", outputs["tokenizer"]
+
+
+def test_search_space_grid_random_and_bad_input():
+    cfg = replace(tiny().tune, trials=3, schedules=("cosine", "linear"), lr_factors=(1.0, 0.5))
+    grid = search_space(cfg, 1e-3)
+    assert [t["schedule"] for t in grid] == ["cosine", "linear", "cosine"]
+    assert [t["lr"] for t in grid] == [1e-3, 1e-3, 5e-4]
+    rand = search_space(replace(cfg, search="random", seed=1), 1e-3)
+    assert len(rand) == 3 and rand == search_space(replace(cfg, search="random", seed=1), 1e-3)
+    with pytest.raises(ConfigError, match="unknown masking schedule"):
+        search_space(replace(cfg, schedules=("cosine", "zigzag")), 1e-3)
+    with pytest.raises(ConfigError, match="empty"):
+        search_space(replace(cfg, schedules=()), 1e-3)
+    with pytest.raises(ConfigError, match="unknown search"):
+        search_space(replace(cfg, search="bayes"), 1e-3)
+
+
+def test_sweep_without_val_split_fails_before_any_trial(tokens, tmp_path):
+    import json
+
+    from jobs.tune_masking import tune_masking
+
+    tokens_dir, tokenizer = tokens
+    copy = tmp_path / "tokens"
+    import shutil
+
+    shutil.copytree(tokens_dir, copy)
+    info = json.loads((copy / "dataset.json").read_text())
+    info["split_counts"] = {"train": sum(info["split_counts"].values())}
+    (copy / "dataset.json").write_text(json.dumps(info))
+    with pytest.raises(EchoPulseError, match="no val split"):
+        tune_masking(str(copy), tokenizer, str(tmp_path / "out"), tiny(),
+                     f"sqlite:///{tmp_path}/m.db")
+    assert not (tmp_path / "out" / "ray").exists()
+
+
+def test_interrupted_sweep_resumes_and_tracks_on_a_server(tokens, tmp_path, mlflow_server):
+    from mlflow import MlflowClient
+
+    from jobs.recipes import get_recipe
+    from jobs.train_generator import train_generator
+    from jobs.tune_masking import tune_masking
+
+    tokens_dir, tokenizer = tokens
+    out = tmp_path / "sweep"
+    base = [sys.executable, "-m", "echopulse.cli", "tune", "--tokens", str(tokens_dir),
+            "--tokenizer", tokenizer, "--trials", "3", "--recipe", "tiny", "--out", str(out),
+            "--schedules", "cosine,linear,sqrt", "--no-asha", "--tracking-uri", mlflow_server]
+    proc = subprocess.Popen(base, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    client = MlflowClient(tracking_uri=mlflow_server)
+
+    def finished_children() -> list:
+        exp = client.get_experiment_by_name("echopulse")
+        if exp is None:
+            return []
+        runs = client.search_runs([exp.experiment_id], "tags.`echopulse.stage` = 'tune_trial'")
+        return [r for r in runs if r.info.status == "FINISHED"]
+
+    try:
+        deadline = time.time() + 300
+        while not finished_children() and time.time() < deadline and proc.poll() is None:
+            time.sleep(2)
+        assert finished_children(), "no trial finished before the interruption"
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)  # like Ctrl-C
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+    done_before = {r.data.params["trial.schedule"] for r in finished_children()}
+    assert 1 <= len(done_before) < 3 or proc.returncode == 0
+
+    recipe = replace(tiny(), tune=replace(tiny().tune, schedules=("cosine", "linear", "sqrt"),
+                                          asha=False))
+    summary = tune_masking(str(tokens_dir), tokenizer, str(out), recipe, mlflow_server, trials=3,
+                           resume=True)
+    assert sorted(r["schedule"] for r in summary.trials) == ["cosine", "linear", "sqrt"]
+
+    finished = finished_children()
+    schedules = [r.data.params["trial.schedule"] for r in finished]
+    assert sorted(schedules) == ["cosine", "linear", "sqrt"]  # the finished trial was not rerun
+    parents = {r.data.tags["mlflow.parentRunId"] for r in finished}
+    assert parents == {summary.run_id}
+    parent = client.get_run(summary.run_id)
+    assert parent.data.tags.get("echopulse.stage") == "tune"
+    assert "best_val_ce" in parent.data.metrics
+    for run in finished:
+        assert {"val_ce", "val_acc", "gen_ssim", "gen_psnr", "gen_ecg_sync",
+                "gen_s_per_clip"} <= set(run.data.metrics)
+    artifacts = {a.path for a in client.list_artifacts(summary.run_id)}
+    assert {"best_recipe.json", "trials.csv", "quality_vs_steps.png"} <= artifacts
+
+    with open(summary.table, newline="") as f:
+        assert len(list(csv.DictReader(f))) == 3
+    best = get_recipe(summary.best_recipe)
+    assert best.generator.schedule == summary.best["schedule"]
+    trained = train_generator(str(tokens_dir), tokenizer, str(tmp_path / "best"), best,
+                              f"sqlite:///{tmp_path}/m.db")
+    assert Path(trained.checkpoint, "model.safetensors").exists()
