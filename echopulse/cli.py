@@ -110,7 +110,11 @@ def cmd_tune(args: argparse.Namespace) -> int:
     changes: dict[str, Any] = {}
     if args.search:
         changes["search"] = args.search
-    if args.schedules:
+    if args.schedules == "all":
+        from echopulse.models.schedules import SCHEDULES
+
+        changes["schedules"] = tuple(SCHEDULES)
+    elif args.schedules:
         changes["schedules"] = tuple(s for s in args.schedules.split(",") if s)
     if args.sampling_steps:
         changes["sampling_steps"] = tuple(int(s) for s in args.sampling_steps.split(",") if s)
@@ -152,6 +156,8 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     for key in ("manifest", "clips", "tokenizer", "tokens", "generator"):
         print(f"  {key:<10} {outputs[key]}")
     print(f"  {'tune':<10} {outputs['tune']['trials_csv']} (best recipe: {outputs['tune']['best_recipe']})")
+    if outputs["tune"].get("plot"):
+        print(f"  {'plot':<10} {outputs['tune']['plot']}")
     for video in outputs["videos"]:
         print(f"  {'video':<10} {video}")
     print(f"\nMLflow runs: {outputs['tracking_uri']}")
@@ -224,7 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--search", choices=("grid", "random"), default=None,
                    help="grid: first N grid points; random: N random points (default: recipe's)")
     p.add_argument("--schedules", default=None,
-                   help="training masking schedules, comma-separated (e.g. cosine,linear,sqrt)")
+                   help="training masking schedules, comma-separated (e.g. cosine,linear,sqrt), "
+                        "or 'all'")
     p.add_argument("--sampling-steps", default=None,
                    help="sampling steps each trial is evaluated at, comma-separated (e.g. 4,8,16)")
     p.add_argument("--steps", type=int, default=None, help="training steps per trial")

@@ -32,7 +32,9 @@ from jobs.train_common import (
 
 log = logging.getLogger(__name__)
 
-VAL_MASK_RATIO = 0.5  # fixed, so validation numbers compare across masking schedules
+# fixed mask ratios, so validation numbers compare across masking schedules; val_ce / val_acc are
+# at the first, the others are reported as val_ce_r25 / val_acc_r75 and so on
+VAL_MASK_RATIOS = (0.5, 0.25, 0.75)
 
 
 def generator_loop(config: dict[str, Any]) -> None:
@@ -66,11 +68,13 @@ def generator_loop(config: dict[str, Any]) -> None:
         totals: dict[str, float] = {}
         n = 0
         for batch in val_batches:
-            m = generator_eval_step(unwrap(model), batch, mask_ratio=VAL_MASK_RATIO,
-                                    generator=torch.Generator().manual_seed(n))
             k = len(batch["tokens"])
-            for key, value in m.items():
-                totals[key] = totals.get(key, 0.0) + value * k
+            for i, ratio in enumerate(VAL_MASK_RATIOS):
+                m = generator_eval_step(unwrap(model), batch, mask_ratio=ratio,
+                                        generator=torch.Generator().manual_seed(n))
+                suffix = "" if i == 0 else f"_r{round(ratio * 100)}"
+                for key, value in m.items():
+                    totals[key + suffix] = totals.get(key + suffix, 0.0) + value * k
             n += k
         unwrap(model).train()
         return {f"val_{k}": v / max(n, 1) for k, v in totals.items()}

@@ -150,7 +150,7 @@ def test_interrupted_sweep_resumes_and_tracks_on_a_server(tokens, tmp_path, mlfl
     assert parent.data.tags.get("echopulse.stage") == "tune"
     assert "best_val_ce" in parent.data.metrics
     for run in finished:
-        assert {"val_ce", "val_acc", "gen_ssim", "gen_psnr", "gen_ecg_sync",
+        assert {"val_ce", "val_acc", "val_ce_r25", "val_ce_r75", "gen_ssim", "gen_psnr", "gen_ecg_sync",
                 "gen_s_per_clip"} <= set(run.data.metrics)
     artifacts = {a.path for a in client.list_artifacts(summary.run_id)}
     assert {"best_recipe.json", "trials.csv", "quality_vs_steps.png"} <= artifacts
