@@ -30,6 +30,8 @@ The chain, each stage reading the previous one's output:
   echopulse train generator --tokens tokens --tokenizer tokenizer/checkpoint --out generator --recipe tiny
   echopulse tune       --tokens tokens --tokenizer tokenizer/checkpoint --trials 2 --recipe tiny
   echopulse generate   --checkpoint generator/checkpoint --ecg synth/ecg/study_0000.hea --out echo.gif
+  echopulse evaluate   --checkpoint generator/checkpoint --clips clips --n 16 --out evaluation
+  echopulse generate-batch --manifest ecgs.csv --checkpoint generator/checkpoint --out generated
 Or all at once:   echopulse quickstart --workdir demo --recipe demo
 
 Exit status: 0 ok, 1 the run failed, 2 bad input or configuration.
@@ -63,10 +65,16 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
-    from pipelines.ingest import run_ingest
+    from echopulse.ingest import IngestOptions
+    from pipelines.ingest import clip_for_mode, run_ingest
 
-    summary = run_ingest(args.manifest, args.out, _recipe(args.recipe).clip, salt=args.salt,
-                         resume=args.resume)
+    if args.s3_endpoint:  # before Ray starts, so local workers inherit it
+        os.environ["AWS_ENDPOINT_URL_S3"] = args.s3_endpoint
+    clip = clip_for_mode(_recipe(args.recipe).clip, args.clip_mode, seconds=args.seconds, fps=args.fps)
+    options = IngestOptions(clip_mode=args.clip_mode, allow_roots=tuple(args.allow_root or ()),
+                            ecg_fs=args.ecg_fs)
+    summary = run_ingest(args.manifest, args.out, clip, salt=args.salt, resume=args.resume,
+                         options=options)
     _print_json({**summary.as_dict(), "out": summary.out})
     if summary.inputs_with_clips == 0:
         print(f"error: no input produced a clip; reasons in {args.out}/quarantine/", file=sys.stderr)
@@ -142,7 +150,37 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from echopulse.generate import generate_to_file
 
     _print_json(generate_to_file(args.checkpoint, args.ecg, args.out, seed=args.seed,
-                                 steps=args.steps, guidance=args.guidance))
+                                 steps=args.steps, guidance=args.guidance,
+                                 first_frame=args.first_frame, seconds=args.seconds, fps=args.fps,
+                                 panel=args.panel))
+    return EXIT_OK
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from echopulse.evaluate import evaluate, format_markdown
+
+    out = args.out or "evaluation"
+    report = evaluate(args.checkpoint, args.clips, out, n=args.n, seed=args.seed, steps=args.steps,
+                      guidance=args.guidance, fid_weights=args.fid_weights,
+                      fvd_weights=args.fvd_weights, tracking_uri=_tracking(args))
+    print(format_markdown(report))
+    print(f"reports: {os.path.join(out, 'report.json')}, {os.path.join(out, 'report.md')}")
+    if report.get("mlflow_run_id"):
+        print(f"MLflow run: {report['mlflow_run_id']}")
+    return EXIT_OK
+
+
+def cmd_generate_batch(args: argparse.Namespace) -> int:
+    from pipelines.generate import run_generate_batch
+
+    summary = run_generate_batch(args.manifest, args.checkpoint, args.out, fmt=args.format,
+                                 actors=args.actors, batch_size=args.batch_size, use_gpu=args.gpu,
+                                 panel=args.panel, seconds=args.seconds, fps=args.fps,
+                                 seed=args.seed, steps=args.steps, guidance=args.guidance)
+    _print_json(summary.__dict__)
+    if summary.ok == 0:
+        print(f"error: no video was generated; reasons in {summary.index}", file=sys.stderr)
+        return EXIT_FAILED
     return EXIT_OK
 
 
@@ -163,6 +201,91 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     print(f"\nMLflow runs: {outputs['tracking_uri']}")
     print(f"  open the UI with: .venv/bin/mlflow ui --backend-store-uri {outputs['tracking_uri']}")
     return EXIT_OK
+
+
+def _remote_commands() -> tuple[str, ...]:
+    return ("synth", "ingest", "train", "tokenize", "tune", "generate", "quickstart")
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    """Run an echopulse command as a Ray job; stream its logs; exit with the job's status."""
+    from echopulse import submit as jobs
+
+    argv = list(args.job_command)
+    if argv and argv[0] == "--":
+        argv = argv[1:]
+    if not argv or argv[0] not in _remote_commands():
+        got = f"'{argv[0]}'" if argv else "nothing"
+        print(f"error: expected an echopulse command after --, one of {', '.join(_remote_commands())}; "
+              f"got {got}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    try:  # check the command's own flags here, before anything is uploaded
+        build_parser().parse_args(argv)
+    except SystemExit as exc:
+        return EXIT_BAD_INPUT if exc.code else EXIT_OK
+    base = jobs.load_runtime_env_file(args.runtime_env) if args.runtime_env else None
+    env_vars = jobs.passthrough_env()
+    if args.tracking_uri:
+        env_vars["MLFLOW_TRACKING_URI"] = args.tracking_uri
+    env_vars.update(jobs.parse_env(args.env))
+    runtime_env = jobs.build_runtime_env(args.working_dir, env_vars, base=base, image_uri=args.image)
+    client = jobs.connect(args.address, timeout=args.request_timeout)
+    entrypoint = jobs.entrypoint_for(argv, python=args.python)
+    job_id = jobs.submit_job(client, entrypoint, runtime_env, submission_id=args.submission_id,
+                             entrypoint_num_cpus=args.num_cpus, entrypoint_num_gpus=args.num_gpus)
+    passed = ", ".join(sorted(env_vars)) or "none"
+    print(f"submitted {job_id} to {client.get_address()}: {entrypoint}", file=sys.stderr)
+    print(f"  working dir: {runtime_env.get('working_dir', '(none)')}; env passed: {passed}",
+          file=sys.stderr)
+    if args.no_wait:
+        print(job_id)
+        return EXIT_OK
+    try:
+        result = jobs.follow(client, job_id, on_output=lambda chunk: print(chunk, end="", flush=True),
+                             timeout=args.timeout)
+    except KeyboardInterrupt:
+        print(f"\ndetached; {job_id} keeps running (stop it with `echopulse jobs stop {job_id}`)",
+              file=sys.stderr)
+        return 130
+    return _report_job(result)
+
+
+def _report_job(result) -> int:
+    if result.timed_out:
+        print(f"error: job {result.submission_id} {result.message} (--timeout)", file=sys.stderr)
+    elif result.status == "SUCCEEDED":
+        print(f"job {result.submission_id} SUCCEEDED", file=sys.stderr)
+    else:
+        detail = _one_line(Exception(result.message)) if result.message else ""
+        print(f"error: job {result.submission_id} {result.status} (exit {result.exit_code})"
+              + (f": {detail}" if detail else ""), file=sys.stderr)
+    return result.exit_code
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    """List jobs, show or follow one job's logs, stop a job."""
+    from echopulse import submit as jobs
+
+    client = jobs.connect(args.address, timeout=args.request_timeout)
+    if args.action == "list":
+        rows = jobs.list_jobs(client)
+        if args.json:
+            _print_json(rows)
+        else:
+            print(jobs.format_jobs(rows))
+        return EXIT_OK
+    if args.action == "logs":
+        if args.follow:
+            jobs.job_info(client, args.submission_id)
+            result = jobs.follow(client, args.submission_id,
+                                 on_output=lambda chunk: print(chunk, end="", flush=True),
+                                 timeout=args.timeout, stop_on_timeout=False)
+            return _report_job(result)
+        print(jobs.job_logs(client, args.submission_id), end="")
+        return EXIT_OK
+    status = jobs.stop_job(client, args.submission_id, wait_s=args.timeout or 30.0)
+    print(f"job {args.submission_id}: {status}")
+    return EXIT_OK if status in jobs.TERMINAL else EXIT_FAILED
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -192,12 +315,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     p.add_argument("--seconds", type=float, default=4.0, help="study length (default: %(default)s)")
 
-    p = add("ingest", cmd_ingest, "DICOM echo + ECG pairs from a manifest -> clips/v1 Parquet (Ray Data).")
-    p.add_argument("--manifest", required=True, help="manifest CSV (columns echo, ecg, ...)")
+    p = add("ingest", cmd_ingest, "Echo (DICOM or video) + ECG pairs from a manifest -> clips/v1 Parquet (Ray Data).")
+    p.add_argument("--manifest", required=True,
+                   help="manifest CSV or Parquet (columns echo, ecg, optional ecg_offset_s, view, ef, "
+                        "split, study), or EchoNet-Dynamic's FileList.csv; local or s3://")
     p.add_argument("--out", required=True, help="output directory or s3:// URI")
     p.add_argument("--recipe", default="demo", help=recipe_help)
     p.add_argument("--salt", default=None, help="study-key salt (default: ECHOPULSE_STUDY_SALT)")
     p.add_argument("--resume", action="store_true", help="skip inputs already done in --out")
+    p.add_argument("--clip-mode", choices=("window", "cycle"), default="window",
+                   help="window: fixed windows (--seconds, --fps); cycle: one R-R interval resampled "
+                        "to the recipe's frame count (default: %(default)s)")
+    p.add_argument("--seconds", type=float, default=None,
+                   help="window length in seconds (window mode; default: the recipe's)")
+    p.add_argument("--fps", type=float, default=None,
+                   help="clip frame rate (window mode; default: the recipe's)")
+    p.add_argument("--allow-root", action="append", default=None, metavar="DIR",
+                   help="a folder outside the manifest's that ../ paths may land in (repeatable)")
+    p.add_argument("--ecg-fs", type=float, default=None,
+                   help="sampling rate of CSV/NPY ECGs whose manifest row has no ecg_fs")
+    p.add_argument("--s3-endpoint", default=None,
+                   help="S3-protocol endpoint URL (default: AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL)")
 
     train = add("train", lambda a: EXIT_BAD_INPUT, "Train the tokenizer or the generator (Ray Train).")
     train_sub = train.add_subparsers(dest="model", required=True, metavar="MODEL")
@@ -244,13 +382,67 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="tune", help="output directory (default: %(default)s)")
     p.add_argument("--recipe", default="demo", help=recipe_help)
 
-    p = add("generate", cmd_generate, "Generate an echo video from an ECG file (WFDB or DICOM ECG).")
+    guidance_help = ("classifier-free guidance weight g: logits = cond + g * (cond - uncond); 0 is "
+                     "the plain ECG-conditioned model, larger follows the ECG more strongly")
+
+    def sampling_flags(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
+        p.add_argument("--steps", type=int, default=None, help="decoding steps (default: checkpoint's)")
+        p.add_argument("--guidance", type=float, default=None,
+                       help=guidance_help + " (default: checkpoint's)")
+
+    def video_flags(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--seconds", type=float, default=None,
+                       help="video duration; longer than the model's window chains windows "
+                            "(default: one window)")
+        p.add_argument("--fps", type=float, default=None, help="output frame rate (default: the model's)")
+        p.add_argument("--panel", action="store_true",
+                       help="draw the ECG (lead II) under the video with a moving cursor")
+
+    p = add("generate", cmd_generate,
+            "Generate an echo video from an ECG file (WFDB, DICOM 12-lead ECG, or any format "
+            "ingestion reads).")
     p.add_argument("--checkpoint", required=True, help="generator checkpoint directory")
-    p.add_argument("--ecg", required=True, help="ECG file: WFDB .hea or DICOM 12-lead ECG")
-    p.add_argument("--out", required=True, help="output video: .gif or .mp4")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
-    p.add_argument("--steps", type=int, default=None, help="decoding steps (default: checkpoint's)")
-    p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: checkpoint's)")
+    p.add_argument("--ecg", required=True,
+                   help="ECG file (any format ingestion accepts: WFDB .hea, DICOM 12-lead ECG, ...)")
+    p.add_argument("--first-frame", default=None,
+                   help="first frame: an echo DICOM (cropped and resized like ingestion) or an "
+                        "image exactly the model's size (PNG, ...)")
+    p.add_argument("--out", required=True,
+                   help="output: .mp4, .gif, or .dcm (Ultrasound Multi-frame, DERIVED, marked "
+                        "synthetic, no patient data)")
+    video_flags(p)
+    sampling_flags(p)
+
+    p = add("evaluate", cmd_evaluate,
+            "Evaluate a generator on clips/v1: tokenizer reconstruction, generation vs real, "
+            "ECG control, EF error, FID/FVD (with weights files); report.json/.md + MLflow.")
+    p.add_argument("--checkpoint", required=True, help="generator checkpoint directory")
+    p.add_argument("--clips", required=True, help="clips/v1 dataset (ingest output) or URI")
+    p.add_argument("--n", type=int, default=16, help="clips to evaluate, held-out first (default: %(default)s)")
+    p.add_argument("--out", default=None, help="report directory (default: evaluation)")
+    p.add_argument("--fid-weights", default=None,
+                   help="TorchScript Inception-v3 for FID (the standard inception-2015-12-05.pt of "
+                        "StyleGAN3/clean-fid); without it FID is reported as not computed")
+    p.add_argument("--fvd-weights", default=None,
+                   help="TorchScript I3D for FVD (the standard i3d_torchscript.pt of StyleGAN-V); "
+                        "without it FVD is reported as not computed")
+    sampling_flags(p)
+
+    p = add("generate-batch", cmd_generate_batch,
+            "Generate one video per ECG of a manifest with a pool of generator actors (Ray Data); "
+            "writes OUT/videos/ and a Parquet index OUT/index/.")
+    p.add_argument("--manifest", required=True,
+                   help="CSV with column ecg, optional id, first_frame, seconds, fps, seed")
+    p.add_argument("--checkpoint", required=True, help="generator checkpoint directory")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--format", default="mp4", choices=("mp4", "gif", "dcm"),
+                   help="video format (default: %(default)s)")
+    p.add_argument("--actors", type=int, default=1, help="generator actors (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=4, help="rows per batch (default: %(default)s)")
+    p.add_argument("--gpu", action="store_true", help="one GPU per actor")
+    video_flags(p)
+    sampling_flags(p)
 
     p = add("quickstart", cmd_quickstart,
             "Run the whole chain on embedded defaults: synth, ingest, train tokenizer, tokenize, "
@@ -258,6 +450,60 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", default="demo", help="where everything is written (default: %(default)s)")
     p.add_argument("--recipe", default="demo", help=recipe_help)
     p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+
+    address_help = ("Ray job server (dashboard) address (default: RAY_API_SERVER_ADDRESS, an http:// "
+                    "RAY_ADDRESS, or http://127.0.0.1:8265); the token comes from RAY_AUTH_TOKEN, "
+                    "RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token")
+    p = add("submit", cmd_submit,
+            "Run an echopulse command on a Ray cluster as a Ray job: upload the working dir, "
+            "stream the logs, exit with the job's status.")
+    p.epilog = ("example: echopulse submit --address http://127.0.0.1:8265 -- ingest "
+                "--manifest s3://bucket/manifest.csv --out s3://bucket/clips --recipe demo\n"
+                "Passed to the job when set here: MLFLOW_* and AWS_* settings (tracking URI, "
+                "credentials, endpoints, region) and ECHOPULSE_STUDY_SALT; add more with --env. "
+                "Outputs are written on the cluster: use s3:// or shared paths.")
+    p.add_argument("--address", default=None, help=address_help)
+    p.add_argument("--working-dir", default=".",
+                   help="directory uploaded as the job's working dir (default: %(default)s)")
+    p.add_argument("--runtime-env", default=None,
+                   help="a Ray runtime env YAML to start from (e.g. cluster/runtime_env.yaml: pip "
+                        "requirements)")
+    p.add_argument("--image", default=None, help="container image for the job (runtime env image_uri)")
+    p.add_argument("--env", action="append", default=[], metavar="NAME[=VALUE]",
+                   help="another environment variable for the job (repeatable)")
+    p.add_argument("--timeout", type=float, default=None,
+                   help="seconds to wait for the job; then it is stopped and the exit status is 124 "
+                        "(default: wait until it ends)")
+    p.add_argument("--request-timeout", type=float, default=30.0,
+                   help="seconds for each request to the job server (default: %(default)s)")
+    p.add_argument("--no-wait", action="store_true", help="print the submission id and return")
+    p.add_argument("--submission-id", default=None, help="the job's submission id (default: generated)")
+    p.add_argument("--num-cpus", type=float, default=None, help="CPUs reserved for the job's driver")
+    p.add_argument("--num-gpus", type=float, default=None, help="GPUs reserved for the job's driver")
+    p.add_argument("--python", default="python",
+                   help="the cluster's Python that runs echopulse (default: %(default)s)")
+    p.add_argument("job_command", nargs=argparse.REMAINDER, metavar="-- COMMAND ...",
+                   help="the echopulse command to run, after --")
+
+    p = add("jobs", cmd_jobs, "List Ray jobs, show or follow a job's logs, stop a job.")
+    jobs_sub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    for action, text in (("list", "List the cluster's jobs, newest first."),
+                         ("logs", "Print a job's logs (--follow: until it ends; exit with its status)."),
+                         ("stop", "Stop a job and wait until it has stopped.")):
+        q = jobs_sub.add_parser(action, parents=[common], help=text, description=text)
+        q.set_defaults(fn=cmd_jobs)
+        q.add_argument("--address", default=None, help=address_help)
+        q.add_argument("--request-timeout", type=float, default=30.0,
+                       help="seconds for each request to the job server (default: %(default)s)")
+        if action == "list":
+            q.add_argument("--json", action="store_true", help="print JSON instead of a table")
+        else:
+            q.add_argument("submission_id", help="the job's submission id (see `echopulse jobs list`)")
+            q.add_argument("--timeout", type=float, default=None,
+                           help="seconds to wait (logs --follow: for the job to end; stop: for it to "
+                                "stop, default 30)")
+        if action == "logs":
+            q.add_argument("--follow", action="store_true", help="stream until the job ends")
     return parser
 
 

@@ -1,40 +1,140 @@
-"""ECG in, echo video out: load a generator checkpoint (tokenizer bundled) and sample."""
+"""ECG in, echo video out: load a generator checkpoint (tokenizer bundled) and sample.
+
+A video longer than the model's window is made of chained windows: each new window starts on the
+last frames already made, re-encoded into its leading token frames (first-frame priming generalised
+to several frames), and takes the ECG from its own start time. Any frame rate is resampled from
+the model's frames, so duration and rate follow the request.
+"""
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import tempfile
-from dataclasses import dataclass
-from typing import Any
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 
 from echopulse import storage
-from echopulse.config import ClipConfig, SamplingConfig, from_dict
+from echopulse.config import ECG_FS, ClipConfig, SamplingConfig, from_dict
 from echopulse.errors import EchoPulseError
 
 log = logging.getLogger(__name__)
 
+GUIDANCE_HELP = ("classifier-free guidance weight g: logits = cond + g * (cond - uncond); "
+                 "0 is the plain ECG-conditioned model, larger follows the ECG more strongly")
+
+
+@dataclass(frozen=True)
+class Window:
+    """One model window of a chained video, in model frames.
+
+    Attributes:
+        start: index (at the model's frame rate) of the window's first frame.
+        overlap: how many of its leading frames were already made (0 for the first window); they
+            prime the window and are not emitted again.
+        ecg_start: first ECG sample (at ``ECG_FS``) of the window's conditioning ECG.
+    """
+
+    start: int
+    overlap: int
+    ecg_start: int
+
+
+def plan_windows(model_frames: int, clip: ClipConfig, ecg_samples: int, temporal_patch: int = 2,
+                 prime_token_frames: int = 1) -> list[Window]:
+    """Where each window of a chained video starts.
+
+    A window of ``clip.frames`` frames holds ``1 + (frames - 1) / temporal_patch`` token frames; an
+    overlap of ``1 + temporal_patch * (k - 1)`` frames is exactly ``k`` leading token frames.
+    Windows hop by ``frames - overlap``; the last one moves earlier (a longer overlap) if the ECG
+    ends before a full hop's conditioning window (see :func:`prime_frames`).
+
+    Args:
+        model_frames: frames needed at the model's rate.
+        clip: the model's clip geometry (frames, fps, ecg_samples).
+        ecg_samples: samples the ECG holds at ``ECG_FS``.
+        temporal_patch: the tokenizer's temporal patch.
+        prime_token_frames: token frames each chained window is primed with (``k`` above).
+
+    Raises:
+        EchoPulseError: when the ECG does not cover the windows the video needs.
+    """
+    frames, need = clip.frames, clip.ecg_samples
+
+    def ecg_start(start: int) -> int:
+        return int(round(start / clip.fps * ECG_FS))
+
+    overlap = 1 + temporal_patch * (prime_token_frames - 1)
+    if not 1 <= overlap < frames:
+        raise ValueError(f"prime_token_frames={prime_token_frames} leaves nothing to generate in a "
+                         f"{frames}-frame window")
+    max_start = 0
+    while ecg_start(max_start + 1) + need <= ecg_samples:
+        max_start += 1
+    if need > ecg_samples or max_start + frames < model_frames:
+        video_s = (model_frames - 1) / clip.fps
+        last_start = max(0, model_frames - frames)
+        needed = max(need, ecg_start(last_start) + need) / ECG_FS
+        raise EchoPulseError(
+            f"the ECG is {ecg_samples / ECG_FS:.2f} s long; {video_s + 1 / clip.fps:.2f} s of video "
+            f"needs {needed:.2f} s of ECG (each {clip.seconds:.2f} s window of this model is "
+            f"conditioned on {need / ECG_FS:.2f} s of ECG)")
+    windows = [Window(0, 0, 0)]
+    end = frames - 1  # last frame made so far
+    while end < model_frames - 1:
+        start = min(end - overlap + 1, max_start)
+        if start + frames - 1 <= end or start < 0:
+            raise EchoPulseError(f"the ECG ({ecg_samples / ECG_FS:.2f} s) is too short for "
+                                 f"{model_frames} frames at {clip.fps:g} fps")
+        windows.append(Window(start, end - start + 1, ecg_start(start)))
+        end = start + frames - 1
+    return windows
+
+
+def prime_frames(overlap: int, temporal_patch: int = 2) -> tuple[int, int]:
+    """(frames, token frames) that prime a window overlapping ``overlap`` frames already made.
+
+    The leading ``1 + temporal_patch * (k - 1)`` frames are exactly ``k`` token frames; with an
+    overlap between two such counts, the last overlapping frames are sampled again and dropped.
+    """
+    k = 1 + (overlap - 1) // temporal_patch
+    return 1 + temporal_patch * (k - 1), k
+
 
 @dataclass
 class EchoGenerator:
-    """A generator and its tokenizer, ready to turn prepared ECGs into videos."""
+    """A generator and its tokenizer, ready to turn ECGs into videos."""
 
     generator: Any
     tokenizer: Any
     clip: ClipConfig
     sampling: SamplingConfig
     info: dict[str, Any]
+    device: Any = field(default=None)
 
     @classmethod
-    def from_checkpoint(cls, checkpoint: str) -> "EchoGenerator":
-        """Load a generator checkpoint directory written by ``echopulse train generator``."""
+    def from_checkpoint(cls, checkpoint: str, device: str | None = None) -> "EchoGenerator":
+        """Load a generator checkpoint directory written by ``echopulse train generator``.
+
+        Args:
+            checkpoint: local directory or URI.
+            device: torch device (default: CPU).
+        """
+        import torch
+
         from echopulse.models.checkpoint import load_checkpoint
 
         with tempfile.TemporaryDirectory() as tmp:
             local = storage.local_copy(checkpoint, tmp)
-            generator, _, info = load_checkpoint(local, expected_kind="generator")
+            try:
+                generator, _, info = load_checkpoint(local, expected_kind="generator")
+            except ValueError as exc:
+                raise EchoPulseError(f"{checkpoint}: {exc}") from None
             tokenizer_dir = os.path.join(local, "tokenizer")
             if not os.path.isdir(tokenizer_dir):
                 raise EchoPulseError(f"{checkpoint}: generator checkpoint has no bundled tokenizer/")
@@ -43,68 +143,335 @@ class EchoGenerator:
         if extra.get("tokenizer_id") != tok_info["model_id"]:
             raise EchoPulseError(f"{checkpoint}: bundled tokenizer {tok_info['model_id']} is not the "
                                  f"one the generator was trained with ({extra.get('tokenizer_id')})")
-        generator.eval()
-        tokenizer.eval()
+        dev = torch.device(device or "cpu")
+        generator.to(dev).eval()
+        tokenizer.to(dev).eval()
         return cls(generator, tokenizer, from_dict(ClipConfig, extra["clip"]),
-                   from_dict(SamplingConfig, extra["sampling"]), info)
+                   from_dict(SamplingConfig, extra["sampling"]), info, dev)
 
-    def generate(self, ecg: np.ndarray, seed: int = 0, steps: int | None = None,
+    @property
+    def size(self) -> int:
+        return self.clip.size
+
+    def prime_token_frames(self) -> int:
+        """Token frames a chained window is primed with: about a third of the window."""
+        return max(1, self.tokenizer.cfg.token_grid[0] // 3)
+
+    def generate(self, ecg: Any, first_frame: Any = None, seconds: float | None = None,
+                 fps: float | None = None, seed: int = 0, steps: int | None = None,
                  guidance: float | None = None, temperature: float | None = None) -> np.ndarray:
-        """Generate one clip from a prepared ECG.
+        """Generate an echo video from an ECG.
 
         Args:
-            ecg: float32 (12, L) at 250 Hz, filtered and standardized (``prepare_ecg``); the first
-                ``clip.ecg_samples`` samples condition the clip.
+            ecg: an ECG file path (any format :func:`echopulse.io.ecg.read_ecg` reads), a
+                :class:`~echopulse.transforms.ecg.PreparedECG`, or a prepared float array (12, L)
+                at 250 Hz (``prepare_ecg``). Sample 0 is the time of the first frame.
+            first_frame: optional first frame: an image path (PNG etc., exactly the model's size),
+                an echo DICOM path (its first frame, cropped and resized like ingestion), or a
+                uint8 array (size, size).
+            seconds: video duration (default: one model window, ``clip.frames / clip.fps``).
+            fps: output frame rate (default: the model's).
             seed: sampling seed (same seed, same video).
-            steps, guidance, temperature: override the checkpoint's sampling settings.
+            steps, guidance, temperature: override the checkpoint's sampling settings;
+                guidance g gives logits ``cond + g * (cond - uncond)`` (0: conditional only).
 
         Returns:
-            uint8 frames (T, H, W) at ``self.clip.fps``.
+            uint8 frames (round(seconds * fps), H, W).
         """
+        signal = _ecg_array(ecg)
+        first = None if first_frame is None else load_first_frame(first_frame, self.size)
+        model_frames, out_fps, n_out = self._frame_plan(seconds, fps, signal.shape[1])
+        windows = plan_windows(model_frames, self.clip, signal.shape[1],
+                               self.tokenizer.cfg.temporal_patch, self.prime_token_frames())
+        video = self._sample_windows(signal, windows, first, seed, steps, guidance, temperature)
+        video = video[:model_frames]
+        if out_fps == self.clip.fps:
+            return video[:n_out]
+        from echopulse.transforms.video import sample_frames
+
+        return sample_frames(video, self.clip.fps, np.arange(n_out) / out_fps)
+
+    def _frame_plan(self, seconds: float | None, fps: float | None, ecg_samples: int) -> tuple[int, float, int]:
+        """(model frames needed, output fps, output frames) for a request; checks it."""
+        out_fps = float(fps) if fps is not None else float(self.clip.fps)
+        seconds = float(seconds) if seconds is not None else self.clip.seconds
+        if not (math.isfinite(seconds) and seconds > 0):
+            raise EchoPulseError(f"--seconds must be positive, got {seconds}")
+        if not (math.isfinite(out_fps) and out_fps > 0):
+            raise EchoPulseError(f"--fps must be positive, got {out_fps}")
+        n_out = int(round(seconds * out_fps))
+        if n_out < 1:
+            raise EchoPulseError(f"{seconds} s at {out_fps:g} fps is no frame at all")
+        ecg_s = ecg_samples / ECG_FS
+        if ecg_s + 1e-6 < seconds:
+            raise EchoPulseError(f"the ECG is {ecg_s:.2f} s long, shorter than the requested "
+                                 f"{seconds:.2f} s of video")
+        last_time = (n_out - 1) / out_fps
+        model_frames = int(math.ceil(last_time * self.clip.fps - 1e-9)) + 1
+        return model_frames, out_fps, n_out
+
+    def _sample_windows(self, signal: np.ndarray, windows: list[Window], first: np.ndarray | None,
+                        seed: int, steps: int | None, guidance: float | None,
+                        temperature: float | None) -> np.ndarray:
         import torch
 
-        need = self.clip.ecg_samples
-        if ecg.ndim != 2 or ecg.shape[0] != 12:
-            raise ValueError(f"expected an ECG of shape (12, L), got {ecg.shape}")
-        if ecg.shape[1] < need:
-            raise EchoPulseError(f"the ECG is {ecg.shape[1] / 250:.2f} s long; this model needs "
-                                 f"{need / 250:.2f} s")
         s = self.sampling
-        window = torch.as_tensor(np.ascontiguousarray(ecg[:, :need]), dtype=torch.float32)[None]
-        with torch.inference_mode():
-            tokens = self.generator.generate(
-                window,
-                steps=steps or s.steps,
-                guidance=s.guidance if guidance is None else guidance,
-                temperature=s.temperature if temperature is None else temperature,
-                schedule=s.schedule,
-                seed=seed,
-            )
-            video = self.tokenizer.decode_from_indices(tokens)  # (1, t, h, w) in [0, 1]
-        return (video[0].clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+        tok = self.tokenizer
+        frames_per_window, need = self.clip.frames, self.clip.ecg_samples
+        video = np.zeros((0, self.size, self.size), dtype=np.uint8)
+        for i, window in enumerate(windows):
+            ecg = torch.as_tensor(np.ascontiguousarray(signal[:, window.ecg_start:window.ecg_start + need]),
+                                  dtype=torch.float32, device=self.device)[None]
+            with torch.inference_mode():
+                prime = None
+                if window.overlap:
+                    # the frames already made, padded to a window; the tokenizer is causal in time,
+                    # so the leading token frames depend on those frames only
+                    count, k = prime_frames(window.overlap, tok.cfg.temporal_patch)
+                    context = video[window.start:window.start + count]
+                    padded = np.concatenate(
+                        [context, np.repeat(context[-1:], frames_per_window - count, axis=0)])
+                    clip = torch.as_tensor(padded, device=self.device)[None].float() / 255.0
+                    prime = tok.encode(clip)[:, :k]  # (1, k, h', w')
+                elif first is not None:
+                    image = torch.tensor(first, device=self.device)[None].float() / 255.0
+                    prime = tok.encode_first_frame(image)  # (1, h', w')
+                tokens = self.generator.generate(
+                    ecg,
+                    steps=steps or s.steps,
+                    guidance=s.guidance if guidance is None else guidance,
+                    temperature=s.temperature if temperature is None else temperature,
+                    schedule=s.schedule,
+                    seed=seed + i,
+                    prime_tokens=prime,
+                )
+                decoded = tok.decode_from_indices(tokens)[0]  # (t, h, w) in [0, 1]
+            frames = (decoded.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+            if i == 0 and first is not None:
+                frames[0] = first  # the given frame itself, not its reconstruction
+            video = np.concatenate([video, frames[window.overlap:]])
+            log.debug("window %d/%d: frames %d-%d", i + 1, len(windows), window.start,
+                      window.start + frames_per_window - 1)
+        return video
+
+
+def _ecg_array(ecg: Any) -> np.ndarray:
+    from echopulse.transforms.ecg import PreparedECG
+
+    if isinstance(ecg, (str, os.PathLike)):
+        ecg = load_ecg_file(str(ecg))
+    if isinstance(ecg, PreparedECG):
+        ecg = ecg.ecg
+    ecg = np.asarray(ecg, dtype=np.float32)
+    if ecg.ndim != 2 or ecg.shape[0] != 12:
+        raise ValueError(f"expected a prepared ECG of shape (12, L), got {ecg.shape}")
+    if not np.all(np.isfinite(ecg)):
+        raise EchoPulseError("the ECG contains NaN or infinite values")
+    return ecg
 
 
 def load_ecg_file(path: str):
-    """Read any supported ECG file and prepare it (250 Hz, 12 leads, filtered, standardized)."""
-    from echopulse.io.ecg import read_ecg
-    from echopulse.transforms.ecg import prepare_ecg
+    """Read any supported ECG file and prepare it (250 Hz, 12 leads, filtered, standardized).
 
-    if not os.path.exists(path):
+    Raises:
+        EchoPulseError: missing, unreadable, flat or beat-less ECG (the message names the file).
+    """
+    from echopulse.io.ecg import ECGReadError, read_ecg
+    from echopulse.transforms.ecg import ECGError, prepare_ecg
+
+    if not os.path.exists(path) and not os.path.exists(str(Path(path).with_suffix(".hea"))):
         raise EchoPulseError(f"{path}: ECG file not found")
-    signal, meta = read_ecg(path)
-    return prepare_ecg(signal, meta["fs"], meta["leads"])
+    try:
+        signal, meta = read_ecg(path)
+    except ECGReadError as exc:
+        raise EchoPulseError(str(exc)) from None
+    except Exception as exc:  # a reader that fails in its own way is still an unreadable file
+        raise EchoPulseError(f"{path}: unreadable ECG ({type(exc).__name__}: {exc})") from None
+    try:
+        return prepare_ecg(signal, meta["fs"], meta["leads"])
+    except ECGError as exc:
+        raise EchoPulseError(f"{path}: {exc}") from None
 
 
-def generate_to_file(checkpoint: str, ecg_path: str, out: str, seed: int = 0,
-                     steps: int | None = None, guidance: float | None = None) -> dict[str, Any]:
-    """``echopulse generate``: an ECG file in, a .gif/.mp4 out. Returns a small report."""
+def load_first_frame(source: Any, size: int) -> np.ndarray:
+    """A first frame for priming as uint8 (size, size).
+
+    Args:
+        source: uint8 array (size, size) (floats in [0, 1] are scaled); an echo DICOM path (its
+            first frame, cropped to the ultrasound region and resized exactly like ingestion,
+            which drops burned-in text); or an image file Pillow reads (PNG, ...), taken as a
+            model-ready frame: it must be exactly size x size.
+        size: the model's frame side.
+
+    Raises:
+        EchoPulseError: unreadable file or a frame of another size.
+    """
+    if not isinstance(source, (str, os.PathLike)):
+        frame = np.asarray(source)
+        if frame.dtype != np.uint8:
+            frame = np.clip(np.round(frame.astype(np.float64) * 255), 0, 255).astype(np.uint8)
+        if frame.shape != (size, size):
+            raise EchoPulseError(f"the first frame is {frame.shape}; this model makes "
+                                 f"({size}, {size}) frames")
+        return frame
+    path = Path(source)
+    if not path.is_file():
+        raise EchoPulseError(f"{path}: first-frame file not found")
+    with open(path, "rb") as f:
+        head = f.read(132)
+    if len(head) == 132 and head[128:132] == b"DICM":
+        from echopulse.io.dicom_echo import EchoReadError, read_echo_dicom
+        from echopulse.transforms.video import crop_region, estimate_region, resize_frames
+
+        try:
+            frames, meta = read_echo_dicom(path)
+        except EchoReadError as exc:
+            raise EchoPulseError(str(exc)) from None
+        region = meta["region"] or estimate_region(frames)
+        return resize_frames(crop_region(frames, region)[:1], size)[0]
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            frame = np.asarray(image.convert("L"))
+    except (UnidentifiedImageError, OSError) as exc:
+        raise EchoPulseError(f"{path}: not a readable image or echo DICOM ({exc})") from None
+    if frame.shape != (size, size):
+        raise EchoPulseError(f"{path}: first frame is {frame.shape[1]}x{frame.shape[0]} pixels; this "
+                             f"model makes {size}x{size} frames (give a {size}x{size} image, or the "
+                             f"echo DICOM, which is cropped and resized like ingestion)")
+    return frame
+
+
+def display_upscale(size: int, suffix: str) -> int:
+    """Nearest-neighbour upscaling for viewing: GIF/MP4 to about 256 px; DICOM stays native."""
+    return 1 if suffix.lower() == ".dcm" else max(1, 256 // size)
+
+
+def render_video(frames: np.ndarray, fps: float, out: str, ecg: np.ndarray | None = None,
+                 lead_mask: np.ndarray | None = None, panel: bool = False) -> Path:
+    """Write generated frames to ``out``: .mp4/.gif upscaled for viewing, .dcm at native size.
+
+    Args:
+        frames: uint8 (T, H, W) from :meth:`EchoGenerator.generate`.
+        fps: their frame rate.
+        out: output path (.mp4, .gif or .dcm).
+        ecg: the prepared (12, L) ECG, for ``panel``.
+        lead_mask: which of its leads are real (default: the non-zero ones).
+        panel: draw the ECG under the video with a cursor at each frame's time.
+    """
     from echopulse.video_out import check_video_path, write_video
 
+    suffix = check_video_path(out).suffix
+    upscale = display_upscale(frames.shape[-1], suffix)
+    if upscale > 1:
+        frames = frames.repeat(upscale, axis=1).repeat(upscale, axis=2)
+    if panel:
+        from echopulse.panel import add_ecg_panel, panel_lead
+
+        if ecg is None:
+            raise ValueError("the ECG panel needs the ECG")
+        trace, lead = panel_lead(ecg, lead_mask)
+        frames = add_ecg_panel(frames, trace, fps, label=lead)
+    return write_video(frames, fps, out)
+
+
+def generate_to_file(checkpoint: str | EchoGenerator, ecg_path: str, out: str, seed: int = 0,
+                     steps: int | None = None, guidance: float | None = None,
+                     first_frame: str | None = None, seconds: float | None = None,
+                     fps: float | None = None, panel: bool = False) -> dict[str, Any]:
+    """``echopulse generate``: an ECG file in, a .gif/.mp4/.dcm out. Returns a small report.
+
+    Every input is checked before the model runs; the output appears whole or not at all.
+    """
+    from echopulse.video_out import check_video_path
+
     check_video_path(out)
-    model = EchoGenerator.from_checkpoint(checkpoint)
     prepared = load_ecg_file(ecg_path)
-    frames = model.generate(prepared.ecg, seed=seed, steps=steps, guidance=guidance)
-    upscale = max(1, 256 // frames.shape[-1])
-    path = write_video(frames, model.clip.fps, out, upscale=upscale)
-    return {"out": str(path), "frames": int(frames.shape[0]), "fps": model.clip.fps,
-            "size": list(frames.shape[1:]), "upscale": upscale}
+    model = checkpoint if isinstance(checkpoint, EchoGenerator) else EchoGenerator.from_checkpoint(checkpoint)
+    first = None if first_frame is None else load_first_frame(first_frame, model.size)
+    out_fps = float(fps) if fps is not None else model.clip.fps
+    frames = model.generate(prepared, first_frame=first, seconds=seconds, fps=out_fps, seed=seed,
+                            steps=steps, guidance=guidance)
+    path = render_video(frames, out_fps, out, prepared.ecg, prepared.lead_mask, panel)
+    return {"out": str(path), "frames": int(frames.shape[0]), "fps": out_fps,
+            "seconds": round(frames.shape[0] / out_fps, 6), "size": list(frames.shape[1:]),
+            "upscale": display_upscale(frames.shape[-1], Path(out).suffix), "panel": panel,
+            "first_frame": first_frame is not None, "seed": seed,
+            "guidance": model.sampling.guidance if guidance is None else guidance,
+            "steps": steps or model.sampling.steps}
+
+
+# ---- batch generation: one manifest row -> one video + one index row ------------------------
+
+INDEX_COLUMNS = ("video_id", "ecg", "first_frame", "seconds", "fps", "seed", "video", "frames",
+                 "status", "error")
+
+
+def video_id(row: dict[str, Any]) -> str:
+    """The row's ``id`` when given, else a deterministic id of (ecg, first frame, seconds, seed)."""
+    if row.get("id"):
+        return str(row["id"])
+    key = "|".join(str(row.get(k) or "") for k in ("ecg", "first_frame", "seconds", "fps", "seed"))
+    return uuid.uuid5(uuid.NAMESPACE_URL, "echopulse-generate:" + key).hex[:16]
+
+
+def _optional(value: Any, cast: Callable[[Any], Any]) -> Any:
+    if value is None or (isinstance(value, float) and math.isnan(value)) or value == "":
+        return None
+    return cast(value)
+
+
+def make_generate_fn(model: EchoGenerator, out_dir: str, base_dir: str = ".", suffix: str = ".mp4",
+                     panel: bool = False, defaults: dict[str, Any] | None = None
+                     ) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    """The batch stage as a plain function: a manifest row -> an index row (never raises for a bad row).
+
+    Args:
+        model: the loaded generator.
+        out_dir: local directory the videos are written to (``<video_id><suffix>``).
+        base_dir: what relative ``ecg``/``first_frame`` paths are relative to.
+        suffix: ".mp4", ".gif" or ".dcm".
+        panel: draw the ECG panel.
+        defaults: ``seconds``, ``fps``, ``seed``, ``steps``, ``guidance`` for rows that leave them out.
+
+    Returns:
+        ``fn(row)`` with row keys ``ecg`` (required), optional ``id``, ``first_frame``, ``seconds``,
+        ``fps``, ``seed``; it returns a dict with :data:`INDEX_COLUMNS` (status "ok" or "error").
+    """
+    from echopulse.video_out import check_video_path
+
+    check_video_path("x" + suffix)
+    defaults = dict(defaults or {})
+
+    def resolve(value: Any) -> str | None:
+        if not value:
+            return None
+        return str(value) if os.path.isabs(str(value)) else os.path.join(base_dir, str(value))
+
+    def run(row: dict[str, Any]) -> dict[str, Any]:
+        vid = video_id(row)
+        seconds = _optional(row.get("seconds"), float) or defaults.get("seconds")
+        fps = _optional(row.get("fps"), float) or defaults.get("fps")
+        seed = _optional(row.get("seed"), int)
+        seed = defaults.get("seed", 0) if seed is None else seed
+        result = {"video_id": vid, "ecg": str(row.get("ecg") or ""),
+                  "first_frame": str(row.get("first_frame") or ""), "seconds": seconds,
+                  "fps": fps, "seed": int(seed), "video": None, "frames": 0, "status": "ok",
+                  "error": None}
+        try:
+            if not row.get("ecg"):
+                raise EchoPulseError("manifest row has no 'ecg' path")
+            target = os.path.join(out_dir, vid + suffix)
+            info = generate_to_file(model, resolve(row["ecg"]), target, seed=int(seed),
+                                    steps=defaults.get("steps"), guidance=defaults.get("guidance"),
+                                    first_frame=resolve(row.get("first_frame")), seconds=seconds,
+                                    fps=fps, panel=panel)
+            result.update(video=info["out"], frames=info["frames"], seconds=info["seconds"],
+                          fps=info["fps"])
+        except (EchoPulseError, ValueError) as exc:
+            result.update(status="error", error=str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            log.warning("row %s: %s", vid, result["error"])
+        return result
+
+    return run

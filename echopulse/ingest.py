@@ -1,9 +1,17 @@
-"""The ingest stage as a plain function: one manifest row (echo + ECG paths) -> ``clips/v1`` rows.
+"""The ingest stage as a plain function: one manifest row (echo + ECG) -> ``clips/v1`` rows.
 
 Ray (``pipelines/ingest``) only maps :func:`make_ingest_fn` over manifest rows and routes
 :class:`IngestError` to the quarantine table. Nothing here logs or returns patient names, IDs,
-birth dates or raw UIDs: the study UID is only hashed (:func:`echopulse.schema.study_key`) and the
-frames are cropped to the ultrasound region, which drops burned-in header text.
+birth dates, accession numbers, institutions or raw UIDs: the study UID is only hashed
+(:func:`echopulse.schema.study_key`), acquisition times are used only as a difference, and the
+frames are cropped to the ultrasound region and masked outside the sector, which drops burned-in
+header text.
+
+Manifest columns: ``echo`` (required: a DICOM cine or a video), ``ecg`` (optional: empty means the
+ECG embedded in the echo DICOM when there is one, else an ECG-less clip), ``ecg_offset_s`` (echo frame
+0 on the ECG's clock; default from the acquisition times when both files carry them, else 0),
+``view``, ``ef``, ``split``, ``study`` (groups files into one study key), ``fps`` (for videos), and
+for CSV/NPY ECGs ``ecg_fs``, ``ecg_leads`` (comma-separated names) and ``ecg_units``.
 """
 
 from __future__ import annotations
@@ -12,19 +20,26 @@ import json
 import logging
 import math
 import os
+import posixpath
 from collections.abc import Callable
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
-from echopulse import schema
+import numpy as np
+
+from echopulse import schema, storage
 from echopulse.config import ECG_FS, ClipConfig
-from echopulse.io.dicom_echo import EchoReadError, read_echo_dicom
+from echopulse.io.dicom_echo import MAX_DECODED_BYTES, EchoReadError, read_echo_dicom
 from echopulse.io.ecg import ECGReadError, read_ecg
-from echopulse.transforms.clips import cut_clip, window_spans
-from echopulse.transforms.ecg import ECGError, prepare_ecg
-from echopulse.transforms.video import crop_region, estimate_region
+from echopulse.io.video import is_video, read_echo_video
+from echopulse.transforms.clips import CLIP_MODES, cut_clip, cycle_spans, window_spans
+from echopulse.transforms.ecg import ECGError, PreparedECG, prepare_ecg
+from echopulse.transforms.video import crop_region, estimate_region, mask_outside_sector
 
 log = logging.getLogger(__name__)
+
+MIN_ECG_COVERAGE = 0.9  # an ECG covering less of the cine than this is a truncated or wrong pair
+NO_ECG = "none"  # ecg_source of ECG-less clips (plain videos for tokenizer training)
 
 
 class IngestError(Exception):
@@ -41,6 +56,30 @@ class IngestError(Exception):
         self.detail = detail
 
 
+@dataclass(frozen=True)
+class IngestOptions:
+    """How rows become clips, beyond the clip geometry.
+
+    Attributes:
+        clip_mode: "window" (fixed windows of ``clip.seconds``) or "cycle" (one R-R interval
+            resampled to ``clip.frames`` frames).
+        allow_roots: folders outside the manifest's folder that ``../`` paths may land in.
+        ecg_fs: sampling rate of CSV/NPY ECGs whose row has no ``ecg_fs``.
+        max_decoded_bytes: the most memory one echo's decoded frames may take.
+        mask_sector: zero everything outside the moving sector after the crop.
+    """
+
+    clip_mode: str = "window"
+    allow_roots: tuple[str, ...] = ()
+    ecg_fs: float | None = None
+    max_decoded_bytes: int = MAX_DECODED_BYTES
+    mask_sector: bool = True
+
+    def __post_init__(self) -> None:
+        if self.clip_mode not in CLIP_MODES:
+            raise ValueError(f"clip mode must be one of {CLIP_MODES}, got {self.clip_mode!r}")
+
+
 def _version() -> str:
     from importlib import metadata
 
@@ -52,8 +91,43 @@ def _version() -> str:
         return str(getattr(echopulse, "__version__", "0+unknown"))
 
 
-def _resolve(base_dir: str, value: str) -> Path:
-    return Path(value) if os.path.isabs(value) else Path(base_dir) / value
+def _normpath(path: str) -> str:
+    if storage.is_remote(path):
+        scheme, rest = path.split("://", 1)
+        return f"{scheme}://{posixpath.normpath(rest)}"
+    return os.path.normpath(path)
+
+
+def _inside(path: str, root: str) -> bool:
+    root = _normpath(root).rstrip("/\\")
+    return path == root or path.startswith(root + ("/" if storage.is_remote(root) else os.sep))
+
+
+def resolve_input(base_dir: str, value: str, allow_roots: tuple[str, ...] = ()) -> str:
+    """Resolve a manifest path against the manifest's folder.
+
+    Absolute paths and URIs are taken as they are. A relative path that climbs out of the folder
+    (``../``) is refused unless it lands inside one of ``allow_roots``.
+
+    Raises:
+        IngestError: (stage "manifest") for an escaping relative path.
+    """
+    if storage.is_remote(value) or os.path.isabs(value):
+        return value
+    if storage.is_remote(base_dir):
+        joined = _normpath(posixpath.join(base_dir, value))
+    else:
+        joined = _normpath(os.path.join(os.path.abspath(base_dir), value))
+    if _inside(joined, base_dir):
+        return joined
+    roots = [r if storage.is_remote(r) else os.path.abspath(r) for r in allow_roots]
+    if any(_inside(joined, r) for r in roots):
+        return joined
+    raise IngestError(
+        "manifest",
+        f"{value}: the relative path climbs out of the manifest's folder (it lands in "
+        f"{os.path.dirname(joined)}); refused unless --allow-root names that folder",
+    )
 
 
 def _optional_float(value: Any) -> float | None:
@@ -66,68 +140,79 @@ def _optional_float(value: Any) -> float | None:
     return None if math.isnan(out) else out
 
 
-def make_ingest_fn(clip: ClipConfig, base_dir: str, salt: str | None = None) -> Callable[[dict], list[dict]]:
+def _text(value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    return str(value).strip()
+
+
+def ecg_offset(row: dict, echo_meta: dict, ecg_meta: dict | None) -> tuple[float, str]:
+    """Echo frame 0 on the ECG's clock, and where that came from ("manifest", "acquisition_time",
+    "default")."""
+    given = _optional_float(row.get("ecg_offset_s"))
+    if given is not None:
+        return given, "manifest"
+    if ecg_meta is not None and echo_meta.get("start") and ecg_meta.get("start"):
+        return (echo_meta["start"] - ecg_meta["start"]).total_seconds(), "acquisition_time"
+    return 0.0, "default"
+
+
+def make_ingest_fn(clip: ClipConfig, base_dir: str, salt: str | None = None,
+                   options: IngestOptions | None = None) -> Callable[[dict], list[dict]]:
     """Build the ingest function for one clip geometry.
 
     Args:
         clip: clip geometry (frames, size, fps, ecg_samples, stride).
-        base_dir: folder that relative ``echo``/``ecg`` paths in the manifest are relative to.
+        base_dir: folder (or URI) that relative paths in the manifest are relative to.
         salt: study-key salt (default: ``ECHOPULSE_STUDY_SALT`` or the built-in default).
+        options: clip mode, allowed roots, ECG rate default, memory limit.
 
     Returns:
-        ``fn(row) -> list[dict]`` mapping a manifest row (``echo``, ``ecg``; optional ``view``, ``ef``,
-        ``split``, ``heart_rate_bpm``) to clip rows with exactly ``schema.CLIP_COLUMNS``; it raises
-        :class:`IngestError` on any failure.
+        ``fn(row) -> list[dict]`` mapping a manifest row (see the module docstring) to clip rows
+        with exactly ``schema.CLIP_COLUMNS``; it raises :class:`IngestError` on any failure.
     """
+    options = options or IngestOptions()
     version = _version()
 
     def ingest(row: dict) -> list[dict]:
-        echo_uri, ecg_uri = row.get("echo"), row.get("ecg")
-        if not echo_uri or not ecg_uri:
-            raise IngestError("manifest", f"row needs both 'echo' and 'ecg' paths (got echo={echo_uri!r})")
-        echo_uri, ecg_uri = str(echo_uri), str(ecg_uri)
+        echo_uri, ecg_uri = _text(row.get("echo")), _text(row.get("ecg"))
+        if not echo_uri:
+            raise IngestError("manifest", f"row has no 'echo' path (ecg={ecg_uri!r})")
+        echo_path = resolve_input(base_dir, echo_uri, options.allow_roots)
+        ecg_path = resolve_input(base_dir, ecg_uri, options.allow_roots) if ecg_uri else ""
 
-        try:
-            frames, echo_meta = read_echo_dicom(_resolve(base_dir, echo_uri))
-        except EchoReadError as exc:
-            raise IngestError("read_echo", _relabel(str(exc), base_dir, echo_uri)) from None
-        except Exception as exc:  # a reader bug must still quarantine, not kill the dataset
-            raise IngestError("read_echo", f"{echo_uri}: {type(exc).__name__}: {exc}") from None
-        try:
-            ecg_raw, ecg_meta = read_ecg(_resolve(base_dir, ecg_uri))
-        except ECGReadError as exc:
-            raise IngestError("read_ecg", _relabel(str(exc), base_dir, ecg_uri)) from None
-        except Exception as exc:
-            raise IngestError("read_ecg", f"{ecg_uri}: {type(exc).__name__}: {exc}") from None
-        try:
-            prepared = prepare_ecg(ecg_raw, ecg_meta["fs"], ecg_meta["leads"])
-        except ECGError as exc:
-            raise IngestError("ecg", f"{ecg_uri}: {exc}") from None
+        frames, echo_meta = _read_echo(row, echo_uri, echo_path, options)
+        ecg_meta, prepared = _read_prepare_ecg(row, echo_uri, echo_path, echo_meta, ecg_uri, ecg_path, options)
 
-        region = echo_meta["region"]
-        region_source = "dicom"
+        region, region_source = echo_meta["region"], "dicom"
         if region is None:
             region, region_source = estimate_region(frames), "estimated"
         frames = crop_region(frames, region)
+        if options.mask_sector:
+            frames = mask_outside_sector(frames)
         fps = float(echo_meta["fps"])
         video_s = frames.shape[0] / fps
-        spans = window_spans(video_s, prepared.duration_s, clip)
-        if not spans:
-            raise IngestError(
-                "pair",
-                f"{echo_uri}: no clip fits: cine {video_s:.2f} s, ECG {prepared.duration_s:.2f} s; a clip "
-                f"needs {clip.seconds:.2f} s of cine and {clip.ecg_samples / ECG_FS:.2f} s of ECG",
-            )
+        offset, offset_source = ecg_offset(row, echo_meta, ecg_meta)
+        if prepared is not None:
+            _check_coverage(echo_uri, video_s, prepared.duration_s, offset, offset_source)
+        spans = _spans(echo_uri, video_s, prepared, offset, clip, options.clip_mode)
 
-        uid = echo_meta["study_uid"] or echo_meta["sop_uid"] or echo_uri
-        key = schema.study_key(uid, salt)
-        split = str(row["split"]) if row.get("split") in schema.SPLITS else schema.split_for(key)
+        study = _text(row.get("study")) or echo_meta["study_uid"] or echo_meta["sop_uid"] or echo_uri
+        key = schema.study_key(study, salt)
+        split = _text(row.get("split")).lower()
+        split = split if split in schema.SPLITS else schema.split_for(key)
+        source = ecg_meta["source"] if ecg_meta else NO_ECG
         provenance = json.dumps(
             {
                 "ecg": ecg_uri,
-                "reader": {"echo": "pydicom", "ecg": ecg_meta["source"], "region": region_source},
+                "reader": {"echo": "video" if is_video(echo_uri) else "pydicom", "ecg": source,
+                           "region": region_source},
+                "transfer_syntax": echo_meta.get("transfer_syntax", ""),
                 "source_fps": fps,
-                "ecg_fs": float(ecg_meta["fs"]),
+                "ecg_fs": float(ecg_meta["fs"]) if ecg_meta else None,
+                "ecg_offset_s": round(offset, 6),
+                "ecg_offset_source": offset_source,
+                "clip_mode": options.clip_mode,
                 "echopulse": version,
             },
             sort_keys=True,
@@ -135,21 +220,27 @@ def make_ingest_fn(clip: ClipConfig, base_dir: str, salt: str | None = None) -> 
         out = []
         for span in spans:
             try:
-                video, ecg, peaks = cut_clip(frames, fps, prepared, span, clip)
+                video, ecg, peaks = cut_clip(frames, fps, prepared, span, clip, ecg_offset_s=offset)
             except ValueError as exc:
                 raise IngestError("clip", f"{echo_uri} at {span.t_start_s:.2f} s: {exc}") from None
+            if prepared is None:
+                heart_rate = None
+            elif options.clip_mode == "cycle":
+                heart_rate = 60.0 / span.seconds
+            else:
+                heart_rate = float(prepared.heart_rate_bpm)
             out.append(
                 {
                     "clip_id": schema.clip_id(echo_uri, span.t_start_s, span.t_end_s),
                     "study_key": key,
                     "split": split,
-                    "view": str(row.get("view") or "unknown"),
+                    "view": _text(row.get("view")) or "unknown",
                     "frames": video,
-                    "fps": float(clip.fps),
+                    "fps": float(clip.frames / span.seconds),
                     "ecg": ecg,
-                    "ecg_leads": [bool(m) for m in prepared.lead_mask],
-                    "ecg_source": ecg_meta["source"],
-                    "heart_rate_bpm": float(prepared.heart_rate_bpm),
+                    "ecg_leads": [bool(m) for m in prepared.lead_mask] if prepared else [False] * 12,
+                    "ecg_source": source,
+                    "heart_rate_bpm": heart_rate,
                     "r_peaks": [int(p) for p in peaks],
                     "t_start_s": float(span.t_start_s),
                     "t_end_s": float(span.t_end_s),
@@ -164,6 +255,82 @@ def make_ingest_fn(clip: ClipConfig, base_dir: str, salt: str | None = None) -> 
     return ingest
 
 
-def _relabel(message: str, base_dir: str, uri: str) -> str:
+def _read_echo(row: dict, echo_uri: str, echo_path: str, options: IngestOptions):
+    try:
+        if is_video(echo_path):
+            return read_echo_video(echo_path, fps=_optional_float(row.get("fps")),
+                                   max_decoded_bytes=options.max_decoded_bytes)
+        return read_echo_dicom(echo_path, max_decoded_bytes=options.max_decoded_bytes)
+    except EchoReadError as exc:
+        raise IngestError("read_echo", _relabel(str(exc), echo_path, echo_uri)) from None
+    except Exception as exc:  # a reader bug must still quarantine, not kill the dataset
+        raise IngestError("read_echo", f"{echo_uri}: {type(exc).__name__}: {exc}") from None
+
+
+def _read_prepare_ecg(row, echo_uri, echo_path, echo_meta, ecg_uri, ecg_path, options):
+    """The row's ECG, read and prepared; (None, None) for an ECG-less clip."""
+    if ecg_path:
+        shown = ecg_uri
+        leads = [x.strip() for x in _text(row.get("ecg_leads")).split(",") if x.strip()] or None
+        fs = _optional_float(row.get("ecg_fs")) or options.ecg_fs
+        units = _text(row.get("ecg_units")) or None
+        call = lambda: read_ecg(ecg_path, fs=fs, leads=leads, units=units)  # noqa: E731
+    elif echo_meta.get("has_waveform"):
+        shown, ecg_path = f"{echo_uri} (embedded waveform)", echo_path
+        call = lambda: read_ecg(echo_path)  # noqa: E731
+    else:
+        return None, None
+    try:
+        signal, meta = call()
+    except ECGReadError as exc:
+        raise IngestError("read_ecg", _relabel(str(exc), ecg_path, shown)) from None
+    except Exception as exc:
+        raise IngestError("read_ecg", f"{shown}: {type(exc).__name__}: {exc}") from None
+    try:
+        prepared = prepare_ecg(signal, meta["fs"], meta["leads"])
+    except ECGError as exc:
+        raise IngestError("ecg", f"{shown}: {exc}") from None
+    return meta, prepared
+
+
+def _check_coverage(echo_uri: str, video_s: float, ecg_s: float, offset: float, offset_source: str) -> None:
+    covered = max(0.0, min(video_s, ecg_s - offset) - max(0.0, -offset))
+    if covered < MIN_ECG_COVERAGE * video_s:
+        where = {"manifest": "from the manifest", "acquisition_time": "from the acquisition times",
+                 "default": "assumed"}[offset_source]
+        raise IngestError(
+            "pair",
+            f"{echo_uri}: ECG shorter than the echo: the ECG ({ecg_s:.2f} s, echo frame 0 at "
+            f"{offset:.2f} s on it, {where}) covers {covered:.2f} s of the {video_s:.2f} s cine; "
+            "the pair is truncated or mismatched",
+        )
+
+
+def _spans(echo_uri: str, video_s: float, prepared: PreparedECG | None, offset: float,
+           clip: ClipConfig, mode: str):
+    if mode == "cycle":
+        if prepared is None:
+            raise IngestError("pair", f"{echo_uri}: --clip-mode cycle needs an ECG to find the cardiac "
+                                      "cycles; this input has none (use --clip-mode window)")
+        spans = cycle_spans(prepared.r_peaks, video_s, prepared.duration_s, clip, offset)
+        if not spans:
+            raise IngestError(
+                "pair",
+                f"{echo_uri}: no whole cardiac cycle (R to R, 0.3-2 s) lies inside the {video_s:.2f} s "
+                f"cine with {clip.ecg_samples / ECG_FS:.2f} s of ECG after its first R-peak",
+            )
+        return spans
+    spans = window_spans(video_s, prepared.duration_s if prepared else None, clip, offset)
+    if not spans:
+        ecg_text = f"ECG {prepared.duration_s:.2f} s" if prepared else "no ECG"
+        raise IngestError(
+            "pair",
+            f"{echo_uri}: no clip fits: cine {video_s:.2f} s, {ecg_text}; a clip "
+            f"needs {clip.seconds:.2f} s of cine and {clip.ecg_samples / ECG_FS:.2f} s of ECG",
+        )
+    return spans
+
+
+def _relabel(message: str, resolved: str, uri: str) -> str:
     """Show the manifest's own path in messages instead of the resolved absolute one."""
-    return message.replace(str(_resolve(base_dir, uri)), uri)
+    return message.replace(str(resolved), uri)

@@ -35,6 +35,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None,
     cpus = num_cpus or max(os.cpu_count() or 1, 4)
     log.info("starting a local Ray cluster (%d logical CPUs)", cpus)
     ray.init(
+        address="local",  # never join a stale cluster that /tmp/ray/ray_current_cluster points to
         num_cpus=cpus,
         include_dashboard=False,
         log_to_driver=worker_logs,

@@ -1,14 +1,18 @@
 """Local paths and remote URIs (``s3://…``) through one fsspec-based surface.
 
-The S3 endpoint comes from ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL`` (the usual AWS variables),
-so a loopback S3-protocol server works the same as AWS.
+The S3 endpoint comes from ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL`` (the usual AWS variables;
+the CLI's ``--s3-endpoint`` sets the first), so a loopback S3-protocol server works the same as AWS.
+Credentials come from the usual ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` (or a profile).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import posixpath
 import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import fsspec
@@ -102,3 +106,53 @@ def local_copy(uri: str, cache_dir: str) -> str:
     dest.mkdir(parents=True, exist_ok=True)
     fs.get(path.rstrip("/") + "/", str(dest), recursive=True)
     return str(dest)
+
+
+AWS_ENV_VARS = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE")
+
+
+def aws_env() -> dict[str, str]:
+    """The AWS variables set in this process (for Ray workers on a cluster that lacks them)."""
+    return {k: os.environ[k] for k in AWS_ENV_VARS if os.environ.get(k)}
+
+
+def parent(uri: str) -> str:
+    """The folder holding ``uri`` (a URI stays a URI; a local path becomes absolute)."""
+    if is_remote(uri):
+        return str(uri).rstrip("/").rsplit("/", 1)[0]
+    return str(Path(uri).resolve().parent)
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = filesystem(uri)
+    with fs.open(path, "rb") as f:
+        return f.read()
+
+
+@contextlib.contextmanager
+def local_path(uri: str | Path, companions: Sequence[str] = ()) -> Iterator[Path]:
+    """A local path for ``uri``: itself when local, else a download into a temporary folder.
+
+    Readers that need real files (pydicom's deferred reads, WFDB's header + signal files, ffmpeg)
+    use this, so every reader takes ``s3://`` as well as a path. The download is removed on exit.
+
+    Args:
+        uri: a local path or a remote URI.
+        companions: names of sibling files to fetch too (a WFDB record's ``.dat`` files); missing
+            companions are skipped (the reader reports them).
+    """
+    if not is_remote(str(uri)):
+        yield Path(uri)
+        return
+    fs, path = filesystem(str(uri))
+    with tempfile.TemporaryDirectory(prefix="echopulse-") as tmp:
+        name = posixpath.basename(path)
+        target = Path(tmp) / name
+        if fs.exists(path):
+            fs.get(path, str(target))
+        for companion in companions:
+            sibling = posixpath.join(posixpath.dirname(path), companion)
+            if posixpath.basename(companion) == companion and fs.exists(sibling):
+                fs.get(sibling, str(Path(tmp) / companion))
+        yield target

@@ -1,4 +1,5 @@
 import csv
+import os
 import json
 import logging
 
@@ -70,7 +71,8 @@ def test_missing_optional_columns(corpus):
 
 def test_dicom_ecg_source(corpus):
     root, rows = corpus
-    row = {"echo": rows[0]["echo"], "ecg": get_testdata_file("waveform_ecg.dcm")}
+    # the phantom and pydicom's ECG were recorded years apart: align them explicitly
+    row = {"echo": rows[0]["echo"], "ecg": get_testdata_file("waveform_ecg.dcm"), "ecg_offset_s": "0"}
     clips = make_ingest_fn(CLIP, str(root))(row)
     assert clips and all(c["ecg_source"] == "dicom" and c["ecg"].shape == (12, 300) for c in clips)
 
@@ -85,7 +87,7 @@ def test_failures_name_their_stage(corpus, tmp_path):
         ({"echo": get_testdata_file("CT_small.dcm"), "ecg": rows[0]["ecg"]}, "read_echo",
          "not an ultrasound"),
         ({"echo": rows[0]["echo"], "ecg": "ecg/missing.hea"}, "read_ecg", "not found"),
-        ({"echo": rows[0]["echo"]}, "manifest", "ecg"),
+        ({"ecg": rows[0]["ecg"]}, "manifest", "no 'echo'"),
     ]
     for row, stage, words in cases:
         with pytest.raises(IngestError) as info:
@@ -96,3 +98,158 @@ def test_failures_name_their_stage(corpus, tmp_path):
     with pytest.raises(IngestError) as info:
         make_ingest_fn(too_long, str(root))(dict(rows[0]))
     assert info.value.stage == "pair" and "no clip fits" in info.value.detail
+
+
+# --- clip modes, pairing, ECG sources, EchoNet ---------------------------------------------------
+
+import wfdb  # noqa: E402
+
+from echopulse.errors import ConfigError  # noqa: E402
+from echopulse.ingest import IngestOptions  # noqa: E402
+from echopulse.io.ecg import read_ecg  # noqa: E402
+from echopulse.synth.dicom_variants import add_waveform  # noqa: E402
+from pipelines.ingest import clip_for_mode, read_manifest  # noqa: E402
+
+
+def test_cycle_mode_one_clip_per_rr_interval(corpus):
+    root, rows = corpus
+    truth = json.loads((root / "truth.json").read_text())["studies"][0]
+    fn = make_ingest_fn(CLIP, str(root), options=IngestOptions(clip_mode="cycle"))
+    clips = fn(dict(rows[0]))
+    r = truth["r_peaks_s"]
+    # every whole R-R interval inside the 2.5 s cine whose 1.2 s of ECG fits
+    expected = [(a, b) for a, b in zip(r, r[1:]) if b <= 2.5 and a + 1.2 <= 2.5]
+    assert len(clips) == len(expected) >= 1
+    for c, (a, b) in zip(clips, expected):
+        assert c["t_start_s"] == pytest.approx(a, abs=0.02) and c["t_end_s"] == pytest.approx(b, abs=0.02)
+        assert c["fps"] == pytest.approx(5 / (c["t_end_s"] - c["t_start_s"]))
+        assert c["heart_rate_bpm"] == pytest.approx(60 / (c["t_end_s"] - c["t_start_s"]))
+        assert c["r_peaks"][0] <= 2  # the clip starts on its R-peak
+        assert json.loads(c["provenance"])["clip_mode"] == "cycle"
+
+
+def test_window_overrides():
+    assert clip_for_mode(CLIP, "window", seconds=2.2, fps=5) == ClipConfig(
+        frames=11, size=32, fps=5.0, ecg_samples=300)
+    assert clip_for_mode(CLIP, "cycle") == CLIP
+    with pytest.raises(ConfigError, match="1 \\+ 2k"):
+        clip_for_mode(CLIP, "window", seconds=2.0, fps=5)
+    with pytest.raises(ConfigError, match="window"):
+        clip_for_mode(CLIP, "cycle", seconds=2.0)
+
+
+def test_paths_escaping_the_manifest_folder(corpus, tmp_path):
+    root, rows = corpus
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (outside / "echo.dcm").write_bytes((root / rows[0]["echo"]).read_bytes())
+    rel = os.path.relpath(outside / "echo.dcm", root)
+    assert rel.startswith("..")
+    row = {"echo": rel, "ecg": rows[0]["ecg"]}
+    with pytest.raises(IngestError) as info:
+        make_ingest_fn(CLIP, str(root))(row)
+    assert info.value.stage == "manifest" and "climbs out of the manifest's folder" in info.value.detail
+    allowed = make_ingest_fn(CLIP, str(root), options=IngestOptions(allow_roots=(str(outside),)))
+    assert allowed(row)
+    sneaky = {"echo": "echo/../../" + rel.split("/", 1)[1], "ecg": rows[0]["ecg"]}
+    with pytest.raises(IngestError, match="climbs out"):
+        make_ingest_fn(CLIP, str(root))(sneaky)
+
+
+def test_offset_from_acquisition_times(corpus, tmp_path):
+    root, rows = corpus
+    sig, meta = read_ecg(root / rows[0]["ecg"])
+    # the ECG started 0.5 s before the echo: write it with a base time, and the echo with its own
+    wfdb.wrsamp("early", fs=int(meta["fs"]), units=["mV"] * 12, sig_name=meta["leads"],
+                p_signal=np.concatenate([np.zeros((250, 12)), sig.T.astype(float)]), fmt=["16"] * 12,
+                base_time=__import__("datetime").time(10, 29, 59, 500000),
+                base_date=__import__("datetime").date(2024, 1, 2), write_dir=str(tmp_path))
+    echo = tmp_path / "echo.dcm"
+    ds = pydicom.dcmread(root / rows[0]["echo"])
+    ds.AcquisitionDateTime = "20240102103000"
+    ds.save_as(echo)
+    clips = make_ingest_fn(CLIP, str(root))({"echo": str(echo), "ecg": str(tmp_path / "early.hea")})
+    prov = json.loads(clips[0]["provenance"])
+    assert prov["ecg_offset_source"] == "acquisition_time" and prov["ecg_offset_s"] == pytest.approx(0.5)
+    # the same clips as the original pair: the ECG window starts at the same beat
+    original = make_ingest_fn(CLIP, str(root))(dict(rows[0]))
+    assert [c["r_peaks"] for c in clips] == [c["r_peaks"] for c in original]
+    explicit = make_ingest_fn(CLIP, str(root))({"echo": str(echo), "ecg": str(tmp_path / "early.hea"),
+                                                "ecg_offset_s": "0.5"})
+    assert json.loads(explicit[0]["provenance"])["ecg_offset_source"] == "manifest"
+
+
+def test_embedded_waveform_apple_watch_and_no_ecg(corpus, tmp_path):
+    root, rows = corpus
+    sig, meta = read_ecg(root / rows[0]["ecg"])
+    ds = pydicom.dcmread(root / rows[0]["echo"])
+    add_waveform(ds, sig[1:2], meta["fs"], ["ECG"])
+    ds.save_as(tmp_path / "with_ecg.dcm")
+    clips = make_ingest_fn(CLIP, str(root))({"echo": str(tmp_path / "with_ecg.dcm"), "ecg": ""})
+    assert clips and all(c["ecg_source"] == "dicom_embedded" for c in clips)
+    assert clips[0]["ecg_leads"] == [name == "II" for name in ("I", "II", "III", "aVR", "aVL", "aVF",
+                                                               "V1", "V2", "V3", "V4", "V5", "V6")]
+
+    from scipy.signal import resample_poly
+
+    lead1 = resample_poly(sig[0].astype(float), 512, int(meta["fs"])) * 1000  # uV at 512 Hz
+    lines = ["Name,Alex Phantom", 'Date of Birth,"Jan 1, 1970"', "Recorded Date,2024-01-02 10:30:00 +0100",
+             "Sample Rate,512 hertz", "Lead,Lead I", "Unit,µV", "", ""] + [f"{v:.3f}" for v in lead1]
+    watch = tmp_path / "watch.csv"
+    watch.write_text("\n".join(lines))
+    clips = make_ingest_fn(CLIP, str(root))({"echo": rows[0]["echo"], "ecg": str(watch), "ecg_offset_s": 0})
+    assert clips and clips[0]["ecg_source"] == "apple_health" and sum(clips[0]["ecg_leads"]) == 1
+    assert "Alex" not in json.dumps([c["provenance"] for c in clips])
+
+    bare = pydicom.dcmread(root / rows[0]["echo"])
+    bare.save_as(tmp_path / "bare.dcm")
+    clips = make_ingest_fn(CLIP, str(root))({"echo": str(tmp_path / "bare.dcm")})
+    assert clips and all(c["ecg_source"] == "none" and not any(c["ecg_leads"]) and not c["ecg"].any()
+                         and c["heart_rate_bpm"] is None and c["r_peaks"] == [] for c in clips)
+    with pytest.raises(IngestError, match="needs an ECG"):
+        make_ingest_fn(CLIP, str(root), options=IngestOptions(clip_mode="cycle"))(
+            {"echo": str(tmp_path / "bare.dcm")})
+
+
+def test_ecg_problems_are_reported(corpus, tmp_path):
+    root, rows = corpus
+    sig, meta = read_ecg(root / rows[0]["ecg"])
+    fs = int(meta["fs"])
+    cases = {
+        "short.npy": (sig[:, : int(2.1 * fs)], "pair", "ECG shorter than the echo"),
+        "flat.npy": (np.full_like(sig, 0.2), "ecg", "flat"),
+        "nan.npy": (np.where(np.arange(sig.shape[1]) % 97 == 0, np.nan, sig), "ecg", "NaN"),
+    }
+    for name, (data, stage, words) in cases.items():
+        np.save(tmp_path / name, data)
+        row = {"echo": rows[0]["echo"], "ecg": str(tmp_path / name), "ecg_fs": fs}
+        with pytest.raises(IngestError) as info:
+            make_ingest_fn(CLIP, str(root))(row)
+        assert info.value.stage == stage and words in info.value.detail, info.value.detail
+
+
+def test_echonet_layout(tmp_path):
+    import imageio.v2 as iio
+
+    videos = tmp_path / "EchoNet-Dynamic" / "Videos"
+    videos.mkdir(parents=True)
+    y, x = np.mgrid[0:112, 0:112]
+    sector = (y > 5) & (np.abs(x - 56) < y * 0.8)
+    for name in ("0X1A", "0X2B"):
+        with iio.get_writer(str(videos / f"{name}.avi"), format="FFMPEG", fps=50, codec="mjpeg",
+                            quality=10, pixelformat="yuvj444p", macro_block_size=1) as w:
+            for i in range(60):
+                frame = (sector * (120 + 90 * np.sin((x + 3 * i) / 5.0) * np.cos(y / 7.0))).astype(np.uint8)
+                w.append_data(np.repeat(frame[..., None], 3, axis=-1))
+    filelist = tmp_path / "EchoNet-Dynamic" / "FileList.csv"
+    filelist.write_text("FileName,EF,ESV,EDV,FrameHeight,FrameWidth,FPS,NumberOfFrames,Split\n"
+                        "0X1A,61.5,20.1,52.2,112,112,50,60,TRAIN\n0X2B,35.0,60.0,92.3,112,112,25,60,VAL\n")
+    rows = read_manifest(str(filelist))
+    assert rows[0]["echo"] == "Videos/0X1A.avi" and rows[0]["ecg"] == "" and rows[1]["split"] == "val"
+    fn = make_ingest_fn(CLIP, str(filelist.parent))
+    first, second = fn(rows[0]), fn(rows[1])
+    assert len(first) == 1 and len(second) == 2  # 1.2 s at 50 fps; 2.4 s at the listed 25 fps
+    c = first[0]
+    assert c["ecg_source"] == "none" and c["ef"] == pytest.approx(0.615) and c["view"] == "A4C"
+    assert c["split"] == "train" and second[0]["split"] == "val"
+    assert c["frames"].shape == (5, 32, 32) and c["frames"].max() > 50

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -17,59 +18,85 @@ US_SOP_CLASSES = {
     "1.2.840.10008.5.1.4.1.1.6.1": "Ultrasound Image Storage",
     "1.2.840.10008.5.1.4.1.1.6": "Ultrasound Image Storage (Retired)",
 }
-_COLOR = {"RGB", "YBR_FULL", "YBR_FULL_422"}
+_YBR = {"YBR_FULL", "YBR_FULL_422", "YBR_PARTIAL_422", "YBR_PARTIAL_420", "YBR_ICT", "YBR_RCT"}
+MAX_DECODED_BYTES = 2 * 1024**3  # a cine larger than this decoded is refused, not allocated
 
 
 class EchoReadError(ValueError):
     """An echo DICOM that cannot be used; the message says why in plain words."""
 
 
-def read_echo_dicom(path: str | Path) -> tuple[np.ndarray, dict[str, Any]]:
+def read_echo_dicom(
+    path: str | Path, max_decoded_bytes: int = MAX_DECODED_BYTES
+) -> tuple[np.ndarray, dict[str, Any]]:
     """Read a multi-frame ultrasound cine.
 
-    The pixel data length is checked against the header before decoding, so a header that claims
-    more frames than the file holds fails fast without allocating them.
+    Transfer syntaxes: explicit/implicit VR little endian, deflated, JPEG Baseline, JPEG-LS, JPEG 2000
+    and RLE (pydicom's decoders with the pillow / pylibjpeg / pyjpegls plugins). The pixel data
+    length is checked against the header before decoding, so a header that claims more frames than
+    the file holds fails fast without allocating them, and a header whose decoded size would exceed
+    ``max_decoded_bytes`` is refused before anything is allocated.
 
     Args:
-        path: a DICOM file.
+        path: a DICOM file (local path or remote URI).
+        max_decoded_bytes: the most memory the decoded frames may take.
 
     Returns:
         ``frames`` uint8 (T, H, W) grayscale, and metadata with ``fps``, ``region`` ((x0, y0, x1, y1)
         inclusive from the first 2-D item of SequenceOfUltrasoundRegions, else the first item, else
-        None), ``study_uid``, ``sop_uid``, ``n_frames``, ``photometric`` and ``transfer_syntax``.
+        None), ``study_uid``, ``sop_uid``, ``n_frames``, ``photometric``, ``transfer_syntax``,
+        ``has_waveform`` (an ECG Waveform Sequence is embedded) and ``start`` (acquisition time as a
+        naive local ``datetime``, or None). The UIDs and ``start`` are for hashing and alignment
+        only; they must never be written out.
 
     Raises:
-        EchoReadError: missing file, not DICOM, not an ultrasound cine, single frame, truncated or
-            undecodable pixel data, or no frame timing.
+        EchoReadError: missing file, not DICOM, not an ultrasound cine, single frame, truncated,
+            oversized or undecodable pixel data, or no frame timing.
     """
+    from echopulse import storage
+
+    shown = str(path)
+    if not storage.exists(shown):
+        raise EchoReadError(f"{shown}: file not found")
+    with storage.local_path(shown) as local:
+        return _read_local(local, shown, max_decoded_bytes)
+
+
+def _read_local(path: Path, shown: str, max_decoded_bytes: int) -> tuple[np.ndarray, dict[str, Any]]:
     import pydicom
     from pydicom.errors import InvalidDicomError
 
-    path = Path(path)
-    if not path.is_file():
-        raise EchoReadError(f"{path}: file not found")
     try:
         ds = pydicom.dcmread(path)
     except InvalidDicomError:
-        raise EchoReadError(f"{path}: not a DICOM file (no DICM header)") from None
+        raise EchoReadError(f"{shown}: not a DICOM file (no DICM header)") from None
     except Exception as exc:  # truncated / corrupt headers raise many different types
-        raise EchoReadError(f"{path}: unreadable DICOM header ({type(exc).__name__}: {exc})") from None
+        raise EchoReadError(
+            f"{shown}: unreadable DICOM header, truncated or corrupt ({type(exc).__name__}: {str(exc)[:160]})"
+        ) from None
 
-    _check_is_ultrasound(ds, path)
+    _check_is_ultrasound(ds, shown)
     if "PixelData" not in ds:
-        raise EchoReadError(f"{path}: no pixel data")
-    n_frames = int(ds.get("NumberOfFrames", 1) or 1)
+        raise EchoReadError(f"{shown}: no pixel data")
+    try:
+        n_frames = int(ds.get("NumberOfFrames", 1) or 1)
+    except (TypeError, ValueError):
+        raise EchoReadError(f"{shown}: NumberOfFrames is not a number") from None
     if n_frames < 2:
-        raise EchoReadError(f"{path}: single-frame image; a multi-frame cine is needed")
-    fps = _frame_rate(ds, path)
-    _check_pixel_length(ds, n_frames, path)
+        raise EchoReadError(f"{shown}: single-frame image; a multi-frame cine is needed")
+    fps = _frame_rate(ds, shown)
+    _check_pixel_length(ds, n_frames, shown, max_decoded_bytes)
+
+    from pydicom.pixels import pixel_array
 
     try:
-        frames = ds.pixel_array
+        # as_rgb=False keeps YBR data as YBR, whose first channel is the luma we want
+        frames = pixel_array(ds, as_rgb=False)
     except Exception as exc:
         reason = f"{type(exc).__name__}: {exc}"
-        raise EchoReadError(f"{path}: pixel data could not be decoded ({reason})") from None
+        raise EchoReadError(f"{shown}: pixel data could not be decoded ({reason})") from None
     frames = _to_gray_uint8(frames, ds, n_frames)
+    syntax = getattr(ds, "file_meta", {}).get("TransferSyntaxUID", "")
     meta = {
         "fps": fps,
         "region": _region(ds, frames.shape[1:]),
@@ -77,13 +104,36 @@ def read_echo_dicom(path: str | Path) -> tuple[np.ndarray, dict[str, Any]]:
         "sop_uid": str(ds.get("SOPInstanceUID", "")),
         "n_frames": int(frames.shape[0]),
         "photometric": str(ds.get("PhotometricInterpretation", "")),
-        "transfer_syntax": str(getattr(ds, "file_meta", {}).get("TransferSyntaxUID", "")),
+        "transfer_syntax": str(getattr(syntax, "name", syntax)),
+        "has_waveform": bool(ds.get("WaveformSequence")),
+        "start": acquisition_start(ds),
     }
     log.debug("read echo %s: %d frames at %.1f fps", path.name, frames.shape[0], fps)
     return frames, meta
 
 
-def _check_is_ultrasound(ds: Any, path: Path) -> None:
+def acquisition_start(ds: Any) -> datetime | None:
+    """When acquisition started, as a naive local datetime (AcquisitionDateTime, else
+    AcquisitionDate/Time, else ContentDate/Time); None when the header does not say.
+
+    The time zone is dropped on purpose: DICOM and ECG devices record local wall-clock time, and
+    only the difference between two such times is used.
+    """
+    from pydicom.valuerep import DA, DT, TM
+
+    try:
+        if ds.get("AcquisitionDateTime"):
+            return DT(str(ds.AcquisitionDateTime)).replace(tzinfo=None)
+        for date_key, time_key in (("AcquisitionDate", "AcquisitionTime"), ("ContentDate", "ContentTime")):
+            if ds.get(date_key) and ds.get(time_key):
+                d, t = DA(str(ds.get(date_key))), TM(str(ds.get(time_key)))
+                return datetime.combine(d, t).replace(tzinfo=None)
+    except (ValueError, TypeError):
+        return None
+    return None
+
+
+def _check_is_ultrasound(ds: Any, path: str) -> None:
     sop = str(ds.get("SOPClassUID", ""))
     modality = str(ds.get("Modality", ""))
     if sop in US_SOP_CLASSES or (not sop and modality == "US"):
@@ -101,21 +151,24 @@ def _check_is_ultrasound(ds: Any, path: Path) -> None:
     )
 
 
-def _frame_rate(ds: Any, path: Path) -> float:
-    candidates = []
-    if ds.get("FrameTime"):
-        candidates.append(1000.0 / float(ds.FrameTime))
-    vector = ds.get("FrameTimeVector")
-    if vector is not None and len(vector) > 1:
-        # the first entry is the offset of frame 0 (usually 0), the rest are frame intervals
-        intervals = [float(v) for v in list(vector)[1:]]
-        if np.mean(intervals) > 0:
-            candidates.append(1000.0 / float(np.mean(intervals)))
-    for key in ("CineRate", "RecommendedDisplayFrameRate"):
-        if ds.get(key):
-            candidates.append(float(ds.get(key)))
-    for fps in candidates:
-        if np.isfinite(fps) and fps > 0:
+def _frame_rate(ds: Any, path: str) -> float:
+    # In the standard's order of preference; a present but unusable value falls through to the next.
+    for key in ("FrameTime", "FrameTimeVector", "CineRate", "RecommendedDisplayFrameRate"):
+        value = ds.get(key)
+        if value is None or value == "":
+            continue
+        try:
+            if key == "FrameTime":
+                fps = 1000.0 / float(value)
+            elif key == "FrameTimeVector":
+                # the first entry is the offset of frame 0 (usually 0), the rest are frame intervals
+                intervals = [float(v) for v in list(value)[1:]]
+                fps = 1000.0 / float(np.mean(intervals)) if intervals else float("nan")
+            else:
+                fps = float(value)
+        except (TypeError, ValueError, ZeroDivisionError):
+            continue
+        if np.isfinite(fps) and 0 < fps < 10_000:
             return round(float(fps), 6)  # FrameTime is a decimal string: drop its rounding noise
     raise EchoReadError(
         f"{path}: no frame timing (none of FrameTime, FrameTimeVector, CineRate, "
@@ -123,10 +176,18 @@ def _frame_rate(ds: Any, path: Path) -> float:
     )
 
 
-def _check_pixel_length(ds: Any, n_frames: int, path: Path) -> None:
+def _check_pixel_length(ds: Any, n_frames: int, path: str, max_decoded_bytes: int) -> None:
     rows, cols = int(ds.get("Rows", 0)), int(ds.get("Columns", 0))
     if rows < 1 or cols < 1:
         raise EchoReadError(f"{path}: Rows/Columns missing or zero")
+    samples = int(ds.get("SamplesPerPixel", 1))
+    bits = int(ds.get("BitsAllocated", 8))
+    decoded = n_frames * rows * cols * samples * max(1, (bits + 7) // 8)
+    if decoded > max_decoded_bytes:
+        raise EchoReadError(
+            f"{path}: header claims {n_frames} frames of {rows}x{cols}x{samples} ({decoded / 2**30:.1f} GiB "
+            f"decoded), more than the {max_decoded_bytes / 2**30:.1f} GiB limit per file"
+        )
     data = ds.PixelData
     syntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
     if syntax is not None and syntax.is_compressed:
@@ -145,8 +206,6 @@ def _check_pixel_length(ds: Any, n_frames: int, path: Path) -> None:
                 f"only {n_fragments} fragments (truncated file?)"
             )
         return
-    samples = int(ds.get("SamplesPerPixel", 1))
-    bits = int(ds.get("BitsAllocated", 8))
     photometric = str(ds.get("PhotometricInterpretation", ""))
     per_frame = (rows * cols * samples * bits + 7) // 8
     if photometric == "YBR_FULL_422":
@@ -160,18 +219,23 @@ def _check_pixel_length(ds: Any, n_frames: int, path: Path) -> None:
 
 
 def _to_gray_uint8(frames: np.ndarray, ds: Any, n_frames: int) -> np.ndarray:
-    from pydicom.pixels import convert_color_space
+    """Frames decoded with ``as_rgb=False`` -> uint8 (T, H, W) luma.
 
+    YBR data keeps its Y channel (exactly the luma); RGB gets ITU-R BT.601 luma in integer
+    arithmetic (a float matrix product costs more than the decode on large cines).
+    """
     photometric = str(ds.get("PhotometricInterpretation", ""))
     samples = int(ds.get("SamplesPerPixel", 1))
     if n_frames > 1 and frames.ndim == (3 if samples > 1 else 2):
         frames = frames[None]  # pydicom drops the frame axis for one frame
     if samples == 3:
-        # pydicom returns RGB for YBR data by default (as_rgb); luma is the Y of YBR_FULL
-        if photometric in _COLOR and frames.dtype == np.uint8:
-            frames = convert_color_space(frames, "RGB", "YBR_FULL")[..., 0]
+        if photometric in _YBR:
+            frames = frames[..., 0]
+        elif frames.dtype == np.uint8:
+            r, g, b = (frames[..., i].astype(np.uint16) for i in range(3))
+            frames = ((77 * r + 150 * g + 29 * b + 128) >> 8).astype(np.uint8)
         else:
-            frames = (frames[..., :3].astype(np.float64) @ np.array([0.299, 0.587, 0.114]))
+            frames = frames[..., :3].astype(np.float64) @ np.array([0.299, 0.587, 0.114])
     if photometric == "MONOCHROME1":
         frames = frames.max() - frames
     if frames.dtype != np.uint8:

@@ -4,69 +4,122 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import shutil
+from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pydicom.data
 import pytest
 
-from echopulse.synth.phantom import write_corpus
+from echopulse.io.ecg import read_ecg
+from echopulse.synth.phantom import HEADER_TEXT, write_corpus
 from jobs.recipes import tiny
 from pipelines.ingest import run_ingest
 
 pytestmark = pytest.mark.integration
 
-FAKE_NAME_PARTS = ("PHANTOM",)
+# identifiers written into the inputs; none may reach any output byte or log line
+SECRETS = {"PatientName": "ZZNAME^SECRET", "PatientID": "ZZPID12345", "PatientBirthDate": "19291231",
+           "AccessionNumber": "ZZACC998877", "InstitutionName": "ZZ Secret General Hospital"}
+
+
+def _set_identifiers(path):
+    ds = pydicom.dcmread(path)
+    for key, value in SECRETS.items():
+        setattr(ds, key, value)
+    ds.save_as(path)
+    return [str(ds.StudyInstanceUID), str(ds.SOPInstanceUID), str(ds.SeriesInstanceUID)]
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    root = tmp_path_factory.mktemp("corpus")
+    """Good phantom pairs plus one input for every kind of bad input, each with its expected reason."""
+    top = tmp_path_factory.mktemp("corpus")
+    root = top / "archive"
     manifest = write_corpus(root, studies=3, seed=11, duration_s=2.5)
     rows = list(csv.DictReader(open(manifest, newline="")))
-    (root / "echo" / "not_dicom.dcm").write_bytes(b"this is not a DICOM file" * 10)
-    shutil.copy(pydicom.data.get_testdata_file("CT_small.dcm"), root / "echo" / "ct.dcm")
-    good_ecg = rows[0]["ecg"]
-    bad = [
-        {"echo": "echo/missing.dcm", "ecg": good_ecg},
-        {"echo": "echo/not_dicom.dcm", "ecg": good_ecg},
-        {"echo": "echo/ct.dcm", "ecg": good_ecg},
+    uids = [u for r in rows for u in _set_identifiers(root / r["echo"])]
+    good_echo, good_ecg = rows[0]["echo"], rows[0]["ecg"]
+    echo_bytes = (root / good_echo).read_bytes()
+    bad_dir = root / "bad"
+    bad_dir.mkdir()
+
+    (bad_dir / "truncated.dcm").write_bytes(echo_bytes[: len(echo_bytes) // 3])
+    (bad_dir / "not_dicom.dcm").write_bytes(b"this is not a DICOM file" * 10)
+    shutil.copy(pydicom.data.get_testdata_file("CT_small.dcm"), bad_dir / "ct.dcm")
+    ds = pydicom.dcmread(root / good_echo)
+    frame0 = ds.pixel_array[0].tobytes()
+    ds.NumberOfFrames, ds.PixelData = 1, frame0
+    ds.save_as(bad_dir / "single.dcm")
+    ds = pydicom.dcmread(root / good_echo)
+    ds.NumberOfFrames = 1_000_000
+    ds.save_as(bad_dir / "million.dcm")
+    sig, meta = read_ecg(root / good_ecg)
+    fs = int(meta["fs"])
+    np.save(bad_dir / "short.npy", sig[:, : int(2.1 * fs)])
+    np.save(bad_dir / "flat.npy", np.full_like(sig, 0.3))
+    np.save(bad_dir / "nan.npy", np.where(np.arange(sig.shape[1]) % 50 == 0, np.nan, sig))
+    outside = top / "outside"
+    outside.mkdir()
+    (outside / "echo.dcm").write_bytes(echo_bytes)
+
+    bad = [  # (row, stage, words a person reads in the reason)
+        ({"echo": "bad/truncated.dcm", "ecg": good_ecg}, "read_echo", "truncated"),
+        ({"echo": "bad/not_dicom.dcm", "ecg": good_ecg}, "read_echo", "not a DICOM file"),
+        ({"echo": "bad/ct.dcm", "ecg": good_ecg}, "read_echo", "not an ultrasound cine"),
+        ({"echo": "bad/single.dcm", "ecg": good_ecg}, "read_echo", "single-frame"),
+        ({"echo": "bad/million.dcm", "ecg": good_ecg}, "read_echo", "claims 1000000 frames"),
+        ({"echo": good_echo, "ecg": "bad/short.npy", "ecg_fs": fs}, "pair", "ECG shorter than the echo"),
+        ({"echo": good_echo, "ecg": "bad/flat.npy", "ecg_fs": fs}, "ecg", "flat"),
+        ({"echo": good_echo, "ecg": "bad/nan.npy", "ecg_fs": fs}, "ecg", "NaN"),
+        ({"echo": "echo/missing.dcm", "ecg": good_ecg}, "read_echo", "not found"),
+        ({"echo": "../outside/echo.dcm", "ecg": good_ecg}, "manifest", "climbs out of the manifest's folder"),
     ]
-    fields = list(rows[0].keys())
+    fields = list(rows[0].keys()) + ["ecg_fs"]
     with open(manifest, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
-        writer.writerows({k: r.get(k, "") for k in fields} for r in bad)
-    return manifest, rows, bad
+        writer.writerows({k: r.get(k, "") for k in fields} for r, _, _ in bad)
+    return manifest, rows, bad, uids
 
 
-def test_every_input_is_accounted_for(corpus, tmp_path, ray_session):
-    manifest, good, bad = corpus
+def test_every_input_is_accounted_for(corpus, tmp_path, ray_session, caplog):
+    manifest, good, bad, uids = corpus
+    caplog.set_level(logging.DEBUG)
     out = tmp_path / "clips"
     summary = run_ingest(str(manifest), str(out), tiny().clip)
     assert summary.inputs == len(good) + len(bad)
     assert summary.inputs_with_clips == len(good)
     assert summary.quarantined == len(bad)
+    assert summary.inputs == summary.inputs_with_clips + summary.quarantined
     assert json.loads((out / "summary.json").read_text()) == summary.as_dict()
 
     quarantine = pq.read_table(out / "quarantine").to_pylist()
-    assert sorted(q["echo"] for q in quarantine) == sorted(b["echo"] for b in bad)
-    assert all(q["ecg"] == bad[0]["ecg"] and q["stage"] and q["error"] for q in quarantine)
-    reasons = {q["echo"]: q["error"].lower() for q in quarantine}
-    assert "not found" in reasons["echo/missing.dcm"] or "no such" in reasons["echo/missing.dcm"]
+    assert set(quarantine[0]) == {"echo", "ecg", "stage", "error", "detail"}
+    by_echo_ecg = {(q["echo"], q["ecg"]): q for q in quarantine}
+    assert len(by_echo_ecg) == len(bad)
+    for row, stage, words in bad:
+        q = by_echo_ecg[(row["echo"], row["ecg"])]  # exactly as given in the manifest
+        assert q["stage"] == stage and words in q["detail"], (row, q)
 
     clips = pq.read_table(out / "clips")
     assert clips.num_rows == summary.clips
     assert set(clips.column("source_uri").to_pylist()) == {r["echo"] for r in good}
-    # no patient data from the DICOM header or the burned-in text in any output byte
+    # no patient data from the DICOM header or the burned-in text in any output byte or log line
     blob = b"".join(p.read_bytes() for p in out.rglob("*") if p.is_file())
-    for part in FAKE_NAME_PARTS:
-        assert part.encode() not in blob
+    logs = "\n".join(r.getMessage() for r in caplog.records).encode()
+    session_logs = Path(ray_session._private.worker._global_node.get_session_dir_path()) / "logs"
+    worker_logs = b"".join(p.read_bytes() for p in session_logs.rglob("*") if p.is_file())
+    for secret in [*SECRETS.values(), *uids, HEADER_TEXT.split(" ")[0]]:
+        for name, data in (("outputs", blob), ("driver log", logs), ("Ray logs", worker_logs)):
+            assert secret.encode() not in data, (secret, name)
 
 
 def test_rerun_is_idempotent_and_resume_skips(corpus, tmp_path, ray_session):
-    manifest, good, _ = corpus
+    manifest, good, _, _ = corpus
     out = tmp_path / "clips"
     run_ingest(str(manifest), str(out), tiny().clip)
     first = sorted(pq.read_table(out / "clips").column("clip_id").to_pylist())

@@ -114,3 +114,96 @@ def test_color_converted_to_gray(tmp_path, photometric):
     luma = rgb.astype(float) @ np.array([0.299, 0.587, 0.114])
     assert gray.shape == (6, 40, 48) and gray.dtype == np.uint8
     assert np.abs(gray.astype(float) - luma).max() <= 3
+
+
+# --- transfer syntaxes, photometrics, timing order, memory bound -------------------------------
+
+from echopulse.synth.dicom_variants import TRANSFER_SYNTAXES, rewrite_transfer_syntax  # noqa: E402
+
+
+def _smooth_frames(n=6, rows=40, cols=48, seed=0):
+    """Image-like frames (JPEG's error on white noise says nothing about a reader)."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:rows, 0:cols]
+    base = 128 + 80 * np.sin(x / 7.0) * np.cos(y / 9.0)
+    return np.stack([np.clip(base + 10 * i + rng.normal(0, 2, base.shape), 0, 255) for i in range(n)]
+                    ).astype(np.uint8)
+
+
+@pytest.mark.parametrize("syntax", TRANSFER_SYNTAXES)
+def test_transfer_syntaxes(tmp_path, syntax):
+    src, frames = _write(tmp_path, frames=_smooth_frames())
+    path = rewrite_transfer_syntax(src, tmp_path / f"{syntax}.dcm", syntax)
+    assert pydicom.dcmread(path).file_meta.TransferSyntaxUID.is_compressed == (
+        syntax not in ("explicit", "implicit"))
+    got, meta = read_echo_dicom(path)
+    assert got.shape == frames.shape and got.dtype == np.uint8 and meta["fps"] == pytest.approx(25.0)
+    error = np.abs(got.astype(int) - frames).max()
+    if syntax == "jpeg_baseline":
+        assert 0 < error <= 12  # lossy, but the same picture
+    else:
+        assert error == 0  # lossless
+
+
+def _ybr_422_bytes(rgb):
+    """Native YBR_FULL_422: per pair of pixels Y1 Y2 Cb Cr (chroma averaged over the pair)."""
+    ybr = convert_color_space(rgb, "RGB", "YBR_FULL").astype(np.float64)
+    y = ybr[..., 0]
+    cb = (ybr[..., 0::2, 1] + ybr[..., 1::2, 1]) / 2
+    cr = (ybr[..., 0::2, 2] + ybr[..., 1::2, 2]) / 2
+    out = np.stack([y[..., 0::2], y[..., 1::2], cb, cr], axis=-1)
+    return np.round(out).astype(np.uint8).tobytes()
+
+
+@pytest.mark.parametrize("encoding", ["native", "jpeg_baseline"])
+def test_ybr_full_422_converted_to_gray(tmp_path, encoding):
+    path, _ = _write(tmp_path)
+    gray = _smooth_frames()
+    rgb = np.stack([gray, np.clip(gray.astype(int) + 30, 0, 255), np.clip(gray.astype(int) - 30, 0, 255)],
+                   axis=-1).astype(np.uint8)
+    luma = rgb.astype(float) @ np.array([0.299, 0.587, 0.114])
+    if encoding == "native":
+        _rewrite(path, SamplesPerPixel=3, PhotometricInterpretation="YBR_FULL_422", PlanarConfiguration=0,
+                 PixelData=_ybr_422_bytes(rgb))
+    else:
+        _rewrite(path, SamplesPerPixel=3, PhotometricInterpretation="RGB", PlanarConfiguration=0,
+                 PixelData=rgb.tobytes())
+        path = rewrite_transfer_syntax(path, tmp_path / "ybr_jpeg.dcm", "jpeg_baseline", quality=95)
+        assert pydicom.dcmread(path).PhotometricInterpretation == "YBR_FULL_422"
+    got, meta = read_echo_dicom(path)
+    assert got.shape == (6, 40, 48) and meta["photometric"] == "YBR_FULL_422"
+    assert np.abs(got.astype(float) - luma).max() <= (2 if encoding == "native" else 10)
+
+
+def test_timing_order_framet_time_first(tmp_path):
+    path, _ = _write(tmp_path, fps=25.0)
+    # every source present and disagreeing: FrameTime wins, then FrameTimeVector, CineRate, RDFR
+    _rewrite(path, FrameTime="40", FrameTimeVector=[0, 50, 50, 50, 50, 50], CineRate=30,
+             RecommendedDisplayFrameRate=15)
+    assert read_echo_dicom(path)[1]["fps"] == pytest.approx(25.0)
+    _rewrite(path, FrameTime=None)
+    assert read_echo_dicom(path)[1]["fps"] == pytest.approx(20.0)
+    _rewrite(path, FrameTimeVector=None)
+    assert read_echo_dicom(path)[1]["fps"] == pytest.approx(30.0)
+    _rewrite(path, CineRate=None)
+    assert read_echo_dicom(path)[1]["fps"] == pytest.approx(15.0)
+    _rewrite(path, FrameTime="0", CineRate=0)  # unusable values fall through
+    assert read_echo_dicom(path)[1]["fps"] == pytest.approx(15.0)
+
+
+def test_huge_frame_claim_in_compressed_file_is_refused_before_allocation(tmp_path):
+    src, _ = _write(tmp_path, frames=_smooth_frames())
+    path = rewrite_transfer_syntax(src, tmp_path / "ls.dcm", "jpeg_ls")
+    _rewrite(path, NumberOfFrames=1_000_000)
+    with pytest.raises(EchoReadError, match="claims 1000000 frames"):
+        read_echo_dicom(path)  # the decoded size (1.9 GB) passes the cap: the fragment count stops it
+    _rewrite(path, NumberOfFrames=6, Rows=60000, Columns=60000)
+    with pytest.raises(EchoReadError, match="GiB limit per file"):
+        read_echo_dicom(path)
+
+
+def test_acquisition_start_and_no_waveform(tmp_path):
+    path, _ = _write(tmp_path)
+    _rewrite(path, AcquisitionDateTime="20240102103000.500")
+    meta = read_echo_dicom(path)[1]
+    assert meta["start"].isoformat() == "2024-01-02T10:30:00.500000" and meta["has_waveform"] is False

@@ -32,3 +32,34 @@ def test_cut_clip_times_ecg_window_and_peaks():
     assert peaks.dtype == np.int32 and peaks.tolist() == [50, 270]
     with pytest.raises(ValueError):
         cut_clip(frames, fps, prepared, ClipSpan(3.0, 4.0), clip)
+
+
+def test_window_spans_with_ecg_offset_and_without_ecg():
+    from echopulse.transforms.clips import window_spans as spans_of
+
+    clip = ClipConfig(frames=5, size=16, fps=5.0, ecg_samples=250)  # 1 s video, 1 s ECG
+    # ECG started 0.5 s before echo frame 0: 4 s of ECG covers echo times -0.5..3.5
+    assert [s.t_start_s for s in spans_of(4.0, 4.0, clip, ecg_offset_s=0.5)] == [0.0, 1.0, 2.0]
+    # ECG started 1.5 s after echo frame 0: the first window starts there
+    assert [s.t_start_s for s in spans_of(4.0, 4.0, clip, ecg_offset_s=-1.5)] == [1.5, 2.5]
+    assert len(spans_of(4.0, None, clip)) == 4  # an ECG-less cine: video only
+
+
+def test_cycle_spans_one_rr_interval_each():
+    from echopulse.transforms.clips import cycle_spans
+
+    clip = ClipConfig(frames=5, size=16, fps=5.0, ecg_samples=250)
+    # 500->520: an extra beat (too short); 750->1000 ends after the 3.9 s cine; 1000->1800 too long
+    peaks = np.array([50, 250, 500, 520, 750, 1000, 1800])
+    spans = cycle_spans(peaks, video_duration_s=3.9, ecg_duration_s=8.0, clip=clip)
+    assert [(s.t_start_s, s.t_end_s) for s in spans] == [(0.2, 1.0), (1.0, 2.0), (2.08, 3.0)]
+    shifted = cycle_spans(peaks, 3.9, 8.0, clip, ecg_offset_s=0.2)  # echo frame 0 = ECG 0.2 s
+    assert shifted[0].t_start_s == 0.0 and shifted[0].t_end_s == pytest.approx(0.8)
+
+
+def test_cut_clip_cycle_span_and_no_ecg():
+    frames = np.repeat(np.arange(100, dtype=np.uint8)[:, None, None], 4, axis=1).repeat(4, axis=2)
+    clip = ClipConfig(frames=5, size=4, fps=5.0, ecg_samples=100)
+    video, ecg, peaks = cut_clip(frames, 50.0, None, ClipSpan(0.2, 1.0), clip)  # 0.8 s cycle, 5 frames
+    assert video[:, 0, 0].tolist() == [10, 18, 26, 34, 42]  # evenly over the R-R interval
+    assert ecg.shape == (12, 100) and not ecg.any() and peaks.size == 0

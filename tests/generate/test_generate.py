@@ -1,0 +1,180 @@
+"""Generation from Python and from the CLI: formats, duration and rate, chaining, first frames,
+the ECG panel, every ECG format, and bad input (one line, exit 2, no file left behind)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pydicom
+import pytest
+from PIL import Image
+
+from echopulse.cli import EXIT_BAD_INPUT, EXIT_OK, main
+from echopulse.config import ClipConfig
+from echopulse.errors import EchoPulseError
+from echopulse.generate import plan_windows, prime_frames
+
+from .test_video_out import gif_frames_and_fps, mp4_frames_and_fps
+
+
+@pytest.fixture(scope="module")
+def ecg_file(corpus):
+    return str(corpus / "ecg" / "study_0000.hea")
+
+
+def test_api_returns_uint8_video_deterministic_per_seed(model, ecg_file):
+    video = model.generate(ecg_file, seed=3)
+    assert video.dtype == np.uint8 and video.shape == (model.clip.frames, model.size, model.size)
+    assert np.array_equal(video, model.generate(ecg_file, seed=3))
+    assert not np.array_equal(video, model.generate(ecg_file, seed=4))
+
+
+def test_plan_windows_covers_the_video_with_token_aligned_priming():
+    clip = ClipConfig(frames=5, size=32, fps=5.0, ecg_samples=300)
+    windows = plan_windows(15, clip, ecg_samples=1000, temporal_patch=2, prime_token_frames=1)
+    assert windows[0].start == 0 and windows[0].overlap == 0
+    assert windows[-1].start + clip.frames >= 15
+    for before, after in zip(windows, windows[1:]):
+        assert after.overlap == before.start + clip.frames - after.start >= 1
+        assert after.ecg_start == round(after.start / clip.fps * 250)
+        assert after.ecg_start + clip.ecg_samples <= 1000
+    # a short ECG moves the last window earlier: a longer overlap, primed with whole token frames
+    tight = plan_windows(14, clip, ecg_samples=750, temporal_patch=2)
+    assert tight[-1].start + clip.frames >= 14 and tight[-1].ecg_start + 300 <= 750
+    assert prime_frames(4) == (3, 2) and prime_frames(1) == (1, 1)
+    with pytest.raises(EchoPulseError, match="needs"):
+        plan_windows(30, clip, ecg_samples=750)
+
+
+def test_longer_video_chains_windows_at_the_requested_rate(model, ecg_file):
+    video = model.generate(ecg_file, seconds=3.0, seed=0)
+    assert video.shape == (15, model.size, model.size)  # 3 s at the model's 5 fps: 4 windows
+    fast = model.generate(ecg_file, seconds=2.0, fps=12.0, seed=0)
+    assert fast.shape == (24, model.size, model.size)
+
+
+def test_first_frame_primes_the_video(model, ecg_file, corpus, tmp_path):
+    from echopulse.generate import load_first_frame
+
+    dicom = corpus / "echo" / "study_0001.dcm"
+    frame = load_first_frame(str(dicom), model.size)
+    assert frame.shape == (model.size, model.size) and frame.dtype == np.uint8
+    video = model.generate(ecg_file, first_frame=str(dicom), seed=0)
+    assert np.array_equal(video[0], frame)
+    png = tmp_path / "first.png"
+    Image.fromarray(frame).save(png)
+    assert np.array_equal(model.generate(ecg_file, first_frame=str(png), seed=0), video)
+
+
+@pytest.mark.parametrize("suffix", [".gif", ".mp4", ".dcm"])
+def test_cli_writes_each_format_with_requested_count_and_rate(tiny_checkpoint, ecg_file, tmp_path,
+                                                              suffix, capsys):
+    out = tmp_path / f"echo{suffix}"
+    code = main(["generate", "--checkpoint", str(tiny_checkpoint), "--ecg", ecg_file, "--out", str(out),
+                 "--seconds", "2", "--fps", "10", "--panel", "--guidance", "0", "--steps", "2"])
+    assert code == EXIT_OK, capsys.readouterr().err
+    assert [p.name for p in tmp_path.iterdir()] == [out.name]  # no temporary file left
+    if suffix == ".gif":
+        count, rates = gif_frames_and_fps(out)
+        assert count == 20 and rates == pytest.approx([10.0] * 20)
+        with Image.open(out) as image:
+            assert image.size == (256, 256 + 85)  # upscaled 8x, ECG panel beneath
+    elif suffix == ".mp4":
+        frames, rate = mp4_frames_and_fps(out)
+        assert frames.shape[0] == 20 and rate == pytest.approx(10.0)
+    else:
+        ds = pydicom.dcmread(out)
+        assert int(ds.NumberOfFrames) == 20 and 1000.0 / float(ds.FrameTime) == pytest.approx(10.0)
+        assert ds.pixel_array.shape == (20, 32 + 32, 32)  # native size, panel beneath
+
+
+def test_panel_cursor_moves_with_time(model, ecg_file):
+    from echopulse.generate import load_ecg_file
+    from echopulse.panel import add_ecg_panel, panel_lead
+
+    prepared = load_ecg_file(ecg_file)
+    trace, lead = panel_lead(prepared.ecg, prepared.lead_mask)
+    assert lead == "II"
+    frames = np.zeros((10, 64, 96), dtype=np.uint8)
+    out = add_ecg_panel(frames, trace, fps=5.0, label=lead)
+    assert out.shape == (10, 64 + 32, 96)
+    panel = out[:, 64:].astype(int)
+    cursor_x = [int(np.argmax((p == 255).sum(axis=0))) for p in panel]
+    assert cursor_x == sorted(cursor_x) and cursor_x[0] < 3 and cursor_x[-1] > 80
+    assert (panel[0] > 200).sum() > 96  # the trace is drawn
+
+
+def test_no_patient_data_from_any_input_in_the_dicom(tiny_checkpoint, ecg_file, corpus, tmp_path):
+    source = pydicom.dcmread(corpus / "echo" / "study_0000.dcm")
+    out = tmp_path / "echo.dcm"
+    assert main(["generate", "--checkpoint", str(tiny_checkpoint), "--ecg", ecg_file, "--out", str(out),
+                 "--first-frame", str(corpus / "echo" / "study_0000.dcm")]) == EXIT_OK
+    ds = pydicom.dcmread(out)
+    text = repr(ds)
+    for keyword in ("PatientName", "PatientID", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
+        value = str(source[keyword].value)
+        assert value and value not in text, keyword
+    assert str(ds.PatientName) == "" and "DERIVED" in ds.ImageType
+
+
+def test_apple_health_csv_ecg(model, tmp_path):
+    from echopulse.synth.ecg_sim import simulate_ecg
+
+    ecg = simulate_ecg(30.0, 64, fs=512, seed=5)
+    lines = ["Name,Alex Phantom", 'Date of Birth,"Jan 1, 1970"', "Recorded Date,2024-03-05 09:15:30 +0100",
+             "Classification,Sinus Rhythm", "Symptoms,", "Software Version,2", 'Device,"Watch6,2"',
+             "Sample Rate,512 hertz", "Lead,Lead I", "Unit,µV", "", "", ""]
+    lines += [f"{v:.3f}" for v in ecg.signal[0] * 1000.0]
+    path = tmp_path / "ecg_2024-03-05.csv"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    video = model.generate(str(path), seconds=2.0, seed=0)
+    assert video.shape == (10, model.size, model.size)
+
+
+def _flat_wfdb(tmp_path):
+    import wfdb
+
+    from echopulse.config import ECG_LEADS
+
+    wfdb.wrsamp("flat", fs=250, units=["mV"] * 12, sig_name=list(ECG_LEADS),
+                p_signal=np.zeros((1500, 12)), fmt=["16"] * 12, adc_gain=[200.0] * 12,
+                baseline=[0] * 12, write_dir=str(tmp_path))
+    return str(tmp_path / "flat.hea")
+
+
+@pytest.mark.parametrize("case", ["unreadable", "flat", "missing", "too_short", "extension",
+                                  "frame_size", "bad_frame_file"])
+def test_bad_input_is_one_line_exit_2_and_no_output(tiny_checkpoint, ecg_file, tmp_path, capsys, case):
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    out_dir = tmp_path / "out"
+    out = out_dir / "echo.mp4"
+    argv = ["generate", "--checkpoint", str(tiny_checkpoint), "--ecg", ecg_file, "--out", str(out)]
+    if case == "unreadable":
+        bad = inputs / "bad.hea"
+        bad.write_text("this is not a WFDB header\n")
+        argv[4], needle = str(bad), str(bad)
+    elif case == "flat":
+        argv[4], needle = _flat_wfdb(inputs), "flat"
+    elif case == "missing":
+        argv[4], needle = str(inputs / "none.hea"), "none.hea"
+    elif case == "too_short":
+        argv += ["--seconds", "10"]
+        needle = "shorter than the requested 10.00 s"
+    elif case == "extension":
+        argv[6] = str(out_dir / "echo.avi")
+        needle = ".avi"
+    elif case == "frame_size":
+        png = inputs / "big.png"
+        Image.fromarray(np.zeros((48, 40), dtype=np.uint8)).save(png)
+        argv += ["--first-frame", str(png)]
+        needle = "40x48"
+    else:
+        junk = inputs / "frame.png"
+        junk.write_bytes(b"not an image")
+        argv += ["--first-frame", str(junk)]
+        needle = "frame.png"
+    assert main(argv) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and needle in err, err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert not out_dir.exists() or list(out_dir.iterdir()) == []
