@@ -98,7 +98,7 @@ def _write_dicom(frames: np.ndarray, fps: float, path: str) -> None:
     import datetime
 
     from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.tag import Tag
+    from echopulse.io.dicom_cine import set_cine_pixel_module
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
     n_frames, rows, cols = frames.shape
@@ -136,17 +136,6 @@ def _write_dicom(frames: np.ndarray, fps: float, path: str) -> None:
     ds.ImageComments = SYNTHETIC_NOTE
     ds.SeriesDescription = "SYNTHETIC echo (EchoPulse)"
     ds.BurnedInAnnotation = "NO"
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.Rows, ds.Columns = rows, cols
-    ds.BitsAllocated = 8
-    ds.BitsStored = 8
-    ds.HighBit = 7
-    ds.PixelRepresentation = 0
-    ds.NumberOfFrames = n_frames
-    ds.FrameTime = f"{1000.0 / fps:.10g}"
-    ds.CineRate = max(1, int(round(fps)))
-    ds.RecommendedDisplayFrameRate = max(1, int(round(fps)))
-    ds.FrameIncrementPointer = Tag(0x0018, 0x1063)  # -> FrameTime
+    set_cine_pixel_module(ds, rows, cols, n_frames, fps)
     ds.PixelData = np.ascontiguousarray(frames, dtype=np.uint8).tobytes()
     ds.save_as(path, enforce_file_format=True, implicit_vr=False, little_endian=True)

@@ -433,7 +433,7 @@ def write_study_dicom(study: Study, path: str | Path, seed: int) -> Path:
     """
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.sequence import Sequence
-    from pydicom.tag import Tag
+    from echopulse.io.dicom_cine import set_cine_pixel_module
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
     path = Path(path)
@@ -470,18 +470,7 @@ def write_study_dicom(study: Study, path: str | Path, seed: int) -> Path:
     ds.ImageType = ["ORIGINAL", "PRIMARY"]
     ds.SeriesDescription = f"phantom {study.view}"
     ds.BurnedInAnnotation = "YES"
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.Rows, ds.Columns = rows, cols
-    ds.BitsAllocated = 8
-    ds.BitsStored = 8
-    ds.HighBit = 7
-    ds.PixelRepresentation = 0
-    ds.NumberOfFrames = n_frames
-    ds.FrameTime = f"{1000.0 / study.fps:.10g}"
-    ds.CineRate = int(round(study.fps))
-    ds.RecommendedDisplayFrameRate = int(round(study.fps))
-    ds.FrameIncrementPointer = Tag(0x0018, 0x1063)  # -> FrameTime
+    set_cine_pixel_module(ds, rows, cols, n_frames, study.fps)
     ds.HeartRate = int(round(study.heart_rate_bpm))
 
     x0, y0, x1, y1 = study.region
