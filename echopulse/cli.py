@@ -175,8 +175,8 @@ def cmd_generate_batch(args: argparse.Namespace) -> int:
 
     summary = run_generate_batch(args.manifest, args.checkpoint, args.out, fmt=args.format,
                                  actors=args.actors, batch_size=args.batch_size, use_gpu=args.gpu,
-                                 panel=args.panel, seconds=args.seconds, fps=args.fps,
-                                 seed=args.seed, steps=args.steps, guidance=args.guidance)
+                                 cpus_per_actor=args.cpus_per_actor, panel=args.panel,
+                                 seconds=args.seconds, fps=args.fps, seed=args.seed, steps=args.steps, guidance=args.guidance)
     _print_json(summary.__dict__)
     if summary.ok == 0:
         print(f"error: no video was generated; reasons in {summary.index}", file=sys.stderr)
@@ -439,6 +439,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default="mp4", choices=("mp4", "gif", "dcm"),
                    help="video format (default: %(default)s)")
     p.add_argument("--actors", type=int, default=1, help="generator actors (default: %(default)s)")
+    p.add_argument("--cpus-per-actor", type=int, default=1,
+                   help="CPUs reserved per actor, also its torch threads (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=4, help="rows per batch (default: %(default)s)")
     p.add_argument("--gpu", action="store_true", help="one GPU per actor")
     video_flags(p)

@@ -40,8 +40,10 @@ class GenerateBatch:
     """Ray Data callable class: one generator per actor, one video per manifest row."""
 
     def __init__(self, checkpoint: str, videos_dir: str, base_dir: str, suffix: str, panel: bool,
-                 defaults: dict[str, Any], use_gpu: bool = False) -> None:
+                 defaults: dict[str, Any], use_gpu: bool = False, threads: int = 1) -> None:
         import torch
+
+        torch.set_num_threads(max(1, threads))  # the actor's CPU share, not every core of the node
 
         from echopulse.generate import EchoGenerator, make_generate_fn
 
@@ -88,6 +90,7 @@ def read_generate_manifest(manifest: str) -> list[dict[str, str]]:
 
 def run_generate_batch(manifest: str, checkpoint: str, out: str, fmt: str = "mp4", actors: int = 1,
                        batch_size: int = 4, use_gpu: bool = False, panel: bool = False,
+                       cpus_per_actor: int = 1,
                        seconds: float | None = None, fps: float | None = None, seed: int = 0,
                        steps: int | None = None, guidance: float | None = None) -> BatchSummary:
     """Generate one video per manifest row into ``OUT/videos/`` and index them in ``OUT/index/``.
@@ -100,6 +103,7 @@ def run_generate_batch(manifest: str, checkpoint: str, out: str, fmt: str = "mp4
         actors: generator actors in the pool.
         batch_size: rows per batch handed to an actor.
         use_gpu: one GPU per actor.
+        cpus_per_actor: logical CPUs reserved per actor; also its torch thread count.
         panel: draw the ECG panel under each video.
         seconds, fps, seed, steps, guidance: defaults for rows that leave them out.
     """
@@ -110,6 +114,9 @@ def run_generate_batch(manifest: str, checkpoint: str, out: str, fmt: str = "mp4
     from echopulse.runtime import init_ray
     from echopulse.video_out import check_video_path
 
+    if actors < 1 or cpus_per_actor < 1 or batch_size < 1:
+        raise EchoPulseError(f"--actors, --cpus-per-actor and --batch-size must be >= 1, got "
+                             f"{actors}, {cpus_per_actor}, {batch_size}")
     suffix = "." + fmt.lstrip(".").lower()
     check_video_path("video" + suffix)
     rows = read_generate_manifest(manifest)
@@ -134,10 +141,11 @@ def run_generate_batch(manifest: str, checkpoint: str, out: str, fmt: str = "mp4
         GenerateBatch,
         fn_constructor_kwargs={"checkpoint": checkpoint, "videos_dir": str(videos_dir),
                                "base_dir": base_dir, "suffix": suffix, "panel": panel,
-                               "defaults": defaults, "use_gpu": use_gpu},
+                               "defaults": defaults, "use_gpu": use_gpu, "threads": cpus_per_actor},
         batch_size=batch_size,
         batch_format="numpy",
         compute=ActorPoolStrategy(size=actors),
+        num_cpus=cpus_per_actor,
         num_gpus=1 if use_gpu else 0,
     )
     index_dir = out_dir / "index"
