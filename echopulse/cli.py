@@ -87,14 +87,22 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     recipe = _recipe(args.recipe)
     use_gpu = True if args.gpu else None
+    if args.s3_endpoint:  # before Ray starts (Ray Train's S3 filesystem is built from it)
+        os.environ["AWS_ENDPOINT_URL_S3"] = args.s3_endpoint
     if args.model == "tokenizer":
         from jobs.train_tokenizer import train_tokenizer
 
         result = train_tokenizer(args.clips, args.out, recipe, _tracking(args), workers=args.workers,
                                  use_gpu=use_gpu)
     else:
+        from echopulse.config import replace
         from jobs.train_generator import train_generator
 
+        if args.ecg_checkpoint or args.freeze_ecg:
+            ecg = recipe.generator.ecg
+            ecg = replace(ecg, checkpoint=args.ecg_checkpoint or ecg.checkpoint,
+                          freeze=args.freeze_ecg or ecg.freeze)
+            recipe = replace(recipe, generator=replace(recipe.generator, ecg=ecg))
         result = train_generator(args.tokens, args.tokenizer, args.out, recipe, _tracking(args),
                                  workers=args.workers, use_gpu=use_gpu)
     _print_json(summarize(args.model, result))
@@ -104,8 +112,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_tokenize(args: argparse.Namespace) -> int:
     from pipelines.tokenize import run_tokenize
 
+    if args.s3_endpoint:  # before Ray starts, so local workers inherit it
+        os.environ["AWS_ENDPOINT_URL_S3"] = args.s3_endpoint
     summary = run_tokenize(args.clips, args.tokenizer, args.out, actors=args.actors,
-                           batch_size=args.batch_size, use_gpu=args.gpu)
+                           batch_size=args.batch_size, use_gpu=True if args.gpu else None)
     _print_json(summary.__dict__)
     return EXIT_OK
 
@@ -176,7 +186,8 @@ def cmd_generate_batch(args: argparse.Namespace) -> int:
     summary = run_generate_batch(args.manifest, args.checkpoint, args.out, fmt=args.format,
                                  actors=args.actors, batch_size=args.batch_size, use_gpu=args.gpu,
                                  cpus_per_actor=args.cpus_per_actor, panel=args.panel,
-                                 seconds=args.seconds, fps=args.fps, seed=args.seed, steps=args.steps, guidance=args.guidance)
+                                 seconds=args.seconds, fps=args.fps, seed=args.seed,
+                                 steps=args.steps, guidance=args.guidance)
     _print_json(summary.__dict__)
     if summary.ok == 0:
         print(f"error: no video was generated; reasons in {summary.index}", file=sys.stderr)
@@ -348,18 +359,31 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             p.add_argument("--tokens", required=True, help="tokens/v1 dataset (tokenize output)")
             p.add_argument("--tokenizer", required=True, help="tokenizer checkpoint directory")
-        p.add_argument("--out", required=True, help="output directory or URI")
+            p.add_argument("--ecg-checkpoint", default=None,
+                           help="start the ECG encoder from an ST-MEM encoder.pth (the recipe's ECG "
+                                "encoder must have its size: dim 384, depth 12, heads 6 for ViT-S)")
+            p.add_argument("--freeze-ecg", action="store_true",
+                           help="keep the ECG encoder's weights fixed while the rest trains")
+        p.add_argument("--out", required=True,
+                       help="output directory or URI (s3://bucket/prefix: Ray Train's checkpoints "
+                            "go under OUT/ray/, the same command again resumes from there)")
         p.add_argument("--recipe", default="demo", help=recipe_help)
         p.add_argument("--workers", type=int, default=None, help="Ray Train workers")
         p.add_argument("--gpu", action="store_true", help="one GPU per worker")
+        p.add_argument("--s3-endpoint", default=None,
+                       help="S3-protocol endpoint URL (default: AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL)")
 
     p = add("tokenize", cmd_tokenize, "clips/v1 -> tokens/v1 with a pool of tokenizer actors (Ray Data).")
     p.add_argument("--clips", required=True, help="clips/v1 dataset")
     p.add_argument("--tokenizer", required=True, help="tokenizer checkpoint directory")
     p.add_argument("--out", required=True, help="output directory or URI")
     p.add_argument("--actors", type=int, default=1, help="tokenizer actors (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=16, help="clips per batch (default: %(default)s)")
-    p.add_argument("--gpu", action="store_true", help="one GPU per actor")
+    p.add_argument("--batch-size", type=int, default=16,
+                   help="clips per encode batch on an actor (default: %(default)s)")
+    p.add_argument("--gpu", action="store_true",
+                   help="one GPU per actor (default: when the Ray cluster has GPUs)")
+    p.add_argument("--s3-endpoint", default=None,
+                   help="S3-protocol endpoint URL (default: AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL)")
 
     p = add("tune", cmd_tune, "Sweep masking schedules with Ray Tune; MLflow parent + child runs.")
     p.add_argument("--tokens", required=True, help="tokens/v1 dataset")

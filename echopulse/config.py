@@ -47,7 +47,19 @@ class ClipConfig:
 
 @dataclass(frozen=True)
 class TokenizerConfig:
-    """C-ViViT-style video tokenizer (first frame alone, then temporal patches of 2)."""
+    """C-ViViT-style video tokenizer (first frame alone, then temporal patches of 2).
+
+    Attributes:
+        quantizer: ``"fsq"`` (default: no codebook to collapse, no auxiliary loss) or ``"vq"``
+            (a learned codebook updated by EMA, with dead-code restart and a commitment loss).
+        fsq_levels: FSQ levels per channel; the codebook is their product.
+        vq_codebook_size: number of VQ codes.
+        vq_dim: width of a VQ code.
+        vq_ema_decay: EMA decay of the VQ codebook statistics per training step.
+        vq_commitment_weight: weight of ``||z - sg(code)||^2`` in the tokenizer loss (VQ only).
+        vq_restart_after: training steps a VQ code may go unused before it is re-initialised from
+            an encoder output of the current batch (0: never).
+    """
 
     frames: int = 5
     image_size: int = 32
@@ -58,6 +70,16 @@ class TokenizerConfig:
     temporal_depth: int = 1
     heads: int = 4
     fsq_levels: tuple[int, ...] = (5, 5, 5)
+    quantizer: str = "fsq"
+    vq_codebook_size: int = 512
+    vq_dim: int = 8
+    vq_ema_decay: float = 0.99
+    vq_commitment_weight: float = 0.25
+    vq_restart_after: int = 20
+
+    def __post_init__(self) -> None:
+        if self.quantizer not in ("fsq", "vq"):
+            raise ValueError(f"unknown tokenizer quantizer {self.quantizer!r}; known: fsq, vq")
 
     @property
     def token_grid(self) -> tuple[int, int, int]:
@@ -66,7 +88,15 @@ class TokenizerConfig:
         return (t, s, s)
 
     @property
+    def code_dim(self) -> int:
+        """Width of the quantized latent: ``len(fsq_levels)`` for FSQ, ``vq_dim`` for VQ."""
+        return self.vq_dim if self.quantizer == "vq" else len(self.fsq_levels)
+
+    @property
     def codebook_size(self) -> int:
+        """Number of token ids (the generator's vocabulary)."""
+        if self.quantizer == "vq":
+            return self.vq_codebook_size
         n = 1
         for level in self.fsq_levels:
             n *= level
@@ -75,7 +105,17 @@ class TokenizerConfig:
 
 @dataclass(frozen=True)
 class ECGEncoderConfig:
-    """ST-MEM-style ViT over 12 leads (250 Hz); emits one token per (lead, patch)."""
+    """ST-MEM-style ViT over 12 leads (250 Hz); emits one token per (lead, patch).
+
+    With ``dim = heads * 64`` and ``samples = 2250`` (patch 75) the layout matches an ST-MEM
+    encoder, so :func:`echopulse.models.ecg_encoder.load_stmem_checkpoint` can load one
+    (ST-MEM ViT-S: dim 384, depth 12, heads 6).
+
+    Attributes:
+        checkpoint: path of an ST-MEM ``encoder.pth`` that training loads before the first step;
+            a saved generator already holds the weights, so rebuilding one never reads it.
+        freeze: keep the encoder's weights fixed (``requires_grad`` False) while the rest trains.
+    """
 
     leads: int = 12
     samples: int = 300
@@ -83,6 +123,8 @@ class ECGEncoderConfig:
     dim: int = 64
     depth: int = 2
     heads: int = 4
+    checkpoint: str | None = None
+    freeze: bool = False
 
 
 @dataclass(frozen=True)
@@ -99,6 +141,8 @@ class GeneratorConfig:
     schedule: str = "cosine"
     mask_ratio_min: float = 0.0  # training mask ratio = min + (max - min) * schedule(r)
     mask_ratio_max: float = 1.0
+    num_views: int = 0  # > 0: the generator is also conditioned on an echo-view id (A4C, ...)
+    ef_conditioning: bool = False  # also conditioned on the ejection fraction, in [0, 1]
 
     @property
     def seq_len(self) -> int:
@@ -118,10 +162,21 @@ class TrainConfig:
     grad_clip: float = 1.0
     log_every: int = 10
     checkpoint_every: int = 0  # steps between resumable checkpoints (0: only the final one)
-    keep_checkpoints: int = 2  # most recent checkpoints kept in Ray's storage
+    keep_checkpoints: int = 2  # best checkpoints (by validation score) kept, plus the latest
     max_failures: int = 1  # worker-group restarts from the latest checkpoint
     workers: int = 1
     seed: int = 0
+    grad_accum: int = 1  # micro-batches per optimizer step (batch_size is the global batch)
+    ema_decay: float = 0.999  # EMA of the weights (warmed up); 0 disables
+    val_every: int = 0  # steps between validations (0: at every logged step); always at checkpoints
+    sample_every: int = 0  # steps between sample GIFs logged to MLflow (0: only at the end)
+    bf16: bool = True  # bf16 autocast on GPU (never on CPU)
+
+    def __post_init__(self) -> None:
+        if self.grad_accum < 1:
+            raise ValueError(f"grad_accum must be >= 1, got {self.grad_accum}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
 
 
 @dataclass(frozen=True)

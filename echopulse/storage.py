@@ -156,3 +156,61 @@ def local_path(uri: str | Path, companions: Sequence[str] = ()) -> Iterator[Path
             if posixpath.basename(companion) == companion and fs.exists(sibling):
                 fs.get(sibling, str(Path(tmp) / companion))
         yield target
+
+
+def s3_endpoint() -> str | None:
+    """The S3 endpoint from the environment (``AWS_ENDPOINT_URL_S3``, else ``AWS_ENDPOINT_URL``)."""
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+
+
+def train_storage(uri: str) -> tuple[str, pafs.FileSystem | None]:
+    """Ray Train's ``(storage_path, storage_filesystem)`` for a run directory ``uri``.
+
+    A local path stays a path (no filesystem). ``s3://bucket/prefix`` becomes ``bucket/prefix``
+    and a pyarrow ``S3FileSystem`` built from this process's endpoint and credentials
+    (:func:`s3_endpoint`, ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``/``AWS_SESSION_TOKEN``,
+    region), so Ray's controller and workers reach the same server even when they were started
+    without those variables. Without explicit keys pyarrow uses its default chain (instance roles).
+    Other remote schemes go through fsspec (:func:`arrow_filesystem`).
+    """
+    if not is_remote(uri):
+        return str(Path(uri).resolve()), None
+    if not str(uri).startswith("s3://"):
+        fs, path = arrow_filesystem(uri)
+        return path, fs
+    options: dict = {}
+    endpoint = s3_endpoint()
+    if endpoint:
+        options["endpoint_override"] = endpoint
+        if endpoint.startswith("http://"):
+            options["scheme"] = "http"
+    if os.environ.get("AWS_ACCESS_KEY_ID") and os.environ.get("AWS_SECRET_ACCESS_KEY"):
+        options.update(access_key=os.environ["AWS_ACCESS_KEY_ID"],
+                       secret_key=os.environ["AWS_SECRET_ACCESS_KEY"])
+        if os.environ.get("AWS_SESSION_TOKEN"):
+            options["session_token"] = os.environ["AWS_SESSION_TOKEN"]
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    if region:
+        options["region"] = region
+    return str(uri)[len("s3://"):].rstrip("/"), pafs.S3FileSystem(**options)
+
+
+def check_writable(uri: str) -> None:
+    """Raise :class:`EchoPulseError` unless a file can be created (and removed) under ``uri``.
+
+    Writes and deletes a small probe file, so a read-only directory, a missing bucket or
+    refused credentials fail here in one line rather than after training.
+    """
+    import uuid
+
+    probe = join(str(uri), f".echopulse-write-probe-{uuid.uuid4().hex[:8]}")
+    try:
+        fs, path = filesystem(probe)
+        if not is_remote(uri):  # object stores have no folders (and s3fs's makedirs makes buckets)
+            fs.makedirs(str(Path(path).parent), exist_ok=True)
+        with fs.open(path, "w") as f:
+            f.write("probe\n")
+        fs.rm(path)
+    except Exception as exc:  # OSError locally; botocore/s3fs errors are not OSErrors
+        detail = str(exc).splitlines()[0] if str(exc) else "no detail"
+        raise EchoPulseError(f"{uri}: cannot write there ({type(exc).__name__}: {detail})") from exc

@@ -44,10 +44,12 @@ def flatten_params(params: dict[str, Any]) -> dict[str, str]:
 
 
 def _client(tracking_uri: str):
-    import mlflow
+    # a client bound to this URI, never ``mlflow.set_tracking_uri``: that also sets
+    # MLFLOW_TRACKING_URI for the whole process, so a later run meant for the default store (or
+    # another one) would land in this one
+    from mlflow import MlflowClient
 
-    mlflow.set_tracking_uri(tracking_uri)
-    return mlflow.MlflowClient(tracking_uri=tracking_uri)
+    return MlflowClient(tracking_uri=tracking_uri)
 
 
 def create_run(

@@ -77,7 +77,8 @@ def paper() -> Recipe:
     clip = ClipConfig(frames=11, size=128, fps=10.0, ecg_samples=2250)
     tokenizer = replace(base.tokenizer, image_size=128, dim=256, spatial_depth=4, temporal_depth=4,
                         heads=8, fsq_levels=(8, 8, 8, 5, 5, 5))
-    ecg = ECGEncoderConfig(samples=2250, patch=75, dim=384, depth=8, heads=6)
+    # ST-MEM ViT-S geometry, so `--ecg-checkpoint encoder.pth` loads one-to-one
+    ecg = ECGEncoderConfig(samples=2250, patch=75, dim=384, depth=12, heads=6)
     return replace(
         base,
         name="paper",

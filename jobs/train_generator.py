@@ -17,12 +17,17 @@ from echopulse import storage
 from echopulse.config import Recipe, from_dict, to_dict
 from echopulse.errors import EchoPulseError
 from echopulse.schema import TOKENS_SCHEMA
+from jobs import preflight
 from jobs.train_common import (
     CachedBatches,
     TrainResult,
     export_checkpoint,
     fail_marker,
+    gather_mean,
     latest_checkpoint,
+    log_config_artifact,
+    log_outcome,
+    micro_batch_size,
     repeat_batches,
     run_config,
     run_name,
@@ -35,6 +40,25 @@ log = logging.getLogger(__name__)
 # fixed mask ratios, so validation numbers compare across masking schedules; val_ce / val_acc are
 # at the first, the others are reported as val_ce_r25 / val_acc_r75 and so on
 VAL_MASK_RATIOS = (0.5, 0.25, 0.75)
+# checkpoints are ranked (best K kept) by validation cross-entropy at mask ratio 0.5
+SCORE = ("val_ce", "min")
+SAMPLE_CLIPS = 2  # clips in each generation GIF (tokenizer decoding of the real tokens above)
+
+
+def generation_gif(tokenizer, real_tokens, generated, fps: float, path: str) -> str:
+    """The tokenizer's decoding of the real tokens (top row) and of the generated ones (bottom)."""
+    import numpy as np
+    import torch
+
+    from echopulse.video_out import write_video
+
+    with torch.no_grad():
+        real = tokenizer.decode_from_indices(real_tokens.long().cpu()).numpy()
+        fake = tokenizer.decode_from_indices(generated.long().cpu()).numpy()
+    grid = np.concatenate([np.concatenate(list(real), axis=2), np.concatenate(list(fake), axis=2)], axis=1)
+    frames = (np.clip(grid, 0, 1) * 255).round().astype(np.uint8)
+    write_video(frames, fps, path, upscale=max(1, 128 // frames.shape[1]))
+    return path
 
 
 def generator_loop(config: dict[str, Any]) -> None:
@@ -53,17 +77,24 @@ def generator_loop(config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     torch.manual_seed(train.seed)
     device = ray.train.torch.get_device()
-    model = ray.train.torch.prepare_model(MaskGIT(recipe.generator))
+    generator = MaskGIT(recipe.generator)
+    if recipe.generator.ecg.checkpoint:  # a pretrained ST-MEM encoder (checked by preflight)
+        from echopulse.models.ecg_encoder import load_stmem_checkpoint
+
+        load_stmem_checkpoint(recipe.generator.ecg.checkpoint, generator.ecg_encoder,
+                              freeze=recipe.generator.ecg.freeze)
+    model = ray.train.torch.prepare_model(generator)
     logger = RunLogger(config["tracking_uri"], config["run_id"] if ctx.get_world_rank() == 0 else None)
-    per_worker = max(1, train.batch_size // ctx.get_world_size())
+    per_worker = micro_batch_size(train, ctx.get_world_size())
     batches = repeat_batches(ray.train.get_dataset_shard("train"), per_worker, device,
                              seed=train.seed + ctx.get_world_rank())
     val_shard = ray.train.get_dataset_shard("val")
 
     val_batches = CachedBatches(val_shard, per_worker, device)
 
-    def validate(step: int, _: dict[str, float]) -> dict[str, float]:
-        # every logged step reports val metrics, so Tune schedulers can compare trials early
+    def validate(step: int) -> dict[str, float]:
+        # with val_every 0 every logged step reports val metrics, so Tune schedulers can compare
+        # trials early; masks are seeded per batch so evaluations compare across steps
         unwrap(model).eval()
         totals: dict[str, float] = {}
         n = 0
@@ -77,12 +108,44 @@ def generator_loop(config: dict[str, Any]) -> None:
                     totals[key + suffix] = totals.get(key + suffix, 0.0) + value * k
             n += k
         unwrap(model).train()
-        return {f"val_{k}": v / max(n, 1) for k, v in totals.items()}
+        return {f"val_{k}": v for k, v in gather_mean(totals, n).items()}
+
+    tokenizer_cache: dict[str, Any] = {}
+
+    def sample(step: int, directory: str) -> list[str]:
+        """Generations from the first val clips' ECGs, decoded by the tokenizer (rank 0)."""
+        from echopulse.models.checkpoint import load_checkpoint
+
+        if not config.get("tokenizer_path"):
+            return []
+        batch = val_batches.first  # from the last validation (all ranks read the shard there)
+        if batch is None:
+            return []
+        if "model" not in tokenizer_cache:
+            with tempfile.TemporaryDirectory() as tmp:
+                tok, _, _ = load_checkpoint(storage.local_copy(config["tokenizer_path"], tmp),
+                                            expected_kind="tokenizer")
+            tokenizer_cache["model"] = tok.eval()
+        s = recipe.sampling
+        bare = unwrap(model)
+        bare.eval()
+        try:
+            with torch.no_grad():
+                generated = bare.generate(batch["ecg"][:SAMPLE_CLIPS].float(), steps=s.steps,
+                                          guidance=s.guidance, temperature=s.temperature,
+                                          schedule=s.schedule, seed=step)
+        finally:
+            bare.train()
+        grid = tuple(recipe.generator.token_grid)
+        real = batch["tokens"][:SAMPLE_CLIPS].reshape(-1, *grid)
+        return [generation_gif(tokenizer_cache["model"], real, generated.reshape(-1, *grid),
+                               recipe.clip.fps, os.path.join(directory, f"generation_step{step:07d}.gif"))]
 
     extra = {"tokenizer_id": config["tokenizer_id"], "clip": to_dict(recipe.clip),
              "sampling": to_dict(recipe.sampling)}
     train_worker_loop(model=model, train=train, step_fn=generator_train_step, batches=batches,
-                      logger=logger, on_log=validate, fail_marker=config.get("fail_marker"),
+                      logger=logger, validate=validate, sample=sample,
+                      fail_marker=config.get("fail_marker"),
                       resume_from=config.get("resume_from"),
                       save=lambda d: save_checkpoint(unwrap(model), recipe.generator, d,
                                                      kind="generator", extra=extra))
@@ -105,17 +168,93 @@ def check_tokens_info(tokens: str, recipe: Recipe) -> dict[str, Any]:
     return info
 
 
-def tokens_datasets(tokens: str, recipe: Recipe) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Train and val Ray datasets of a ``tokens/v1`` dataset, checked against the recipe."""
+ECG_FLAG_COLUMNS = ("ecg_source", "ecg_leads")  # used when a tokens dataset carries them
+
+
+def has_ecg(batch: dict[str, Any]):
+    """Which rows of a numpy batch carry an ECG: ``ecg_source != "none"`` when the column is there,
+    else any of ``ecg_leads``, else a non-zero ``ecg`` (ingest writes zeros, no leads and source
+    "none" for clips without one)."""
+    import numpy as np
+
+    if "ecg_source" in batch:
+        return np.asarray([s != "none" for s in batch["ecg_source"]], dtype=bool)
+    if "ecg_leads" in batch:
+        return np.asarray([bool(np.any(leads)) for leads in batch["ecg_leads"]], dtype=bool)
+    ecg = np.asarray(batch["ecg"])
+    if len(ecg) == 0:
+        return np.zeros(0, dtype=bool)
+    return np.abs(ecg.reshape(len(ecg), -1)).max(axis=1) > 0
+
+
+def _with_ecg(batch: dict[str, Any]) -> dict[str, Any]:
+    keep = has_ecg(batch)
+    return {k: v[keep] for k, v in batch.items()}
+
+
+def _ecg_flags(batch: dict[str, Any]) -> dict[str, Any]:
+    return {"split": batch["split"], "has_ecg": has_ecg(batch)}
+
+
+def _flag_columns(ds) -> list[str]:
+    names = ds.schema().names
+    flags = [c for c in ECG_FLAG_COLUMNS if c in names]
+    return flags[:1] or ["ecg"]
+
+
+def ecg_counts(tokens: str) -> dict[str, dict[str, int]]:
+    """Per split, how many rows of a ``tokens/v1`` dataset have an ECG and how many have none
+    (one pass over the ECG column, or over ``ecg_source`` when the dataset carries it)."""
+    from collections import Counter
+
+    from pipelines.common import read_parquet_dir
+
+    ds = read_parquet_dir(storage.join(tokens, "tokens"))
+    flags = ds.select_columns([*_flag_columns(ds), "split"]).map_batches(_ecg_flags, batch_format="numpy")
+    counts: Counter = Counter()
+    for batch in flags.iter_batches(batch_format="numpy"):
+        counts.update(zip(batch["split"].tolist(), batch["has_ecg"].tolist()))
+    splits = sorted({split for split, _ in counts})
+    return {split: {"with_ecg": counts[(split, True)], "without_ecg": counts[(split, False)]}
+            for split in splits}
+
+
+def tokens_datasets(tokens: str, recipe: Recipe,
+                    counts: dict[str, dict[str, int]] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Train and val Ray datasets of a ``tokens/v1`` dataset, checked against the recipe.
+
+    Clips without an ECG are filtered out (the generator is conditioned on it). ``counts``
+    (:func:`ecg_counts`, read by the caller) picks the val fallback and refuses a dataset with no
+    train clip that has an ECG; without it the filter is lazy (no pass over the data here, as in a
+    Tune trial) and the val split is taken when ``dataset.json`` counts one.
+
+    Raises:
+        EchoPulseError: when no train clip has an ECG (with ``counts``).
+    """
     from pipelines.common import read_parquet_dir
 
     info = check_tokens_info(tokens, recipe)
-    ds = read_parquet_dir(storage.join(tokens, "tokens")).select_columns(["tokens", "ecg", "split"])
+    if counts is not None:
+        skipped = sum(c["without_ecg"] for c in counts.values())
+        train_n = counts.get("train", {}).get("with_ecg", 0)
+        if skipped:
+            log.warning("%s: skipping %d clip(s) without an ECG (%s)", tokens, skipped,
+                        ", ".join(f"{k}: {v['without_ecg']}" for k, v in counts.items() if v["without_ecg"]))
+        if not train_n:
+            raise EchoPulseError(
+                f"{tokens}: no train clip has an ECG ({counts.get('train', {}).get('without_ecg', 0)} "
+                f"without one skipped); the generator is conditioned on the ECG")
+        has_val = bool(counts.get("val", {}).get("with_ecg"))
+    else:
+        has_val = bool(info["split_counts"].get("val"))
+    ds = read_parquet_dir(storage.join(tokens, "tokens"))
+    ds = ds.select_columns(["tokens", "ecg", "split", *[c for c in _flag_columns(ds) if c != "ecg"]])
+    ds = ds.map_batches(_with_ecg, batch_format="numpy")
     train = ds.filter(lambda r: r["split"] == "train").select_columns(["tokens", "ecg"])
-    if info["split_counts"].get("val"):
+    if has_val:
         val = ds.filter(lambda r: r["split"] == "val").select_columns(["tokens", "ecg"])
     else:
-        log.warning("%s: no val split; validating on train rows", tokens)
+        log.warning("%s: no val clips with an ECG; validating on train rows", tokens)
         val = train
     return {"train": train, "val": val}, info
 
@@ -136,11 +275,14 @@ def check_tokenizer(tokens_info: dict[str, Any], tokenizer: str) -> dict[str, An
 def build_generator_trainer(datasets: dict[str, Any], recipe: Recipe, tokenizer_id: str,
                             tracking_uri: str, run_id: str | None, name: str, out: str,
                             workers: int | None = None, use_gpu: bool | None = None,
-                            callbacks: list | None = None, resume_from: str | None = None):
+                            callbacks: list | None = None, resume_from: str | None = None,
+                            tokenizer_path: str | None = None):
     """The ``TorchTrainer`` for one generator training (shared by training and Tune trials).
 
-    Ray keeps the run under ``out``; ``resume_from`` is an earlier run's checkpoint to continue
-    from (:func:`jobs.train_common.latest_checkpoint`).
+    Ray keeps the run under ``out`` (the best ``keep_checkpoints`` by ``val_ce`` plus the latest);
+    ``resume_from`` is an earlier run's checkpoint to continue from
+    (:func:`jobs.train_common.latest_checkpoint`); ``tokenizer_path`` (a tokenizer checkpoint)
+    lets rank 0 decode sample generations into GIFs for MLflow.
     """
     from ray.train.torch import TorchTrainer
 
@@ -149,9 +291,9 @@ def build_generator_trainer(datasets: dict[str, Any], recipe: Recipe, tokenizer_
         train_loop_config={"recipe": to_dict(recipe), "tracking_uri": tracking_uri,
                            "run_id": run_id, "tokenizer_id": tokenizer_id,
                            "fail_marker": fail_marker(out, name),
-                           "resume_from": resume_from},
+                           "resume_from": resume_from, "tokenizer_path": tokenizer_path},
         scaling_config=scaling(workers or recipe.generator_train.workers, use_gpu),
-        run_config=run_config(name, out, recipe.generator_train, callbacks),
+        run_config=run_config(name, out, recipe.generator_train, callbacks, score=SCORE),
         datasets=datasets,
     )
 
@@ -185,24 +327,29 @@ def train_generator(tokens: str, tokenizer: str, out: str, recipe: Recipe, track
     from echopulse.runtime import init_ray
     from echopulse.tracking import RunLogger, create_run
 
+    preflight.generator_job(tokens, tokenizer, out, recipe)  # empty/other tokens, unwritable out
     tok_info = check_tokenizer(check_tokens_info(tokens, recipe), tokenizer)
     resume_from = latest_checkpoint(out, to_dict(recipe.generator))
     init_ray()
-    datasets, _ = tokens_datasets(tokens, recipe)
+    counts = ecg_counts(tokens)
+    datasets, _ = tokens_datasets(tokens, recipe, counts)
     storage.makedirs(out)
     name = run_name("generator")
-    run_id = create_run(tracking_uri, name, {"recipe": to_dict(recipe), "tokens": tokens,
-                                             "tokenizer": tokenizer, "out": out},
+    params = {"recipe": to_dict(recipe), "tokens": tokens, "tokenizer": tokenizer, "out": out}
+    run_id = create_run(tracking_uri, name,
+                        {**params, "clips_without_ecg": sum(c["without_ecg"] for c in counts.values())},
                         parent_run_id=parent_run_id, tags={"echopulse.stage": "train_generator"})
     logger = RunLogger(tracking_uri, run_id)
+    log_config_artifact(logger, params)
     trainer = build_generator_trainer(datasets, recipe, tok_info["model_id"], tracking_uri, run_id,
-                                      name, out, workers, use_gpu, resume_from=resume_from)
+                                      name, out, workers, use_gpu, resume_from=resume_from,
+                                      tokenizer_path=tokenizer)
     try:
         result = trainer.fit()
         checkpoint = export_checkpoint(result, out, add=bundle_tokenizer(tokenizer))
     except BaseException:
         logger.finish("FAILED")
         raise
-    logger.set_tag("checkpoint_uri", checkpoint)
+    log_outcome(logger, checkpoint, result, SCORE)
     logger.finish()
     return TrainResult(checkpoint=checkpoint, metrics=dict(result.metrics or {}), run_id=run_id)

@@ -1,23 +1,32 @@
 """Train the video tokenizer with Ray Train (``TorchTrainer``; DDP over ``workers``).
 
-Reads the train split of a ``clips/v1`` dataset; writes ``OUT/checkpoint`` (safetensors + JSON) and
-logs one MLflow run (params, per-step metrics, the checkpoint's files).
+Reads the train split of a ``clips/v1`` dataset (validating on its val split); writes
+``OUT/checkpoint`` (safetensors + JSON; the EMA weights when EMA is on) and logs one MLflow run
+(params, the config, per-step metrics, validation PSNR/SSIM/MSE, reconstruction GIFs, the
+checkpoint's files and URI).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 from echopulse import storage
 from echopulse.config import Recipe, from_dict, to_dict
 from echopulse.errors import EchoPulseError
 from echopulse.schema import CLIPS_SCHEMA
+from jobs import preflight
 from jobs.train_common import (
+    CachedBatches,
     TrainResult,
     export_checkpoint,
     fail_marker,
+    gather_mean,
     latest_checkpoint,
+    log_config_artifact,
+    log_outcome,
+    micro_batch_size,
     repeat_batches,
     run_config,
     run_name,
@@ -26,6 +35,25 @@ from jobs.train_common import (
 )
 
 log = logging.getLogger(__name__)
+
+# checkpoints are ranked (best K kept) by validation PSNR of the reconstructions
+SCORE = ("val_psnr", "max")
+SAMPLE_CLIPS = 2  # clips in each reconstruction GIF (original above, reconstruction below)
+
+
+def reconstruction_gif(video, recon, fps: float, path: str) -> str:
+    """Originals (top row) and reconstructions (bottom row) of up to :data:`SAMPLE_CLIPS` clips,
+    ``(b, t, h, w)`` in [0, 1], as one GIF."""
+    import numpy as np
+
+    from echopulse.video_out import write_video
+
+    a = video[:SAMPLE_CLIPS].float().cpu().numpy()
+    b = recon[:SAMPLE_CLIPS].float().cpu().numpy()
+    grid = np.concatenate([np.concatenate(list(a), axis=2), np.concatenate(list(b), axis=2)], axis=1)
+    frames = (np.clip(grid, 0, 1) * 255).round().astype(np.uint8)  # (t, 2h, n*w)
+    write_video(frames, fps, path, upscale=max(1, 128 // frames.shape[1]))
+    return path
 
 
 def tokenizer_loop(config: dict[str, Any]) -> None:
@@ -37,7 +65,7 @@ def tokenizer_loop(config: dict[str, Any]) -> None:
     from echopulse.models.checkpoint import save_checkpoint, unwrap
     from echopulse.models.tokenizer import VideoTokenizer
     from echopulse.tracking import RunLogger
-    from echopulse.training.steps import tokenizer_train_step
+    from echopulse.training.steps import tokenizer_train_step, tokenizer_val_step
 
     recipe = from_dict(Recipe, config["recipe"])
     train = recipe.tokenizer_train
@@ -45,11 +73,37 @@ def tokenizer_loop(config: dict[str, Any]) -> None:
     torch.manual_seed(train.seed)
     model = ray.train.torch.prepare_model(VideoTokenizer(recipe.tokenizer))
     logger = RunLogger(config["tracking_uri"], config["run_id"] if ctx.get_world_rank() == 0 else None)
-    per_worker = max(1, train.batch_size // ctx.get_world_size())
-    batches = repeat_batches(ray.train.get_dataset_shard("train"), per_worker,
-                             ray.train.torch.get_device(), seed=train.seed + ctx.get_world_rank())
+    device = ray.train.torch.get_device()
+    per_worker = micro_batch_size(train, ctx.get_world_size())
+    batches = repeat_batches(ray.train.get_dataset_shard("train"), per_worker, device,
+                             seed=train.seed + ctx.get_world_rank())
+    val_batches = CachedBatches(ray.train.get_dataset_shard("val"), per_worker, device)
+
+    def validate(step: int) -> dict[str, float]:
+        """Reconstruction quality over this rank's val shard, combined over ranks."""
+        sums: dict[str, float] = {}
+        n = 0
+        for batch in val_batches:
+            metrics, _ = tokenizer_val_step(model, batch)
+            k = len(batch["frames"])
+            for key, value in metrics.items():
+                sums[key] = sums.get(key, 0.0) + value * k
+            n += k
+        return {f"val_{k}": v for k, v in gather_mean(sums, n).items()}
+
+    def sample(step: int, directory: str) -> list[str]:
+        batch = val_batches.first  # from the last validation (all ranks read the shard there)
+        if batch is None:
+            return []
+        batch = {k: v[:SAMPLE_CLIPS] for k, v in batch.items()}
+        _, recon = tokenizer_val_step(model, batch)
+        video = batch["frames"].float() / 255.0
+        return [reconstruction_gif(video, recon, recipe.clip.fps,
+                                   os.path.join(directory, f"reconstruction_step{step:07d}.gif"))]
+
     train_worker_loop(model=model, train=train, step_fn=tokenizer_train_step, batches=batches,
-                      logger=logger, fail_marker=config.get("fail_marker"),
+                      logger=logger, validate=validate, sample=sample,
+                      fail_marker=config.get("fail_marker"),
                       resume_from=config.get("resume_from"),
                       save=lambda d: save_checkpoint(unwrap(model), recipe.tokenizer, d,
                                                      kind="tokenizer",
@@ -65,7 +119,7 @@ def clips_dataset(clips: str, split: str = "train"):
     if picked.count() == 0:
         if ds.count() == 0:
             raise EchoPulseError(f"{clips}: the clips dataset is empty")
-        log.warning("%s: no %r clips; training on all clips", clips, split)
+        log.warning("%s: no %r clips; using all clips for %s", clips, split, split)
         picked = ds
     return picked.select_columns(["frames"])
 
@@ -94,22 +148,24 @@ def train_tokenizer(clips: str, out: str, recipe: Recipe, tracking_uri: str,
     from pipelines.common import read_dataset_info
 
     read_dataset_info(clips, CLIPS_SCHEMA)  # a bad path fails here, before Ray starts
+    preflight.tokenizer_job(clips, out, recipe)  # empty/wrong-schema clips, unwritable out
     resume_from = latest_checkpoint(out, to_dict(recipe.tokenizer))
     init_ray()
-    dataset = clips_dataset(clips)
+    datasets = {"train": clips_dataset(clips), "val": clips_dataset(clips, "val")}
     storage.makedirs(out)
     name = run_name("tokenizer")
     run_id = create_run(tracking_uri, name, {"recipe": to_dict(recipe), "clips": clips, "out": out},
                         parent_run_id=parent_run_id, tags={"echopulse.stage": "train_tokenizer"})
     logger = RunLogger(tracking_uri, run_id)
+    log_config_artifact(logger, {"recipe": to_dict(recipe), "clips": clips, "out": out})
     trainer = TorchTrainer(
         tokenizer_loop,
         train_loop_config={"recipe": to_dict(recipe), "tracking_uri": tracking_uri, "run_id": run_id,
                            "fail_marker": fail_marker(out, name),
                            "resume_from": resume_from},
         scaling_config=scaling(workers or recipe.tokenizer_train.workers, use_gpu),
-        run_config=run_config(name, out, recipe.tokenizer_train),
-        datasets={"train": dataset},
+        run_config=run_config(name, out, recipe.tokenizer_train, score=SCORE),
+        datasets=datasets,
     )
     try:
         result = trainer.fit()
@@ -117,7 +173,7 @@ def train_tokenizer(clips: str, out: str, recipe: Recipe, tracking_uri: str,
     except BaseException:
         logger.finish("FAILED")
         raise
-    logger.set_tag("checkpoint_uri", checkpoint)
+    log_outcome(logger, checkpoint, result, SCORE)
     _log_checkpoint_files(logger, checkpoint)
     logger.finish()
     return TrainResult(checkpoint=checkpoint, metrics=dict(result.metrics or {}), run_id=run_id)

@@ -36,3 +36,13 @@ def test_runs_metrics_and_nesting_land_in_the_store(tmp_path):
     assert client.get_run(parent).data.params["recipe.name"] == "tiny"
     assert client.get_run(broken.run_id).info.status == "FAILED"
     assert not RunLogger(uri, None).active  # ranks > 0 log nothing
+
+
+def test_a_run_in_one_store_does_not_redirect_later_default_runs(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    create_run(f"sqlite:///{tmp_path}/a.db", "first")
+    # the next run that asks for the default store must get WORKDIR/mlflow.db, not a.db
+    assert resolve_tracking_uri(str(tmp_path / "work")) == f"sqlite:///{tmp_path / 'work'}/mlflow.db"
+    import os
+
+    assert "MLFLOW_TRACKING_URI" not in os.environ

@@ -2,7 +2,10 @@
 
 One small module shared by training (``r ~ U(0, 1)``, mask ``schedule(r)`` of the tokens) and by
 sampling (after step ``s`` of ``S``, ``schedule((s + 1) / S)`` of the unknown tokens stay masked).
-Every schedule is monotone non-increasing with ``schedule(0) == 1`` and ``schedule(1) == 0``.
+Every named schedule is monotone non-increasing with ``schedule(0) == 1`` and ``schedule(1) == 0``.
+Truncated forms (:func:`truncated_schedule`) keep the shape but run from ``high`` down to ``low``
+(e.g. never mask fewer than 10% of the tokens in training); the generator's
+``mask_ratio_min``/``mask_ratio_max`` are exactly this truncation.
 """
 
 from __future__ import annotations
@@ -86,3 +89,27 @@ def get_schedule(name: str) -> Schedule:
         raise ValueError(
             f"unknown masking schedule {name!r}; known: {', '.join(sorted(SCHEDULES))}"
         ) from None
+
+
+def truncated_schedule(schedule: str | Schedule, low: float = 0.0, high: float = 1.0) -> Schedule:
+    """The truncated form of a schedule: ``low + (high - low) * schedule(r)``.
+
+    Monotone non-increasing like its base, with ``value(0) == high`` and ``value(1) == low``.
+
+    Args:
+        schedule: a name from :data:`SCHEDULES` or a schedule function.
+        low: the masked fraction at ``r = 1``.
+        high: the masked fraction at ``r = 0``.
+
+    Raises:
+        ValueError: an unknown name, or bounds outside ``0 <= low < high <= 1``.
+    """
+    base = get_schedule(schedule) if isinstance(schedule, str) else schedule
+    if not 0.0 <= low < high <= 1.0:
+        raise ValueError(f"truncated schedule bounds must satisfy 0 <= low < high <= 1, got [{low}, {high}]")
+
+    def truncated(r: Progress) -> Progress:
+        return low + (high - low) * base(r)
+
+    truncated.__name__ = f"truncated_{getattr(base, '__name__', 'schedule')}"
+    return truncated

@@ -1,9 +1,12 @@
-"""C-ViViT-style video tokenizer (Phenaki): grayscale clip <-> grid of FSQ token ids.
+"""C-ViViT-style video tokenizer (Phenaki): grayscale clip <-> grid of token ids.
 
 The first frame is patchified alone and the rest in temporal patches of ``temporal_patch`` frames,
 so a clip of ``1 + k * temporal_patch`` frames becomes ``1 + k`` token frames and the first frame
 can be tokenized (and primed) on its own. Spatial blocks attend within a token frame, causal temporal
 blocks attend along time at each spatial position; the decoder mirrors the encoder.
+
+The quantizer is FSQ by default and VQ with an EMA codebook as an option
+(``TokenizerConfig.quantizer``); both give ids in ``[0, codebook_size)``.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from torch import nn
 
 from echopulse.config import TokenizerConfig
 from echopulse.models.layers import TransformerBlock, init_weights
-from echopulse.models.quantizer import FSQ
+from echopulse.models.quantizer import build_quantizer, codebook_stats
 
 
 class VideoTokenizer(nn.Module):
@@ -47,11 +50,11 @@ class VideoTokenizer(nn.Module):
             TransformerBlock(d, cfg.heads, causal=True) for _ in range(cfg.temporal_depth)
         )
         self.enc_norm = nn.LayerNorm(d)
-        self.to_code = nn.Linear(d, len(cfg.fsq_levels))
-        self.quantizer = FSQ(cfg.fsq_levels)
+        self.to_code = nn.Linear(d, cfg.code_dim)
+        self.quantizer = build_quantizer(cfg)
 
         # decoder (mirror: temporal first, then spatial)
-        self.from_code = nn.Linear(len(cfg.fsq_levels), d)
+        self.from_code = nn.Linear(cfg.code_dim, d)
         self.dec_spatial_pos = nn.Parameter(torch.randn(s * s, d) * 0.02)
         self.dec_temporal_pos = nn.Parameter(torch.randn(t_tokens, d) * 0.02)
         self.dec_temporal = nn.ModuleList(
@@ -100,7 +103,7 @@ class VideoTokenizer(nn.Module):
     # ---- encoder ------------------------------------------------------------------------------
 
     def encode_continuous(self, video: torch.Tensor) -> torch.Tensor:
-        """Pre-quantization latents ``(b, t', h', w', len(fsq_levels))``."""
+        """Pre-quantization latents ``(b, t', h', w', code_dim)``."""
         video = self._check_video(video) * 2 - 1  # (b, t, h, w) in [-1, 1]
         p, pt = self.cfg.patch_size, self.cfg.temporal_patch
         first = rearrange(video[:, :1], "b t (h p1) (w p2) -> b t h w (p1 p2)", p1=p, p2=p)
@@ -144,7 +147,7 @@ class VideoTokenizer(nn.Module):
 
     def decode(self, z_q: torch.Tensor, clamp: bool = True) -> torch.Tensor:
         """Codes ``(b, t', h', w', c)`` -> video ``(b, t, h, w)`` in [0, 1] (unclamped if asked)."""
-        grid, c = self.cfg.token_grid, len(self.cfg.fsq_levels)
+        grid, c = self.cfg.token_grid, self.cfg.code_dim
         if z_q.ndim != 5 or tuple(z_q.shape[1:]) != (*grid, c):
             raise ValueError(
                 f"expected codes (b, {grid[0]}, {grid[1]}, {grid[2]}, {c}), got {tuple(z_q.shape)}"
@@ -181,31 +184,45 @@ class VideoTokenizer(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
         """Reconstruct ``video`` through the quantizer.
 
+        In training mode a VQ tokenizer also updates its codebook (EMA) here.
+
         Args:
             video: ``(b, t, h, w)`` float in [0, 1] (uint8 is scaled).
             l1_weight: weight of an extra L1 term added to the MSE loss.
 
         Returns:
-            ``(recon (b, t, h, w) in [0, 1], loss, metrics)`` with metrics ``mse``, ``mae``, ``codebook_usage``,
-            ``psnr``
-            (dB, per clip on the clamped reconstruction with peak 1.0, averaged over the batch) and ``loss``.
+            ``(recon (b, t, h, w) in [0, 1], loss, metrics)``. The loss is MSE (+ ``l1_weight`` * L1,
+            + ``vq_commitment_weight`` * commitment for VQ). Metrics (floats): ``loss``, ``mse``,
+            ``mae``, ``psnr`` (dB, per clip on the clamped reconstruction with peak 1.0, averaged
+            over the batch), ``codebook_usage`` (fraction of codes used in this batch),
+            ``codebook_perplexity`` (exp of the entropy of this batch's code histogram) and, for VQ,
+            ``commitment``.
         """
         target = self._check_video(video)
-        z_q, indices = self.quantize(target)
+        z = self.encode_continuous(target)
+        z_q, indices = self.quantizer(z)
         recon = self.decode(z_q, clamp=False)
         mse = F.mse_loss(recon, target)
         mae = F.l1_loss(recon, target)
         loss = mse + l1_weight * mae if l1_weight else mse
+        commitment = None
+        if self.cfg.quantizer == "vq":
+            # the codebook follows the encoder by EMA; this term makes the encoder follow the codebook
+            commitment = F.mse_loss(z.float(), z_q.detach())
+            loss = loss + self.cfg.vq_commitment_weight * commitment
         with torch.no_grad():
             recon = recon.clamp(0, 1)
             per_clip_mse = (recon - target).pow(2).flatten(1).mean(dim=1)  # (b,)
             psnr = (10 * torch.log10(1.0 / per_clip_mse.clamp_min(1e-10))).mean().item()
-            usage = indices.unique().numel() / self.codebook_size
+            usage, perplexity = codebook_stats(indices, self.codebook_size)
         metrics = {
             "loss": loss.item(),
             "mse": mse.item(),
             "mae": mae.item(),
             "psnr": psnr,
-            "codebook_usage": usage,  # fraction of codes used in this batch
+            "codebook_usage": usage,
+            "codebook_perplexity": perplexity,
         }
+        if commitment is not None:
+            metrics["commitment"] = commitment.item()
         return recon, loss, metrics

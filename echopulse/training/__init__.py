@@ -8,9 +8,12 @@ from echopulse.training.steps import (
     make_optimizer,
     tokenizer_eval_step,
     tokenizer_train_step,
+    tokenizer_val_step,
 )
+from echopulse.training.ema import EMA
 
 __all__ = [
+    "EMA",
     "codebook_usage",
     "generator_eval_step",
     "generator_train_step",
@@ -18,4 +21,5 @@ __all__ = [
     "make_optimizer",
     "tokenizer_eval_step",
     "tokenizer_train_step",
+    "tokenizer_val_step",
 ]

@@ -2,13 +2,18 @@
 
 Plain functions: no Ray, no process groups. The caller may pass a DDP-wrapped model; train steps
 call ``model(...)`` so gradients are synchronized, eval steps use the bare module.
+
+Gradient accumulation: a train step takes one batch or a list of micro-batches. Each micro-batch's
+loss is weighted by its share of the samples, so the summed gradient is that of the whole batch
+(exactly, for per-sample mean losses); under DDP every micro-batch but the last runs in
+``model.no_sync()``, so gradients are all-reduced once per optimizer step.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -35,24 +40,48 @@ def _frames_to_video(frames: Any, device: torch.device) -> torch.Tensor:
     return frames.to(device, dtype=torch.float32, non_blocking=True)
 
 
-def _optimize(
-    model: nn.Module, loss: torch.Tensor, optimizer: torch.optim.Optimizer, grad_clip: float | None,
+def _batch_size(batch: dict[str, Any]) -> int:
+    return len(next(iter(batch.values())))
+
+
+def _accumulate(
+    model: nn.Module,
+    batch: dict[str, Any] | list[dict[str, Any]],
+    optimizer: torch.optim.Optimizer,
+    grad_clip: float | None,
     lr: float | None,
-) -> float:
+    forward: Callable[[dict[str, Any]], tuple[torch.Tensor, dict[str, float]]],
+) -> dict[str, float]:
+    """Forward/backward over the micro-batches, one optimizer step; sample-weighted metrics."""
+    micro = list(batch) if isinstance(batch, (list, tuple)) else [batch]
+    if not micro:
+        raise ValueError("a train step needs at least one micro-batch")
+    sizes = [_batch_size(b) for b in micro]
+    total = sum(sizes)
     if lr is not None:
         for group in optimizer.param_groups:
             group["lr"] = lr
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    sums: dict[str, float] = {}
+    for i, (b, n) in enumerate(zip(micro, sizes)):
+        last = i == len(micro) - 1
+        sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
+        with sync:
+            loss, metrics = forward(b)
+            (loss * (n / total)).backward()
+        for k, v in metrics.items():
+            sums[k] = sums.get(k, 0.0) + float(v) * n
+    out = {k: v / total for k, v in sums.items()}
     max_norm = grad_clip if grad_clip and grad_clip > 0 else math.inf  # inf: measure, do not clip
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
     optimizer.step()
-    return float(grad_norm)
+    out["grad_norm"] = float(grad_norm)
+    return out
 
 
 def tokenizer_train_step(
     model: nn.Module,
-    batch: dict[str, Any],
+    batch: dict[str, Any] | list[dict[str, Any]],
     optimizer: torch.optim.Optimizer,
     grad_clip: float | None = 1.0,
     lr: float | None = None,
@@ -63,7 +92,7 @@ def tokenizer_train_step(
 
     Args:
         model: :class:`~echopulse.models.tokenizer.VideoTokenizer` (or a DDP wrapper of one).
-        batch: ``{"frames": uint8 (b, t, h, w)}``.
+        batch: ``{"frames": uint8 (b, t, h, w)}``, or a list of such micro-batches (accumulated).
         optimizer: e.g. from :func:`make_optimizer`.
         grad_clip: max global grad norm; ``None``/0 disables clipping.
         lr: if given, set on every param group before stepping (see :func:`lr_at`).
@@ -71,15 +100,19 @@ def tokenizer_train_step(
         l1_weight: weight of an L1 term added to the MSE loss.
 
     Returns:
-        ``loss``, ``mse``, ``mae``, ``psnr``, ``codebook_usage``, ``grad_norm`` as floats.
+        every numeric metric the model returns (``loss``, ``mse``, ``mae``, ``psnr``,
+        ``codebook_usage``, ...; sample-weighted over micro-batches) and ``grad_norm``, as floats.
     """
     model.train()
     device = _device(model)
-    video = _frames_to_video(batch["frames"], device)
-    with _autocast(device, amp_dtype):
-        _, loss, metrics = model(video, l1_weight=l1_weight)
-    metrics["grad_norm"] = _optimize(model, loss, optimizer, grad_clip, lr)
-    return metrics
+
+    def forward(b: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+        video = _frames_to_video(b["frames"], device)
+        with _autocast(device, amp_dtype):
+            _, loss, metrics = model(video, l1_weight=l1_weight)
+        return loss, _numeric(metrics)
+
+    return _accumulate(model, batch, optimizer, grad_clip, lr, forward)
 
 
 @torch.no_grad()
@@ -93,7 +126,48 @@ def tokenizer_eval_step(model: nn.Module, batch: dict[str, Any]) -> dict[str, fl
         _, _, metrics = bare(video)
     finally:
         bare.train(was_training)
-    return metrics
+    return _numeric(metrics)
+
+
+@torch.no_grad()
+def tokenizer_val_step(model: nn.Module, batch: dict[str, Any]) -> tuple[dict[str, float], torch.Tensor]:
+    """Reconstruction quality of ``{"frames": uint8 (b, t, h, w)}`` in eval mode, fp32.
+
+    Returns:
+        ``(metrics, recon)``: the model's numeric metrics plus ``mse``, ``psnr`` (dB) and ``ssim``
+        (Gaussian window, :func:`echopulse.metrics.ssim`), each the mean over the batch's clips of
+        the per-clip value on the clamped reconstruction; ``recon`` is ``(b, t, h, w)`` in [0, 1].
+    """
+    from echopulse import metrics as quality
+
+    bare = unwrap(model)
+    was_training = bare.training
+    bare.eval()
+    try:
+        video = _frames_to_video(batch["frames"], _device(bare))
+        recon, _, model_metrics = bare(video)
+    finally:
+        bare.train(was_training)
+    recon = recon.float().clamp(0, 1)
+    out = _numeric(model_metrics)
+    per_clip = (recon - video).pow(2).flatten(1).mean(dim=1)  # (b,)
+    out["mse"] = per_clip.mean().item()
+    out["psnr"] = (10 * torch.log10(1.0 / per_clip.clamp_min(1e-10))).mean().item()
+    a, b = video.cpu().numpy(), recon.cpu().numpy()
+    if min(a.shape[-2:]) >= 11:
+        out["ssim"] = sum(quality.ssim(x, y) for x, y in zip(a, b)) / len(a)
+    return out, recon
+
+
+def _numeric(metrics: dict[str, Any]) -> dict[str, float]:
+    """The model's metrics that are numbers (scalars or one-element tensors), as floats."""
+    out: dict[str, float] = {}
+    for k, v in metrics.items():
+        if isinstance(v, torch.Tensor) and v.numel() == 1:
+            v = v.item()
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[k] = float(v)
+    return out
 
 
 def _generator_inputs(batch: dict[str, Any], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -104,7 +178,7 @@ def _generator_inputs(batch: dict[str, Any], device: torch.device) -> tuple[torc
 
 def generator_train_step(
     model: nn.Module,
-    batch: dict[str, Any],
+    batch: dict[str, Any] | list[dict[str, Any]],
     optimizer: torch.optim.Optimizer,
     grad_clip: float | None = 1.0,
     lr: float | None = None,
@@ -114,7 +188,9 @@ def generator_train_step(
 
     Args:
         model: :class:`~echopulse.models.generator.MaskGIT` (or a DDP wrapper of one).
-        batch: ``{"tokens": int (b, t', h', w') or (b, n), "ecg": float (b, 12, L)}``.
+        batch: ``{"tokens": int (b, t', h', w') or (b, n), "ecg": float (b, 12, L)}``, or a list
+            of such micro-batches (accumulated; each micro-batch's loss is its masked-token mean,
+            weighted by its sample count).
         optimizer: e.g. from :func:`make_optimizer`.
         grad_clip: max global grad norm; ``None``/0 disables clipping.
         lr: if given, set on every param group before stepping.
@@ -125,11 +201,14 @@ def generator_train_step(
     """
     model.train()
     device = _device(model)
-    tokens, ecg = _generator_inputs(batch, device)
-    with _autocast(device, amp_dtype):
-        loss, metrics = model(tokens, ecg)
-    metrics["grad_norm"] = _optimize(model, loss, optimizer, grad_clip, lr)
-    return metrics
+
+    def forward(b: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+        tokens, ecg = _generator_inputs(b, device)
+        with _autocast(device, amp_dtype):
+            loss, metrics = model(tokens, ecg)
+        return loss, _numeric(metrics)
+
+    return _accumulate(model, batch, optimizer, grad_clip, lr, forward)
 
 
 @torch.no_grad()

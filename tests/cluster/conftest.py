@@ -7,6 +7,7 @@ Nothing here touches a developer's own cluster: its own ports, token, state and 
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
@@ -148,7 +149,8 @@ def ray_head(request):
     address = f"http://127.0.0.1:{ports['RAY_DASHBOARD_PORT']}"
     wait_http(f"{address}/api/version", 30)
     cli_env = clean_env(RAY_AUTH_TOKEN_PATH=str(token), RAY_API_SERVER_ADDRESS=address)
-    return {"address": address, "token": token, "env": cli_env, "cli": Cli(cli_env), "base": base}
+    return {"address": address, "token": token, "env": cli_env, "cli": Cli(cli_env), "base": base,
+            "gcs_port": ports["RAY_PORT"]}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -253,3 +255,55 @@ def mlflow_server(request, postgres, s3_server):
         log.flush()
         pytest.fail(f"{exc}\n{(base / 'server.log').read_text()[-3000:]}")
     return {"uri": uri, "log": base / "server.log"}
+
+
+# ---------------------------------------------------------------------------------------------
+# A second Ray node
+
+
+def ray_nodes(ray_head) -> list[dict]:
+    """The ALIVE nodes of the ``ray_head`` cluster (Ray's state API, in a subprocess)."""
+    code = ("import json; from ray.util.state import list_nodes; "
+            f"print(json.dumps([n.__dict__ for n in list_nodes(address={ray_head['address']!r})]))")
+    done = subprocess.run([sys.executable, "-c", code], env=ray_state_env(ray_head),
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return [n for n in json.loads(done.stdout.strip().splitlines()[-1]) if n["state"] == "ALIVE"]
+
+
+def ray_state_env(ray_head) -> dict[str, str]:
+    """The environment for Ray's own clients (state API, ``ray start``) of the ``ray_head``."""
+    return dict(ray_head["env"], RAY_AUTH_MODE="token")
+
+
+@pytest.fixture(scope="module")
+def ray_worker_node(ray_head):
+    """A second Ray node on this machine (``ray start --address`` the ``ray_head``'s GCS; 2 CPUs,
+    custom resource ``second_node``, its own temp dir and agent ports), stopped afterwards."""
+    base = ray_head["base"] / "w"
+    base.mkdir(exist_ok=True)
+    env = dict(ray_state_env(ray_head), RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="5")
+    before = {n["node_id"] for n in ray_nodes(ray_head)}
+    log = (base / "node.log").open("w")
+    proc = subprocess.Popen(
+        [str(BIN / "ray"), "start", "--block", f"--address=127.0.0.1:{ray_head['gcs_port']}",
+         "--node-ip-address=127.0.0.1", "--num-cpus=2", '--resources={"second_node": 1}',
+         f"--temp-dir={base / 't'}", f"--dashboard-agent-listen-port={free_port()}",
+         f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
+         "--disable-usage-stats"],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            added = [n for n in ray_nodes(ray_head) if n["node_id"] not in before]
+            if added:
+                break
+            if proc.poll() is not None or time.monotonic() > deadline:
+                log.flush()
+                pytest.fail(f"the worker node did not join:\n{(base / 'node.log').read_text()[-3000:]}")
+            time.sleep(1)
+        yield {"node_id": added[0]["node_id"], "head_node_ids": before}
+    finally:
+        stop_group(proc, grace=15)
+        log.close()
+        shutil.rmtree(base, ignore_errors=True)

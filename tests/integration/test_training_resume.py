@@ -29,27 +29,59 @@ def _logged_steps(uri: str, run_id: str) -> list[int]:
 
 
 def test_resume_across_commands_and_after_a_crash(clips, tmp_path, monkeypatch):
+    import json
+
+    from mlflow import MlflowClient
+
+    import jobs.train_tokenizer
     from echopulse.models.checkpoint import load_checkpoint
     from jobs.train_tokenizer import train_tokenizer
 
+    # rank checkpoints by the earliest step, keeping 1: the best kept is then never the latest,
+    # so resuming from the best instead of the latest would show in the logged steps
+    monkeypatch.setattr(jobs.train_tokenizer, "SCORE", ("step", "min"))
     uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # undone after the test (mlflow exports it)
     out = tmp_path / "tokenizer"
-    train = replace(tiny().tokenizer_train, steps=10, log_every=5, checkpoint_every=5)
+    train = replace(tiny().tokenizer_train, steps=10, log_every=5, checkpoint_every=5,
+                    keep_checkpoints=1, ema_decay=0.9)
     first = train_tokenizer(str(clips), str(out), replace(tiny(), tokenizer_train=train), uri)
     assert _logged_steps(uri, first.run_id) == [5, 10]
 
-    # the same command with more steps continues at step 10; a crash at step 17 restarts the
-    # worker group from the step-15 checkpoint of this run (not from step 10, not from scratch)
+    # the same command with more steps continues at step 10 (the latest, not the best: step 5);
+    # a crash at step 17 restarts the worker group from this run's step-16 checkpoint (the
+    # latest; the best kept is step 12), so steps 12-16 are logged once
     monkeypatch.setenv(FAIL_ENV, "17")
-    longer = replace(train, steps=20)
+    longer = replace(train, steps=20, log_every=2, checkpoint_every=2)
     second = train_tokenizer(str(clips), str(out), replace(tiny(), tokenizer_train=longer), uri)
-    assert _logged_steps(uri, second.run_id) == [15, 20]
+    assert _logged_steps(uri, second.run_id) == [12, 14, 16, 18, 20]
     markers = list((out / "ray").glob("*/fail_once.marker"))
     assert len(markers) == 1, "the injected failure did not happen"
     assert second.metrics["step"] == 20
     model, _, _ = load_checkpoint(second.checkpoint, expected_kind="tokenizer")
     assert model is not None
-    assert not (out / "checkpoint" / "optimizer.pt").exists()  # the export is the model only
+    exported = {p.name for p in (out / "checkpoint").iterdir()}
+    assert not exported & {"optimizer.pt", "train_state.json", "train_weights.safetensors"}
+
+    # EMA: Ray's checkpoints hold the raw training weights beside the EMA model.safetensors
+    run_dir = out / "ray" / MlflowClient(tracking_uri=uri).get_run(second.run_id).info.run_name
+    kept = sorted(c for c in run_dir.glob("checkpoint_*") if c.is_dir())
+    steps = sorted(json.loads((c / "train_state.json").read_text())["step"] for c in kept)
+    assert steps == [12, 20]  # best K = 1 by the score, plus the latest
+    assert all((c / "train_weights.safetensors").exists() for c in kept)
+
+    # MLflow: validation metrics, the config, a reconstruction GIF, the checkpoint URIs
+    client = MlflowClient(tracking_uri=uri)
+    assert {"val_psnr", "val_ssim", "val_mse", "codebook_usage", "grad_norm", "lr",
+            "samples_per_s"} <= set(client.get_run(second.run_id).data.metrics)
+    assert sorted(int(m.step) for m in client.get_metric_history(second.run_id, "val_psnr")) == [
+        12, 14, 16, 18, 20]
+    artifacts = {a.path for d in ("config", "samples")
+                 for a in client.list_artifacts(second.run_id, d)}
+    assert "config/config.json" in artifacts and "samples/reconstruction_step0000020.gif" in artifacts
+    tags = client.get_run(second.run_id).data.tags
+    assert tags["checkpoint_uri"] == second.checkpoint
+    assert tags["best_checkpoint_uri"].endswith(kept[0].name) and tags["best_checkpoint_step"] == "12"
 
 
 def test_other_model_config_in_out_is_refused(clips, tmp_path):

@@ -83,3 +83,41 @@ def test_corrupted_or_edited_weights_refused(tmp_path):
         load_checkpoint(tmp_path)
     with pytest.raises(ValueError, match="missing tensors.*to_code.bias"):
         load_checkpoint(tmp_path, verify=False)
+
+
+def test_vq_codebook_state_is_saved(tmp_path):
+    """The EMA statistics and the restart counters live in buffers, so they are in the safetensors."""
+    torch.manual_seed(0)
+    cfg = TokenizerConfig(quantizer="vq", vq_codebook_size=32, vq_dim=4)
+    model = VideoTokenizer(cfg).train()
+    video = torch.rand(2, cfg.frames, cfg.image_size, cfg.image_size)
+    for _ in range(3):
+        model(video)  # EMA updates change the buffers
+    save_checkpoint(model, cfg, tmp_path, "tokenizer")
+    stored = load_file(str(tmp_path / "model.safetensors"))
+    for name in ("embed", "ema_cluster_size", "ema_embed_sum", "unused_steps", "initialized"):
+        assert torch.equal(stored[f"quantizer.{name}"], getattr(model.quantizer, name)), name
+    assert bool(stored["quantizer.initialized"])
+    loaded, loaded_cfg, _ = load_checkpoint(tmp_path)
+    assert loaded_cfg == cfg
+    assert torch.equal(loaded.encode(video), model.eval().encode(video))
+
+
+def test_checkpoint_of_another_size_refused(tmp_path):
+    """A tiny-config checkpoint whose weights come from a larger model (or another quantizer) is refused
+    with the tensors that differ."""
+    small = TokenizerConfig()
+    big = replace(small, dim=96)
+    save_checkpoint(VideoTokenizer(big), big, tmp_path / "big", "tokenizer")
+    meta = json.loads((tmp_path / "big" / "config.json").read_text())
+    meta["config"]["dim"] = small.dim
+    (tmp_path / "big" / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"tokenizer weights do not match its config: .*expected \(.*64.*\), "
+                                         r"checkpoint has \(.*96.*\)"):
+        load_checkpoint(tmp_path / "big", verify=False)
+    save_checkpoint(VideoTokenizer(small), small, tmp_path / "fsq", "tokenizer")
+    meta = json.loads((tmp_path / "fsq" / "config.json").read_text())
+    meta["config"]["quantizer"] = "vq"
+    (tmp_path / "fsq" / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"missing tensors .*quantizer\.e"):
+        load_checkpoint(tmp_path / "fsq", verify=False)

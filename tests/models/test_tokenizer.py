@@ -84,3 +84,68 @@ def test_tokenizer_overfits_one_clip():
     recon = tokenizer.decode_from_indices(tokenizer.encode(video))
     psnr = 10 * torch.log10(1 / (recon - video).pow(2).mean())
     assert float(psnr) == pytest.approx(end["psnr"], abs=1e-3)
+
+
+def phantom_clip(frames: int = 5, size: int = 32) -> torch.Tensor:
+    """One phantom echo clip ``(1, t, h, w)`` uint8: the imaging area below the header, resized."""
+    import torch.nn.functional as F
+
+    from echopulse.synth.phantom import HEADER_ROWS, make_study
+
+    study = make_study(3, duration_s=0.5, fps=10, rows=HEADER_ROWS + 48, cols=48)
+    video = torch.from_numpy(study.frames[:frames, HEADER_ROWS:]).float()[None]  # (1, t, 48, 48)
+    return F.interpolate(video, size=(size, size), mode="area").round().clamp(0, 255).to(torch.uint8)
+
+
+@pytest.mark.parametrize("quantizer", ["fsq", "vq"])
+def test_tokenizer_overfits_one_phantom_clip(quantizer):
+    """Learning with either quantizer: one phantom clip from ~7 dB to > 24 dB PSNR in <= 250 CPU steps
+    (measured: 26 dB after ~130 steps for both)."""
+    torch.manual_seed(0)
+    tokenizer = VideoTokenizer(TokenizerConfig(quantizer=quantizer))
+    optimizer = make_optimizer(tokenizer, lr=2e-3)
+    batch = {"frames": phantom_clip()}
+    start = tokenizer_eval_step(tokenizer, batch)["psnr"]
+    for _ in range(250):
+        metrics = tokenizer_train_step(tokenizer, batch, optimizer)
+        if metrics["psnr"] > 26.0:
+            break
+    end = tokenizer_eval_step(tokenizer, batch)
+    assert start < 12.0
+    assert end["psnr"] > 24.0, f"{quantizer}: PSNR {end['psnr']:.1f} dB after training (start {start:.1f} dB)"
+    assert end["codebook_usage"] > 1 / tokenizer.codebook_size and end["codebook_perplexity"] > 2.0
+    video = batch["frames"].float() / 255
+    recon = tokenizer.decode_from_indices(tokenizer.encode(video))
+    psnr = 10 * torch.log10(1 / (recon - video).pow(2).mean())
+    assert float(psnr) == pytest.approx(end["psnr"], abs=1e-2)
+
+
+def test_vq_tokenizer_surface_and_metrics():
+    torch.manual_seed(0)
+    cfg = TokenizerConfig(quantizer="vq", vq_codebook_size=64, vq_dim=6)
+    assert cfg.codebook_size == 64 and cfg.code_dim == 6
+    tokenizer = VideoTokenizer(cfg)
+    assert tokenizer.codebook_size == 64
+    video = torch.rand(2, cfg.frames, cfg.image_size, cfg.image_size)
+    _, loss, metrics = tokenizer.train()(video)  # the first training forward seeds the codebook
+    assert {"commitment", "codebook_usage", "codebook_perplexity"} <= set(metrics)
+    assert metrics["loss"] == pytest.approx(metrics["mse"] + cfg.vq_commitment_weight * metrics["commitment"], rel=1e-5)
+    assert 0 < metrics["codebook_usage"] <= 1 and 1 <= metrics["codebook_perplexity"] <= 64
+    indices = tokenizer.eval().encode(video)
+    assert indices.shape == (2, *cfg.token_grid) and int(indices.max()) < 64
+    assert tokenizer.decode_from_indices(indices).shape == video.shape
+    with pytest.raises(ValueError, match=r"\(b, 3, 4, 4, 6\)"):
+        tokenizer.decode(torch.zeros(1, 3, 4, 4, 3))
+    with pytest.raises(ValueError, match=r"\[0, 64\)"):
+        tokenizer.decode_from_indices(torch.full((1, 3, 4, 4), 64))
+
+
+def test_fsq_metrics_have_no_commitment():
+    _, _, metrics = VideoTokenizer(TokenizerConfig())(torch.rand(1, 5, 32, 32))
+    assert "commitment" not in metrics and metrics["codebook_perplexity"] >= 1.0
+
+
+def test_unknown_quantizer_refused():
+    with pytest.raises(ValueError, match="fsq, vq") as info:
+        TokenizerConfig(quantizer="rvq")
+    assert "rvq" in str(info.value)
