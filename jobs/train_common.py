@@ -209,7 +209,8 @@ def train_worker_loop(
     (the latest values until the next validation) so checkpoints can be ranked by them.
     ``sample(step, dir)`` (rank 0 only) writes files logged as MLflow artifacts under ``samples/``,
     every ``train.sample_every`` steps and at the end, also on the EMA weights.
-    Every ``train.checkpoint_every`` logged steps (and at the end) rank 0 attaches a resumable
+    At the first logged step ``train.checkpoint_every`` or more steps after the last checkpoint
+    (and at the end) rank 0 attaches a resumable
     checkpoint: ``save(dir)`` writes the model checkpoint (EMA weights when EMA is on); the
     optimizer state, step and raw training weights go beside it (:mod:`echopulse.training.state`).
     """

@@ -4,11 +4,17 @@ Training (``forward``): mask a schedule-drawn fraction of each sequence, predict
 the rest and the ECG. With probability ``cond_dropout`` a sample's ECG tokens are replaced by a
 learned null condition, so the same network also gives the unconditional logits that
 classifier-free guidance needs at sampling time (``generate``, see ``sampling.py``).
+
+Optional extra conditions (``GeneratorConfig.num_views``, ``ef_conditioning``): a learned embedding
+of the echo view id and an MLP of the ejection fraction are added to every ECG context token (each
+token then carries them, as a position embedding would); condition dropout drops them together
+with the ECG.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +38,8 @@ class MaskGIT(nn.Module):
                              f"[{cfg.mask_ratio_min}, {cfg.mask_ratio_max}]")
         if not 0.0 <= cfg.cond_dropout < 1.0:
             raise ValueError(f"cond_dropout must be in [0, 1), got {cfg.cond_dropout}")
+        if cfg.num_views < 0:
+            raise ValueError(f"num_views must be >= 0 (0 disables view conditioning), got {cfg.num_views}")
         self.cfg = cfg
         self.mask_id = cfg.vocab_size  # one extra embedding row for [MASK]
         self.token_embed = nn.Embedding(cfg.vocab_size + 1, cfg.dim)
@@ -41,6 +49,9 @@ class MaskGIT(nn.Module):
         self.ecg_proj = nn.Linear(cfg.ecg.dim, cfg.dim)
         # stands in for the ECG tokens when the condition is dropped (and for the unguided branch)
         self.null_cond = nn.Parameter(torch.randn(cfg.dim) * 0.02)
+        self.view_embed = nn.Embedding(cfg.num_views, cfg.dim) if cfg.num_views > 0 else None
+        self.ef_mlp = (nn.Sequential(nn.Linear(1, cfg.dim), nn.GELU(), nn.Linear(cfg.dim, cfg.dim))
+                       if cfg.ef_conditioning else None)
 
         self.blocks = nn.ModuleList(
             TransformerBlock(cfg.dim, cfg.heads, context_dim=cfg.dim) for _ in range(cfg.depth)
@@ -81,6 +92,52 @@ class MaskGIT(nn.Module):
         """The null condition shaped like a context: ``(batch, num_tokens, dim)``."""
         return repeat(self.null_cond, "d -> b m d", b=batch, m=num_tokens)
 
+    def with_extra_conditions(
+        self, context: torch.Tensor, view: torch.Tensor | None = None, ef: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Add the view and EF embeddings the config asks for to every token of an ECG context.
+
+        Args:
+            context: ``(b, m, dim)`` from :meth:`encode_ecg`.
+            view: ``(b,)`` view ids in ``[0, num_views)``; required iff ``num_views > 0``.
+            ef: ``(b,)`` ejection fractions in ``[0, 1]``; required iff ``ef_conditioning``.
+
+        Returns:
+            ``(b, m, dim)``; unchanged when the config has neither condition.
+        """
+        b = context.shape[0]
+        extra = []
+        if self.view_embed is None:
+            if view is not None:
+                raise ValueError("view given, but this generator has no view conditioning (num_views = 0)")
+        else:
+            if view is None:
+                raise ValueError(f"this generator is conditioned on the echo view: pass view=, "
+                                 f"(b,) ids in [0, {self.cfg.num_views})")
+            view = torch.as_tensor(view, device=context.device).long().reshape(-1)
+            if view.shape[0] != b:
+                raise ValueError(f"expected view ids (b,) = ({b},), got {tuple(view.shape)}")
+            if int(view.min()) < 0 or int(view.max()) >= self.cfg.num_views:
+                raise ValueError(f"view ids must lie in [0, {self.cfg.num_views}), "
+                                 f"got [{int(view.min())}, {int(view.max())}]")
+            extra.append(self.view_embed(view))  # (b, d)
+        if self.ef_mlp is None:
+            if ef is not None:
+                raise ValueError("ef given, but this generator has no EF conditioning (ef_conditioning = False)")
+        else:
+            if ef is None:
+                raise ValueError("this generator is conditioned on the ejection fraction: pass ef=, (b,) in [0, 1]")
+            ef = torch.as_tensor(ef, device=context.device).to(context.dtype).reshape(-1)
+            if ef.shape[0] != b:
+                raise ValueError(f"expected ef (b,) = ({b},), got {tuple(ef.shape)}")
+            if not bool(((ef >= 0) & (ef <= 1)).all()):
+                raise ValueError(f"ef must be a fraction in [0, 1], got [{float(ef.min())}, {float(ef.max())}]")
+            # centred on a typical EF and scaled, so the MLP starts in its useful range
+            extra.append(self.ef_mlp(rearrange((ef - 0.55) / 0.15, "b -> b 1")))  # (b, d)
+        if not extra:
+            return context
+        return context + rearrange(sum(extra), "b d -> b 1 d").to(context.dtype)
+
     # ---- network ------------------------------------------------------------------------------
 
     def logits(
@@ -88,17 +145,22 @@ class MaskGIT(nn.Module):
         tokens_in: torch.Tensor,
         context: torch.Tensor,
         cond_mask: torch.Tensor | None = None,
+        view: torch.Tensor | None = None,
+        ef: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits over the vocabulary at every position.
 
         Args:
             tokens_in: ``(b, n)`` ids in ``[0, vocab_size]`` (``vocab_size`` is [MASK]).
             context: ``(b, m, dim)`` from :meth:`encode_ecg`.
-            cond_mask: ``(b,)`` bool; False replaces that sample's context by the null condition.
+            cond_mask: ``(b,)`` bool; False replaces that sample's context (ECG, view and EF) by
+                the null condition.
+            view, ef: the extra conditions, see :meth:`with_extra_conditions`.
 
         Returns:
             ``(b, n, vocab_size)``.
         """
+        context = self.with_extra_conditions(context, view, ef)
         if cond_mask is not None:
             null = self.null_context(context.shape[0], context.shape[1]).to(context.dtype)
             context = torch.where(rearrange(cond_mask, "b -> b 1 1"), context, null)
@@ -109,7 +171,13 @@ class MaskGIT(nn.Module):
 
     # ---- training -----------------------------------------------------------------------------
 
-    def forward(self, tokens: torch.Tensor, ecg: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        ecg: torch.Tensor,
+        view: torch.Tensor | None = None,
+        ef: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, dict[str, float]]:
         """Masked-token loss with a schedule-drawn mask ratio per sample.
 
         Uses the global torch RNG (seed it for reproducibility).
@@ -117,6 +185,7 @@ class MaskGIT(nn.Module):
         Args:
             tokens: ``(b, t', h', w')`` or ``(b, n)`` ids.
             ecg: ``(b, 12, L)`` float.
+            view, ef: ``(b,)`` echo view ids / ejection fractions, when the config conditions on them.
 
         Returns:
             ``(loss, {"loss", "masked_acc", "mask_ratio"})``: cross-entropy over masked positions only.
@@ -135,7 +204,8 @@ class MaskGIT(nn.Module):
             # always built in training (all True when cond_dropout = 0) so null_cond is in the graph
             # every step and DDP needs no find_unused_parameters
             cond_mask = torch.rand(b, device=device) >= self.cfg.cond_dropout
-        logits = self.logits(tokens.masked_fill(mask, self.mask_id), self.encode_ecg(ecg), cond_mask)
+        logits = self.logits(tokens.masked_fill(mask, self.mask_id), self.encode_ecg(ecg), cond_mask,
+                             view=view, ef=ef)
 
         loss = F.cross_entropy(logits[mask], tokens[mask])
         with torch.no_grad():
@@ -150,6 +220,8 @@ class MaskGIT(nn.Module):
         ecg: torch.Tensor,
         mask_ratio: float = 0.5,
         generator: torch.Generator | None = None,
+        view: torch.Tensor | None = None,
+        ef: torch.Tensor | None = None,
     ) -> dict[str, float]:
         """Cross-entropy and accuracy on a fixed fraction of masked tokens, conditioned, eval mode.
 
@@ -158,6 +230,7 @@ class MaskGIT(nn.Module):
             ecg: ``(b, 12, L)``.
             mask_ratio: fraction of positions masked (at least one).
             generator: RNG for which positions are masked; ``None`` uses the global one.
+            view, ef: the extra conditions, when the config has them.
 
         Returns:
             ``{"ce": ..., "acc": ...}`` over the masked positions.
@@ -170,7 +243,8 @@ class MaskGIT(nn.Module):
             k = min(max(1, int(math.floor(mask_ratio * n))), n)
             num_masked = torch.full((b,), k, dtype=torch.long, device=tokens.device)
             mask = _random_subset(b, n, num_masked, tokens.device, generator)
-            logits = self.logits(tokens.masked_fill(mask, self.mask_id), self.encode_ecg(ecg))
+            logits = self.logits(tokens.masked_fill(mask, self.mask_id), self.encode_ecg(ecg),
+                                 view=view, ef=ef)
             ce = F.cross_entropy(logits[mask], tokens[mask]).item()
             acc = (logits[mask].argmax(-1) == tokens[mask]).float().mean().item()
         finally:
@@ -178,6 +252,49 @@ class MaskGIT(nn.Module):
         return {"ce": ce, "acc": acc}
 
     # ---- sampling -----------------------------------------------------------------------------
+
+    def sampling_cache(self, context: torch.Tensor, guided: bool) -> "SamplingCache":
+        """What stays fixed across the decoding steps of one sample: per-block cross-attention
+        keys/values of ``context`` (with any view/EF embeddings added) and, when guided, each
+        block's cross-attention output under the null condition.
+
+        A context of identical null tokens makes attention uniform over equal values, so the null
+        branch's cross-attention is one constant vector per block, whatever the query.
+        """
+        kv = [tuple(t.contiguous() for t in block.cross_attn.context_kv(context)) for block in self.blocks]
+        null_out = []
+        if guided:
+            null = self.null_context(1, 1).to(context.dtype)  # (1, 1, d)
+            query = torch.zeros_like(null)  # any query gives the same output
+            null_out = [block.cross_attn(query, null) for block in self.blocks]  # (1, 1, d) each
+        return SamplingCache(kv=kv, null_out=null_out)
+
+    def sampling_hidden(self, tokens_in: torch.Tensor, cache: "SamplingCache") -> torch.Tensor:
+        """Final-norm hidden states for decoding: the same network as :meth:`logits` minus the
+        vocabulary projection, for the conditional rows and (guided) the null-conditioned rows.
+
+        Args:
+            tokens_in: ``(b, n)`` ids in ``[0, vocab_size]``.
+            cache: from :meth:`sampling_cache` for this batch's context.
+
+        Returns:
+            ``(b, n, dim)``, or ``(2b, n, dim)`` when guided: rows ``[0, b)`` conditional,
+            ``[b, 2b)`` null-conditioned.
+        """
+        b = tokens_in.shape[0]
+        guided = bool(cache.null_out)
+        x = self.token_embed(tokens_in) + self.pos_embed  # (b, n, d)
+        for i, block in enumerate(self.blocks):  # residual updates in place: no new activations
+            x += block.attn(block.norm_attn(x))
+            if i == 0 and guided:
+                # both branches see the same ids: the first self-attention is shared
+                x = torch.cat([x, x])  # (2b, n, d)
+            cond = x[:b]  # a view: the updates below write into x
+            cond += block.cross_attn(block.norm_cross(cond), kv=cache.kv[i])
+            if guided:
+                x[b:] += cache.null_out[i]
+            x += block.mlp(block.norm_mlp(x))
+        return self.norm(x)
 
     def generate(
         self,
@@ -188,12 +305,22 @@ class MaskGIT(nn.Module):
         schedule: str = "cosine",
         seed: int = 0,
         prime_tokens: torch.Tensor | None = None,
+        view: torch.Tensor | None = None,
+        ef: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Token ids ``(b, t', h', w')`` for each ECG; see :func:`echopulse.models.sampling.sample`."""
         from echopulse.models.sampling import sample
 
         return sample(self, ecg, steps=steps, guidance=guidance, temperature=temperature,
-                      schedule=schedule, seed=seed, prime_tokens=prime_tokens)
+                      schedule=schedule, seed=seed, prime_tokens=prime_tokens, view=view, ef=ef)
+
+
+@dataclass
+class SamplingCache:
+    """Per-sample constants of decoding (see :meth:`MaskGIT.sampling_cache`)."""
+
+    kv: list[tuple[torch.Tensor, torch.Tensor]]  # per block: (b, heads, m, head_dim) keys, values
+    null_out: list[torch.Tensor]  # per block: (1, 1, dim) null cross-attention output; [] unguided
 
 
 def _random_subset(

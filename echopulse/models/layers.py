@@ -26,12 +26,23 @@ class Attention(nn.Module):
         self.to_kv = nn.Linear(context_dim or dim, 2 * dim, bias=False)
         self.to_out = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        # x: (b, n, d); context: (b, m, d_c)
-        context = x if context is None else context
-        q = rearrange(self.to_q(x), "b n (h e) -> b h n e", h=self.heads)
+    def context_kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values ``(b, h, m, e)`` of a context, for reuse across calls (see ``kv``)."""
         k, v = rearrange(self.to_kv(context), "b m (two h e) -> two b h m e", two=2, h=self.heads)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)  # (b, h, n, e)
+        return k, v
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        context: torch.Tensor | None = None,
+        kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        # x: (b, n, d); context: (b, m, d_c); kv: context_kv(context), when the context is fixed
+        # across calls (the sampler's ECG) and its projection need not be recomputed
+        if kv is None:
+            kv = self.context_kv(x if context is None else context)
+        q = rearrange(self.to_q(x), "b n (h e) -> b h n e", h=self.heads)
+        out = F.scaled_dot_product_attention(q, *kv, is_causal=self.causal)  # (b, h, n, e)
         return self.to_out(rearrange(out, "b h n e -> b n (h e)"))
 
 
@@ -61,13 +72,18 @@ class TransformerBlock(nn.Module):
         self.norm_mlp = nn.LayerNorm(dim)
         self.mlp = FeedForward(dim)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        # x: (b, n, d); context: (b, m, d_c)
+    def forward(
+        self,
+        x: torch.Tensor,
+        context: torch.Tensor | None = None,
+        cross_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        # x: (b, n, d); context: (b, m, d_c), or its keys/values precomputed by cross_attn.context_kv
         x = x + self.attn(self.norm_attn(x))
         if self.cross_attn is not None:
-            if context is None:
+            if context is None and cross_kv is None:
                 raise ValueError("this block cross-attends: pass a context")
-            x = x + self.cross_attn(self.norm_cross(x), context)
+            x = x + self.cross_attn(self.norm_cross(x), context, kv=cross_kv)
         return x + self.mlp(self.norm_mlp(x))
 
 

@@ -8,6 +8,14 @@ of the unknown positions stay masked. Decoded and primed tokens are never change
 Guidance convention: ``guided = cond + guidance * (cond - uncond)``, so ``guidance = 0`` is the plain
 conditional model (and skips the null branch). In the ``uncond + s * (cond - uncond)`` convention this
 is ``s = 1 + guidance``.
+
+Speed (the default ``cached=True`` path; ``cached=False`` recomputes everything through
+``MaskGIT.logits`` and draws the same tokens): the ECG context's cross-attention keys/values are
+computed once per sample, the null branch's cross-attention is a constant, the first
+self-attention is shared by both branches, and the vocabulary projection -- as costly as the whole
+transformer at the paper size -- runs once, on the guided hidden state (the projection is linear,
+so guiding before it is exact), at still-masked positions only. Tokens are drawn by inverse CDF
+(one uniform per position) rather than Gumbel-max over the vocabulary.
 """
 
 from __future__ import annotations
@@ -23,6 +31,10 @@ from echopulse.models.schedules import get_schedule
 
 if TYPE_CHECKING:
     from echopulse.models.generator import MaskGIT
+
+
+# logits rows materialised at once (1 GiB in fp32): bounds memory at large batch x vocabulary
+_MAX_LOGIT_ELEMENTS = 1 << 28
 
 
 def _gumbel(shape: tuple[int, ...], rng: torch.Generator, device: torch.device) -> torch.Tensor:
@@ -53,7 +65,6 @@ def _prime_prefix(prime_tokens: torch.Tensor, grid: tuple[int, int, int], batch:
     return p.long()
 
 
-@torch.no_grad()
 def sample(
     model: "MaskGIT",
     ecg: torch.Tensor,
@@ -63,6 +74,9 @@ def sample(
     schedule: str = "cosine",
     seed: int = 0,
     prime_tokens: torch.Tensor | None = None,
+    view: torch.Tensor | None = None,
+    ef: torch.Tensor | None = None,
+    cached: bool = True,
 ) -> torch.Tensor:
     """Generate token ids for each ECG.
 
@@ -77,6 +91,8 @@ def sample(
         seed: seeds a private ``torch.Generator``: the same seed gives the same tokens.
         prime_tokens: known leading token frames, ``(b, h', w')`` (the first frame's tokens),
             ``(b, k, h', w')`` or ``(b, k * h' * w')``; batch 1 broadcasts. Returned unchanged.
+        view, ef: ``(b,)`` echo view ids / ejection fractions, when the model conditions on them.
+        cached: the fast path (module docstring); ``False`` is the straightforward one, for tests.
 
     Returns:
         ``(b, t', h', w')`` long ids in ``[0, vocab_size)``.
@@ -86,6 +102,18 @@ def sample(
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     schedule_fn = get_schedule(schedule)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            ids = _decode(model, ecg, steps, guidance, temperature, schedule_fn, seed, prime_tokens,
+                          view, ef, cached)
+    finally:
+        model.train(was_training)
+    return ids.clone()  # an ordinary tensor: inference tensors cannot enter autograd later
+
+
+def _decode(model, ecg, steps, guidance, temperature, schedule_fn, seed, prime_tokens, view, ef, cached):
     grid = tuple(model.cfg.token_grid)
     n, mask_id = model.seq_len, model.mask_id
     device = next(model.parameters()).device
@@ -93,56 +121,120 @@ def sample(
     b = ecg.shape[0]
     rng = torch.Generator().manual_seed(seed)
 
-    was_training = model.training
-    model.eval()
-    try:
-        ids = torch.full((b, n), mask_id, dtype=torch.long, device=device)  # (b, n)
-        num_known = 0
-        if prime_tokens is not None:
-            prime = _prime_prefix(prime_tokens, grid, b).to(device)  # (b, k)
-            if int(prime.min()) < 0 or int(prime.max()) >= model.cfg.vocab_size:
-                raise ValueError(f"prime_tokens must lie in [0, {model.cfg.vocab_size})")
-            num_known = prime.shape[1]
-            ids[:, :num_known] = prime
-        num_unknown = n - num_known
+    ids = torch.full((b, n), mask_id, dtype=torch.long, device=device)  # (b, n)
+    num_known = 0
+    if prime_tokens is not None:
+        prime = _prime_prefix(prime_tokens, grid, b).to(device)  # (b, k)
+        if int(prime.min()) < 0 or int(prime.max()) >= model.cfg.vocab_size:
+            raise ValueError(f"prime_tokens must lie in [0, {model.cfg.vocab_size})")
+        num_known = prime.shape[1]
+        ids[:, :num_known] = prime
+    num_unknown = n - num_known
 
-        context = model.encode_ecg(ecg)  # (b, m, d): once, outside the loop
-        guided = guidance != 0
-        if guided:
-            # rows [0, b) see the ECG, rows [b, 2b) the null condition: one forward for both
-            context = torch.cat([context, model.null_context(b, context.shape[1]).to(context.dtype)])
+    guided = guidance != 0
+    # (b, m, d): once, outside the loop
+    context = model.with_extra_conditions(model.encode_ecg(ecg), view, ef)
+    if cached:
+        cache = model.sampling_cache(context, guided)
+    elif guided:
+        # rows [0, b) see the condition, rows [b, 2b) the null condition: one forward for both
+        context = torch.cat([context, model.null_context(b, context.shape[1]).to(context.dtype)])
 
-        for step in range(steps):
-            if num_unknown == 0:
-                break
-            progress = (step + 1) / steps
-            is_masked = ids == mask_id  # (b, n)
+    for step in range(steps):
+        if num_unknown == 0:
+            break
+        progress = (step + 1) / steps
+        is_masked = ids == mask_id  # (b, n)
+        sample_temperature = temperature * (1 - step / steps)
+
+        # guided logits at the masked positions, in chunks of rows: (r, vocab) each
+        if cached:
+            hidden = model.sampling_hidden(ids, cache)  # (b or 2b, n, d)
+            rows = hidden[:b][is_masked]  # (r, d)
+            if guided:
+                rows = rows.mul_(1 + guidance).sub_(hidden[b:][is_masked], alpha=guidance)
+            weight, bias = model.to_logits.weight, model.to_logits.bias
+            chunks = (F.linear(chunk, weight, bias) for chunk in rows.split(_chunk_rows(weight.shape[0])))
+        else:
             if guided:
                 cond, uncond = model.logits(torch.cat([ids, ids]), context).float().chunk(2)
                 logits = cond + guidance * (cond - uncond)  # (b, n, vocab)
             else:
                 logits = model.logits(ids, context).float()
-            log_probs = F.log_softmax(logits, dim=-1)
+            chunks = logits[is_masked].split(_chunk_rows(logits.shape[-1]))
 
-            sample_temperature = temperature * (1 - step / steps)
-            if sample_temperature > 0:  # Gumbel-max: a draw from softmax(logits / T)
-                sampled = (log_probs / sample_temperature + _gumbel(log_probs.shape, rng, device)).argmax(-1)
-            else:
-                sampled = log_probs.argmax(-1)  # (b, n)
+        drawn = [_draw(chunk.float(), sample_temperature, rng) for chunk in chunks]
+        sampled = torch.cat([d[0] for d in drawn])  # (r,)
+        confidence = torch.full((b, n), math.inf, device=device)  # decoded tokens stay
+        confidence[is_masked] = torch.cat([d[1] for d in drawn])  # log p(sampled) at T = 1
+        ids[is_masked] = sampled
+        noise_scale = temperature * (1 - progress)
+        if noise_scale > 0:
+            confidence += noise_scale * _gumbel(confidence.shape, rng, device)
 
-            confidence = log_probs.gather(-1, sampled.unsqueeze(-1)).squeeze(-1)  # log p(sampled)
-            noise_scale = temperature * (1 - progress)
-            if noise_scale > 0:
-                confidence = confidence + noise_scale * _gumbel(confidence.shape, rng, device)
-            confidence = confidence.masked_fill(~is_masked, math.inf)  # decoded tokens stay
-            ids = torch.where(is_masked, sampled, ids)
-
-            # how many unknown positions stay masked; decode at least one new token per step
-            num_remask = int(math.floor(float(schedule_fn(progress)) * num_unknown))
-            num_remask = min(num_remask, int(is_masked.sum(-1).min()) - 1)
-            if num_remask > 0:
-                ranks = confidence.argsort(dim=-1).argsort(dim=-1)  # (b, n), 0 = least confident
-                ids = ids.masked_fill(ranks < num_remask, mask_id)
-    finally:
-        model.train(was_training)
+        # how many unknown positions stay masked; decode at least one new token per step
+        num_remask = int(math.floor(float(schedule_fn(progress)) * num_unknown))
+        num_remask = min(num_remask, int(is_masked.sum(-1).min()) - 1)
+        if num_remask > 0:
+            least_confident = confidence.topk(num_remask, dim=-1, largest=False, sorted=False).indices
+            ids.scatter_(1, least_confident, mask_id)
     return rearrange(ids, "b (t h w) -> b t h w", t=grid[0], h=grid[1], w=grid[2])
+
+
+def _chunk_rows(vocab: int) -> int:
+    return max(1, _MAX_LOGIT_ELEMENTS // vocab)
+
+
+def _draw(logits: torch.Tensor, temperature: float, rng: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """A token per row from ``softmax(logits / T)`` and its log-probability at ``T = 1``.
+
+    Args:
+        logits: ``(r, vocab)``; overwritten.
+        temperature: > 0 draws one uniform per row from ``rng``; 0 takes the argmax.
+
+    Returns:
+        ``(sampled, confidence)``, both ``(r,)``: ids and ``log softmax(logits)[sampled]``.
+    """
+    top = logits.amax(-1, keepdim=True)  # (r, 1)
+    if temperature == 0:
+        sampled = logits.argmax(-1)
+    shifted = logits.sub_(top)  # in place: logits - max <= 0
+    if temperature in (0.0, 1.0):
+        weights = shifted.exp_()  # the unnormalised probabilities, max entry 1
+        log_total = weights.sum(-1).log()  # log sum exp(logits - max): the log-softmax shift
+        if temperature == 0:
+            return sampled, -log_total  # the argmax's logit is the max
+    else:
+        # the T = 1 shift from cache-sized pieces, then exp((logits - max) / T) in place (max 1,
+        # so only tokens negligible next to the best one underflow)
+        log_total = torch.cat([piece.exp().sum(-1) for piece in shifted.split(64)]).log()
+        weights = shifted.mul_(1.0 / temperature).exp_()
+    uniform = torch.rand(weights.shape[0], generator=rng).to(weights.device)
+    sampled = _inverse_cdf(weights, uniform)
+    picked = weights.gather(-1, sampled.unsqueeze(-1)).squeeze(-1)  # exp((logit - max) / T)
+    return sampled, temperature * picked.log() - log_total
+
+
+def _inverse_cdf(weights: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """Index drawn from each row of non-negative ``weights (r, V)`` given ``uniform (r,)`` in [0, 1).
+
+    Two levels (block totals, then within the chosen block), so no full-length cumulative sum is
+    written.
+    """
+    r, vocab = weights.shape
+    size = _block_size(vocab)
+    blocks = weights.view(r, vocab // size, size)  # (r, nb, bs)
+    block_cdf = blocks.sum(-1).cumsum_(-1)  # (r, nb)
+    target = (uniform * block_cdf[:, -1]).unsqueeze(-1)  # (r, 1)
+    block = torch.searchsorted(block_cdf, target, right=True).clamp_(max=block_cdf.shape[1] - 1)  # (r, 1)
+    before = torch.where(block > 0, block_cdf.gather(-1, (block - 1).clamp_(min=0)), 0.0)  # (r, 1)
+    inner = blocks.gather(1, block.unsqueeze(-1).expand(r, 1, size)).squeeze(1)  # (r, bs)
+    inner = inner.cumsum_(-1).add_(before)
+    within = torch.searchsorted(inner, target, right=True).clamp_(max=size - 1)  # (r, 1)
+    return (block * size + within).squeeze(-1)
+
+
+def _block_size(vocab: int) -> int:
+    """The largest divisor of ``vocab`` not above about ``sqrt(vocab)``."""
+    limit = max(1, int(math.isqrt(vocab)))
+    return max(d for d in range(1, limit + 1) if vocab % d == 0)

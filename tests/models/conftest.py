@@ -9,7 +9,7 @@ from echopulse.training.steps import generator_train_step, make_optimizer
 @pytest.fixture(scope="session")
 def trained_generator():
     """A tiny MaskGIT overfit to 4 (ECG, tokens) pairs, each sequence tied to its own random ECG,
-    trained with the default condition dropout (0.15): 150 steps, ~2 s on 2 CPU cores.
+    trained with the default condition dropout (0.15): 250 steps, ~4 s on 2 CPU cores.
 
     Shared read-only by the generator and sampling tests: do not train it further.
     """
@@ -22,6 +22,6 @@ def trained_generator():
         "ecg": torch.randn(4, cfg.ecg.leads, cfg.ecg.samples, generator=rng),
     }
     optimizer = make_optimizer(model, lr=2e-3)
-    for _ in range(150):
+    for _ in range(250):
         generator_train_step(model, batch, optimizer)
     return model.eval(), batch

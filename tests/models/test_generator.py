@@ -75,3 +75,90 @@ def test_cond_dropout_only_in_training():
     torch.manual_seed(1)
     b, _ = model(batch["tokens"], batch["ecg"])
     assert torch.equal(a, b)  # seeded -> deterministic
+
+
+@pytest.fixture(scope="module")
+def view_ef_generator():
+    """A tiny MaskGIT with view and EF conditioning, overfit to 4 sequences that share one ECG and
+    differ only in (view, EF): only those inputs can tell them apart. ~2 s on 2 CPU cores."""
+    torch.manual_seed(0)
+    cfg = GeneratorConfig(num_views=2, ef_conditioning=True, cond_dropout=0.15)
+    model = MaskGIT(cfg)
+    rng = torch.Generator().manual_seed(2)
+    tokens = torch.randint(0, cfg.vocab_size, (4, *cfg.token_grid), generator=rng)
+    ecg = torch.randn(1, cfg.ecg.leads, cfg.ecg.samples, generator=rng).expand(4, -1, -1)
+    view = torch.tensor([0, 0, 1, 1])
+    ef = torch.tensor([0.35, 0.65, 0.35, 0.65])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    model.train()
+    for _ in range(150):
+        loss, _ = model(tokens, ecg, view=view, ef=ef)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.eval(), {"tokens": tokens, "ecg": ecg, "view": view, "ef": ef}
+
+
+def test_view_and_ef_steer_the_generator(view_ef_generator):
+    model, b = view_ef_generator
+    rng = torch.Generator().manual_seed(0)
+    right = model.masked_eval(b["tokens"], b["ecg"], mask_ratio=1.0, generator=rng, view=b["view"], ef=b["ef"])
+    assert right["acc"] > 0.9, right
+    # EF swapped within each view: predictions follow the EF input
+    swapped_ef = model.masked_eval(b["tokens"], b["ecg"], mask_ratio=1.0, generator=rng, view=b["view"],
+                                   ef=b["ef"][[1, 0, 3, 2]])
+    assert swapped_ef["acc"] < 0.5, swapped_ef
+    swapped_view = model.masked_eval(b["tokens"], b["ecg"], mask_ratio=1.0, generator=rng,
+                                     view=1 - b["view"], ef=b["ef"])
+    assert swapped_view["acc"] < 0.5, swapped_view
+
+    masked = torch.full((4, model.seq_len), model.mask_id)
+    context = model.encode_ecg(b["ecg"])
+    with torch.no_grad():
+        low = model.logits(masked, context, view=b["view"], ef=torch.full((4,), 0.35))
+        high = model.logits(masked, context, view=b["view"], ef=torch.full((4,), 0.65))
+        # condition dropout drops view and EF with the ECG: the null branch ignores them
+        null_low = model.logits(masked, context, torch.zeros(4, dtype=torch.bool), view=b["view"],
+                                ef=torch.full((4,), 0.35))
+        null_high = model.logits(masked, context, torch.zeros(4, dtype=torch.bool), view=1 - b["view"],
+                                 ef=torch.full((4,), 0.65))
+    assert (low - high).abs().mean() > 0.5
+    torch.testing.assert_close(null_low, null_high)
+
+
+def test_sampler_threads_view_and_ef(view_ef_generator):
+    model, b = view_ef_generator
+    out = model.generate(b["ecg"], steps=6, guidance=0.0, temperature=0.0, view=b["view"], ef=b["ef"])
+    assert (out == b["tokens"]).float().mean() > 0.9
+    swap = [1, 0, 3, 2]  # the other EF, same view
+    for guidance in (0.0, 1.0):  # the plain and the guided path both see the EF
+        swapped = model.generate(b["ecg"], steps=6, guidance=guidance, temperature=0.0, view=b["view"],
+                                 ef=b["ef"][swap])
+        assert (swapped == b["tokens"][swap]).float().mean() > 0.7, guidance
+        assert (swapped == b["tokens"]).float().mean() < 0.3, guidance
+
+
+def test_view_and_ef_inputs_are_checked():
+    ecg = torch.randn(2, 12, 300)
+    tokens = torch.zeros(2, 48, dtype=torch.long)
+    plain = MaskGIT(GeneratorConfig())
+    with pytest.raises(ValueError, match="no view conditioning"):
+        plain(tokens, ecg, view=torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="no EF conditioning"):
+        plain(tokens, ecg, ef=torch.tensor([0.5, 0.5]))
+    model = MaskGIT(GeneratorConfig(num_views=3, ef_conditioning=True))
+    with pytest.raises(ValueError, match="pass view="):
+        model(tokens, ecg, ef=torch.tensor([0.5, 0.5]))
+    with pytest.raises(ValueError, match="pass ef="):
+        model(tokens, ecg, view=torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match=r"\[0, 3\)"):
+        model(tokens, ecg, view=torch.tensor([0, 3]), ef=torch.tensor([0.5, 0.5]))
+    with pytest.raises(ValueError, match=r"\(b,\) = \(2,\)"):
+        model(tokens, ecg, view=torch.tensor([0]), ef=torch.tensor([0.5, 0.5]))
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        model(tokens, ecg, view=torch.tensor([0, 1]), ef=torch.tensor([55.0, 60.0]))  # percent, not fraction
+    with pytest.raises(ValueError, match="num_views"):
+        MaskGIT(GeneratorConfig(num_views=-1))
+    loss, _ = model(tokens, ecg, view=torch.tensor([0, 2]), ef=torch.tensor([0.3, 0.6]))
+    loss.backward()  # every conditioning parameter gets a gradient (no unused parameters for DDP)
+    assert all(p.grad is not None for p in [*model.view_embed.parameters(), *model.ef_mlp.parameters()])

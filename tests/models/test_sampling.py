@@ -1,7 +1,9 @@
 import pytest
 import torch
 
-from echopulse.models.sampling import sample
+from echopulse.config import GeneratorConfig
+from echopulse.models.generator import MaskGIT
+from echopulse.models.sampling import _draw, sample
 
 
 def test_generate_is_deterministic_and_in_range(trained_generator):
@@ -30,19 +32,62 @@ def test_guidance_changes_the_samples(trained_generator):
     assert not torch.equal(plain, guided)
 
 
-def test_guidance_uses_one_batched_forward(trained_generator, monkeypatch):
+@pytest.mark.parametrize("cached", [True, False])
+def test_guidance_uses_one_batched_forward(trained_generator, cached):
     model, batch = trained_generator
-    calls = []
-    original = model.logits
-    monkeypatch.setattr(model, "logits", lambda ids, ctx, m=None: calls.append(ids.shape[0]) or original(ids, ctx, m))
-    ecg_calls = []
-    encode = model.encode_ecg
-    monkeypatch.setattr(model, "encode_ecg", lambda e: ecg_calls.append(1) or encode(e))
-    model.generate(batch["ecg"], steps=5, guidance=2.0)
-    assert calls == [8] * 5 and ecg_calls == [1]
-    calls.clear()
-    model.generate(batch["ecg"], steps=5, guidance=0.0)
-    assert calls == [4] * 5
+    # the last block's MLP sees both branches' rows in one batch; the ECG is encoded once per call
+    rows, ecg_calls = [], []
+    hooks = [model.blocks[-1].mlp.register_forward_hook(lambda m, args, out: rows.append(out.shape[0])),
+             model.ecg_encoder.register_forward_hook(lambda m, args, out: ecg_calls.append(1))]
+    try:
+        sample(model, batch["ecg"], steps=5, guidance=2.0, cached=cached)
+        assert rows == [8] * 5 and ecg_calls == [1]
+        rows.clear()
+        sample(model, batch["ecg"], steps=5, guidance=0.0, cached=cached)
+        assert rows == [4] * 5
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+@pytest.mark.parametrize("guidance", [0.0, 3.0])
+@pytest.mark.parametrize("temperature", [0.0, 1.0, 2.5])
+def test_fast_path_draws_the_same_tokens_as_the_plain_path(trained_generator, guidance, temperature):
+    model, batch = trained_generator
+    prime = batch["tokens"][:, 0]
+    for kwargs in ({}, {"prime_tokens": prime}):
+        fast = sample(model, batch["ecg"], steps=6, guidance=guidance, temperature=temperature, seed=5, **kwargs)
+        plain = sample(model, batch["ecg"], steps=6, guidance=guidance, temperature=temperature, seed=5,
+                       cached=False, **kwargs)
+        assert torch.equal(fast, plain), (guidance, temperature, kwargs)
+
+
+def test_fast_path_hidden_states_give_the_models_logits():
+    torch.manual_seed(0)
+    model = MaskGIT(GeneratorConfig()).eval()  # untrained: near-uniform logits, no room to hide errors
+    ecg = torch.randn(3, 12, 300)
+    ids = torch.randint(0, model.cfg.vocab_size + 1, (3, model.seq_len))  # some [MASK]
+    with torch.no_grad():
+        context = model.encode_ecg(ecg)
+        both = model.logits(torch.cat([ids, ids]), torch.cat([context, model.null_context(3, context.shape[1])]))
+        hidden = model.sampling_hidden(ids, model.sampling_cache(context, guided=True))
+        unguided = model.sampling_hidden(ids, model.sampling_cache(context, guided=False))
+    torch.testing.assert_close(model.to_logits(hidden), both, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(model.to_logits(unguided), both[:3], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_draw_samples_the_tempered_softmax(temperature):
+    logits = torch.tensor([2.0, 1.0, 0.0, -1.0, -30.0, 0.5] * 2)  # 12 ids: blocks of 3
+    rows = 40_000
+    sampled, confidence = _draw(logits.repeat(rows, 1), temperature, torch.Generator().manual_seed(0))
+    expected = torch.softmax(logits / temperature, -1)
+    freq = torch.bincount(sampled, minlength=logits.numel()).float() / rows
+    assert (freq - expected).abs().max() < 0.01, (freq, expected)
+    torch.testing.assert_close(confidence, torch.log_softmax(logits, -1)[sampled])
+    greedy, best = _draw(logits.repeat(2, 1), 0.0, torch.Generator())
+    assert greedy.tolist() == [0, 0]
+    torch.testing.assert_close(best, torch.log_softmax(logits, -1)[[0, 0]])
 
 
 @pytest.mark.parametrize("schedule", ["cosine", "linear", "sqrt", "arccos"])
