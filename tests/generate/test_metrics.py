@@ -92,3 +92,76 @@ def test_ef_from_video_reads_phantom_ef():
         errors.append(metrics.ef_from_video(clip) - ef)
     assert all(abs(e) < 0.2 for e in errors), errors
     assert math.isnan(metrics.ef_from_video(np.zeros((5, 32, 32), dtype=np.uint8)))
+
+
+# ---- ECG-sync score: real phantom clips with their own ECG, another study's ECG, a static clip ----
+
+
+@pytest.fixture(scope="module")
+def phantom_windows():
+    """Window clips (the demo geometry: 11 frames at 10 fps, 64 px, 300 ECG samples at 250 Hz) of
+    three phantom studies at 58, 76 and 97 bpm, cut as ingestion cuts them."""
+    from echopulse.config import ECG_LEADS, ClipConfig
+    from echopulse.synth.phantom import make_study
+    from echopulse.transforms.clips import cut_clip, window_spans
+    from echopulse.transforms.ecg import prepare_ecg
+    from echopulse.transforms.video import crop_region
+
+    clip = ClipConfig(frames=11, size=64, fps=10.0, ecg_samples=300, stride_s=0.45)
+    clips = []
+    for study, (seed, hr, view) in enumerate(((3, 58.0, "A4C"), (4, 76.0, "A2C"), (5, 97.0, "A4C"))):
+        s = make_study(seed, view=view, heart_rate_bpm=hr, ef=0.55, duration_s=3.6, fps=25, rows=96, cols=120)
+        prepared = prepare_ecg(s.ecg.signal, s.ecg.fs, list(ECG_LEADS))
+        frames = crop_region(s.frames, s.region)
+        for span in window_spans(frames.shape[0] / s.fps, prepared.duration_s, clip):
+            video, ecg, _ = cut_clip(frames, s.fps, prepared, span, clip)
+            clips.append({"study": study, "video": video, "ecg": ecg, "hr": prepared.heart_rate_bpm})
+    return clips, clip.fps
+
+
+def test_ecg_sync_is_high_for_a_clip_with_its_own_ecg(phantom_windows):
+    clips, fps = phantom_windows
+    assert len({c["study"] for c in clips}) == 3 and len(clips) >= 12
+    estimated = [metrics.ecg_sync_score(c["video"], c["ecg"], fps) for c in clips]
+    known_rate = [metrics.ecg_sync_score(c["video"], c["ecg"], fps, heart_rate_bpm=c["hr"]) for c in clips]
+    assert np.mean(estimated) > 0.85, np.round(estimated, 2)
+    assert np.mean(known_rate) > 0.9 and min(known_rate) > 0.75, np.round(known_rate, 2)
+
+
+def test_ecg_sync_is_near_zero_with_another_studys_ecg(phantom_windows):
+    clips, fps = phantom_windows
+    other = [metrics.ecg_sync_score(a["video"], b["ecg"], fps, heart_rate_bpm=b["hr"])
+             for a in clips[::2] for b in clips[1::2] if a["study"] != b["study"]]
+    own = [metrics.ecg_sync_score(a["video"], a["ecg"], fps, heart_rate_bpm=a["hr"]) for a in clips]
+    assert len(other) > 30
+    assert abs(np.mean(other)) < 0.2, np.mean(other)
+    assert np.mean(own) - np.mean(other) > 0.7
+
+
+def test_ecg_sync_is_zero_for_a_static_clip_and_nan_without_r_peaks(phantom_windows):
+    clips, fps = phantom_windows
+    rng = np.random.default_rng(0)
+    static = [metrics.ecg_sync_score(np.repeat(c["video"][:1], len(c["video"]), axis=0), c["ecg"], fps)
+              for c in clips]
+    assert static == [0.0] * len(clips)
+    # a still frame with fresh noise in every frame: no motion to follow, about 0 on average
+    noisy = []
+    for c in clips:
+        still = np.repeat(c["video"][:1].astype(np.float64), len(c["video"]), axis=0)
+        still = np.clip(still + rng.normal(0, 6, still.shape), 0, 255).astype(np.uint8)
+        noisy.append(metrics.ecg_sync_score(still, c["ecg"], fps))
+    assert abs(np.nanmean(noisy)) < 0.25, np.round(noisy, 2)
+    assert math.isnan(metrics.ecg_sync_score(clips[0]["video"], np.zeros_like(clips[0]["ecg"]), fps))
+
+
+def test_expected_volume_follows_the_cardiac_cycle():
+    rr = 0.8
+    peaks = np.array([0.2, 1.0])
+    t = np.linspace(0, 1.6, 801)
+    v = metrics.expected_volume(t, peaks, rr)
+    assert v.min() >= 0 and v.max() <= 1
+    for r in (0.2, 1.0, 1.8 - rr):  # end-diastole (1) at each R-peak, extrapolated before the first
+        assert v[np.argmin(np.abs(t - r))] == pytest.approx(1.0, abs=1e-6)
+    es = 0.2 + metrics.end_systole_delay(rr)  # end-systole (0) at the T-wave end
+    assert v[np.argmin(np.abs(t - es))] == pytest.approx(0.0, abs=1e-3)
+    assert 0.3 < metrics.end_systole_delay(rr) < 0.4  # QT ~ 0.36 s at 75 bpm
