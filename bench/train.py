@@ -162,8 +162,6 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("ray", "mlflow", "alembic", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
-    import torch
-
     from echopulse.runtime import init_ray
     from pipelines.tokenize import write_random_tokens
 

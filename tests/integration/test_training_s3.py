@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 
-import boto3
 import pytest
 
 from echopulse.config import replace
@@ -22,28 +21,10 @@ BUCKET = "echo-train"
 
 
 @pytest.fixture(scope="module")
-def s3():
-    """A moto S3 server on 127.0.0.1 (a free port), one bucket, the AWS variables pointing at it."""
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server._server.server_address[:2]
-    env = {"AWS_ENDPOINT_URL_S3": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "testing",
-           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        client = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL_S3"])
-        client.create_bucket(Bucket=BUCKET)
-        yield client
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        server.stop()
+def s3(s3_server):
+    """The loopback S3 server (``s3_server``, tests/integration/conftest.py) with this module's bucket."""
+    s3_server.create_bucket(Bucket=BUCKET)
+    return s3_server
 
 
 def _keys(client, prefix: str) -> list[str]:
