@@ -70,12 +70,13 @@ def reference_sample(model: MaskGIT, ecg: torch.Tensor, steps: int, guidance: fl
     rng = torch.Generator().manual_seed(seed)
     ids = torch.full((b, n), mask_id, dtype=torch.long, device=device)
     context = model.encode_ecg(ecg)
+    frames = model.encode_ecg_frames(ecg)  # None without an ECG frame embedding
     null = model.null_context(b, context.shape[1])
     for step in range(steps):
         progress = (step + 1) / steps
         is_masked = ids == mask_id
-        cond = model.logits(ids, context)
-        uncond = model.logits(ids, null)
+        cond = model.logits(ids, context, frames=frames)
+        uncond = model.logits(ids, null)  # the null condition has no frame embedding
         log_probs = F.log_softmax(cond + guidance * (cond - uncond), dim=-1)  # (b, n, vocab)
         sample_temperature = temperature * (1 - step / steps)
         if sample_temperature > 0:
@@ -189,7 +190,7 @@ def main(argv=None) -> int:
 
     ours_flops, again = count_flops(ours)  # a second run: also checks that a seed gives the same clip
     assert torch.equal(again, tokens), "the sampler is not deterministic"
-    encode_flops = count_flops(lambda: model.encode_ecg(ecg))[0]
+    encode_flops = count_flops(lambda: (model.encode_ecg(ecg), model.encode_ecg_frames(ecg)))[0]
     reference_step_flops = count_flops(lambda: reference(n_steps=1))[0] - encode_flops
     reference_flops = encode_flops + steps * reference_step_flops  # every step does the same work
 

@@ -18,6 +18,12 @@ out, and the ``demo`` recipe's tokenizer and generator are trained with plain lo
 
     .venv/bin/python bench/quality.py --json bench_quality.json
     .venv/bin/python bench/quality.py --quick             # a smoke run, under 2 minutes
+    python3 bench/quality.py --device cuda --batch 32 --clips clips.npz   # on a GPU machine
+
+``--clips FILE.npz`` caches the cut corpus (written on the first run, read afterwards), so a
+machine without pydicom/wfdb (a GPU box) can rerun on clips cut elsewhere. ``--tokenizer FILE``
+reuses a tokenizer saved with ``--save`` (its training is skipped), for generator ablations such as
+``--no-ecg-frame-embedding`` or ``--prime-prob 0``.
 
 Prints a table against the goals (PSNR >= 25.4 dB, the paper's reconstruction MSE 2.89e-3; SSIM >=
 0.75; matched >= 0.7; shuffled <= 0.3) and writes ``{"tokenizer_psnr_db", "tokenizer_ssim",
@@ -90,6 +96,22 @@ def build_clips(work: Path, studies: int, seconds: float, seed: int, clip, train
         for k in ("frames", "ecg", "study", "heart_rate_bpm"):
             d[k] = np.stack(d[k]) if k in ("frames", "ecg") else np.asarray(d[k])
     out["held_studies"] = sorted(held)
+    return out
+
+
+def save_clips(path: Path, data: dict) -> None:
+    """The cut corpus as one ``.npz`` (plain arrays: read back without pickle)."""
+    arrays = {f"{split}__{k}": np.asarray(v) for split in ("train", "heldout") for k, v in data[split].items()}
+    np.savez_compressed(path, held_studies=np.asarray(data["held_studies"]), **arrays)
+
+
+def load_clips(path: Path) -> dict:
+    with np.load(path, allow_pickle=False) as z:
+        out: dict = {"train": {}, "heldout": {}, "held_studies": z["held_studies"].tolist()}
+        for key in z.files:
+            if "__" in key:
+                split, name = key.split("__", 1)
+                out[split][name] = z[key]
     return out
 
 
@@ -167,16 +189,17 @@ def to_uint8(video) -> np.ndarray:
 
 
 def reconstruct(tokenizer, frames: np.ndarray, batch: int = 8) -> tuple[np.ndarray, np.ndarray]:
-    """``(token ids, uint8 reconstructions)`` of uint8 clips."""
+    """``(token ids on the CPU, uint8 reconstructions)`` of uint8 clips."""
     import torch
 
+    device = next(tokenizer.parameters()).device
     ids, recon = [], []
     tokenizer.eval()
     with torch.inference_mode():
         for k in range(0, len(frames), batch):
-            x = torch.from_numpy(frames[k:k + batch])
+            x = torch.from_numpy(frames[k:k + batch]).to(device)
             i = tokenizer.encode(x)
-            ids.append(i)
+            ids.append(i.cpu())
             recon.append(to_uint8(tokenizer.decode_from_indices(i)))
     return torch.cat(ids), np.concatenate(recon)
 
@@ -194,7 +217,7 @@ def generate(generator, tokenizer, ecg: np.ndarray, prime, steps: int, guidance:
             ids = sample(generator, torch.from_numpy(ecg[k:k + batch]), steps=steps, guidance=guidance,
                          temperature=temperature, seed=seed + k,
                          prime_tokens=None if prime is None else prime[k:k + batch])
-            out.append(to_uint8(tokenizer.decode_from_indices(ids)))
+            out.append(to_uint8(tokenizer.decode_from_indices(ids.to(next(tokenizer.parameters()).device))))
     return np.concatenate(out)
 
 
@@ -260,6 +283,17 @@ def main(argv=None) -> int:
                         help="stop training early so the whole run ends in about this many minutes "
                              "(steps actually run are reported)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default: %(default)s)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s; fp32, TF32 "
+                                                          "matmuls on CUDA)")
+    parser.add_argument("--clips", default=None,
+                        help="cache of the cut corpus (.npz): read when it exists, else written")
+    parser.add_argument("--tokenizer", default=None,
+                        help="a tokenizer saved by --save (tokenizer.safetensors): skip its training")
+    parser.add_argument("--no-ecg-frame-embedding", action="store_true",
+                        help="ablation: the generator sees the ECG through cross-attention only")
+    parser.add_argument("--prime-prob", type=float, default=None,
+                        help="fraction of training samples with the first token frame given "
+                             "(default: the recipe's)")
     parser.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
     parser.add_argument("--log-every", type=int, default=25, help="(default: %(default)s)")
     parser.add_argument("--quick", action="store_true",
@@ -283,14 +317,24 @@ def main(argv=None) -> int:
     from echopulse.models.generator import MaskGIT
     from echopulse.models.tokenizer import VideoTokenizer
     from echopulse.training.steps import generator_train_step, tokenizer_train_step
+    from echopulse.config import replace
     from jobs.recipes import demo
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     load_start = [round(x, 2) for x in os.getloadavg()]
     started = time.perf_counter()
     deadline_total = None if args.budget_min is None else time.monotonic() + 60 * args.budget_min
     recipe = demo()
+    gen_cfg = recipe.generator
+    if args.no_ecg_frame_embedding:
+        gen_cfg = replace(gen_cfg, ecg_frame_embedding=False)
+    if args.prime_prob is not None:
+        gen_cfg = replace(gen_cfg, prime_prob=args.prime_prob)
     sampling = recipe.sampling
     s_steps = args.sampling_steps or sampling.steps
     guidance = sampling.guidance if args.guidance is None else args.guidance
@@ -299,7 +343,14 @@ def main(argv=None) -> int:
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-quality-"))
     t = time.perf_counter()
-    data = build_clips(work, args.studies, args.seconds, args.seed, recipe.clip, args.train_stride, args.holdout)
+    if args.clips and Path(args.clips).exists():
+        data = load_clips(Path(args.clips))
+        log.info("clips read from %s", args.clips)
+    else:
+        data = build_clips(work, args.studies, args.seconds, args.seed, recipe.clip, args.train_stride,
+                           args.holdout)
+        if args.clips:
+            save_clips(Path(args.clips), data)
     train, held = data["train"], data["heldout"]
     seconds["data"] = time.perf_counter() - t
     log.info("corpus: %d studies (%d held out), %d training clips, %d held-out clips, %.0f s",
@@ -312,15 +363,22 @@ def main(argv=None) -> int:
 
     # tokenizer
     rng = np.random.default_rng(args.seed)
-    tokenizer = VideoTokenizer(recipe.tokenizer)
+    tokenizer = VideoTokenizer(recipe.tokenizer).to(device)
     n_train = len(train["frames"])
 
     def tokenizer_batch(step: int) -> dict:
         return {"frames": torch.from_numpy(train["frames"][rng.choice(n_train, args.batch, replace=False)])}
 
-    tok = train_loop("tokenizer", tokenizer, tokenizer_train_step, tokenizer_batch, args.tokenizer_steps,
-                     args.tokenizer_lr, args.warmup, args.log_every, ("loss", "psnr", "codebook_usage"),
-                     budget_for(0.45))
+    if args.tokenizer:
+        from safetensors.torch import load_model
+
+        load_model(tokenizer, args.tokenizer, device=str(device))
+        tok = {"steps": 0, "seconds": 0.0, "cpu_seconds": 0.0, "final": {}, "loaded": args.tokenizer}
+        log.info("tokenizer read from %s (not trained)", args.tokenizer)
+    else:
+        tok = train_loop("tokenizer", tokenizer, tokenizer_train_step, tokenizer_batch, args.tokenizer_steps,
+                         args.tokenizer_lr, args.warmup, args.log_every, ("loss", "psnr", "codebook_usage"),
+                         budget_for(0.45))
     seconds["tokenizer_train"] = tok["seconds"]
 
     t = time.perf_counter()
@@ -332,7 +390,7 @@ def main(argv=None) -> int:
     log.info("tokenizer on held-out clips: PSNR %.2f dB, SSIM %.3f", tok_psnr, tok_ssim)
 
     # generator
-    generator = MaskGIT(recipe.generator)
+    generator = MaskGIT(gen_cfg).to(device)
 
     def generator_batch(step: int) -> dict:
         idx = rng.choice(n_train, args.batch, replace=False)
@@ -396,6 +454,9 @@ def main(argv=None) -> int:
         "seconds": {k: round(v, 1) for k, v in seconds.items()},
         "machine": {**machine(), "load_avg_start": load_start},
         "recipe": "demo",
+        "generator": {"ecg_frame_embedding": gen_cfg.ecg_frame_embedding, "prime_prob": gen_cfg.prime_prob,
+                      "cond_dropout": gen_cfg.cond_dropout},
+        "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
     }
     result["goals_reached"] = {k: bool(result[k] >= b if op == ">=" else result[k] <= b)
                                for k, (op, b) in GOALS.items()}

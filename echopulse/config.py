@@ -129,7 +129,17 @@ class ECGEncoderConfig:
 
 @dataclass(frozen=True)
 class GeneratorConfig:
-    """MaskGIT generator over video tokens with cross-attention to ECG tokens."""
+    """MaskGIT generator over video tokens with cross-attention to ECG tokens.
+
+    Attributes:
+        ecg_frame_embedding: also add, to every token of token frame ``j``, an embedding of the
+            raw ECG window around that frame's time (the ECG starts at the clip's first frame,
+            ``ECG_FS`` Hz). Cross-attention alone has to learn which ECG patch belongs to which
+            frame; this gives the alignment directly (see docs/architecture.md).
+        fps: the clip's frame rate (``ClipConfig.fps``): where each token frame lies on the ECG.
+        prime_prob: fraction of training samples whose first token frame is left unmasked, the
+            way generation primed with a first frame sees it.
+    """
 
     vocab_size: int = 125
     token_grid: tuple[int, int, int] = (3, 4, 4)
@@ -143,11 +153,19 @@ class GeneratorConfig:
     mask_ratio_max: float = 1.0
     num_views: int = 0  # > 0: the generator is also conditioned on an echo-view id (A4C, ...)
     ef_conditioning: bool = False  # also conditioned on the ejection fraction, in [0, 1]
+    ecg_frame_embedding: bool = True
+    fps: float = 5.0
+    prime_prob: float = 0.3
 
     @property
     def seq_len(self) -> int:
         t, h, w = self.token_grid
         return t * h * w
+
+    @property
+    def ecg_samples_per_frame(self) -> int:
+        """ECG samples between two video frames (``ECG_FS / fps``, rounded)."""
+        return max(1, round(ECG_FS / self.fps))
 
 
 @dataclass(frozen=True)
@@ -230,6 +248,12 @@ class Recipe:
     tune: TuneConfig = field(default_factory=TuneConfig)
     synth_studies: int = 6
     synth_seconds: float = 4.0
+
+    def __post_init__(self) -> None:
+        gen = self.generator
+        if gen.ecg_frame_embedding and abs(gen.fps - self.clip.fps) > 1e-6:
+            raise ValueError(f"generator.fps {gen.fps} differs from clip.fps {self.clip.fps}: the "
+                             f"ECG frame embedding would look at the wrong part of the ECG")
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -23,9 +23,10 @@ from echopulse.config import (
 from echopulse.errors import ConfigError
 
 
-def _generator_for(tokenizer: TokenizerConfig, ecg: ECGEncoderConfig, **kw) -> GeneratorConfig:
+def _generator_for(tokenizer: TokenizerConfig, ecg: ECGEncoderConfig, clip: ClipConfig,
+                   **kw) -> GeneratorConfig:
     return GeneratorConfig(vocab_size=tokenizer.codebook_size, token_grid=tokenizer.token_grid,
-                           ecg=ecg, **kw)
+                           ecg=ecg, fps=clip.fps, **kw)
 
 
 def tiny() -> Recipe:
@@ -38,7 +39,7 @@ def tiny() -> Recipe:
         name="tiny",
         clip=clip,
         tokenizer=tokenizer,
-        generator=_generator_for(tokenizer, ecg, dim=64, depth=2, heads=4),
+        generator=_generator_for(tokenizer, ecg, clip, dim=64, depth=2, heads=4),
         tokenizer_train=TrainConfig(steps=40, batch_size=8, lr=2e-3, warmup_steps=5, log_every=10),
         generator_train=TrainConfig(steps=40, batch_size=8, lr=1e-3, warmup_steps=5, log_every=10),
         sampling=SamplingConfig(steps=4, guidance=2.0),
@@ -60,7 +61,7 @@ def demo() -> Recipe:
         name="demo",
         clip=clip,
         tokenizer=tokenizer,
-        generator=_generator_for(tokenizer, ecg, dim=128, depth=3, heads=4),
+        generator=_generator_for(tokenizer, ecg, clip, dim=128, depth=3, heads=4),
         tokenizer_train=replace(base.tokenizer_train, steps=500, batch_size=8, log_every=25),
         generator_train=replace(base.generator_train, steps=400, batch_size=8, log_every=25),
         sampling=SamplingConfig(steps=8, guidance=2.0),
@@ -84,7 +85,7 @@ def paper() -> Recipe:
         name="paper",
         clip=clip,
         tokenizer=tokenizer,
-        generator=_generator_for(tokenizer, ecg, dim=512, depth=6, heads=8),
+        generator=_generator_for(tokenizer, ecg, clip, dim=512, depth=6, heads=8),
         # validation and sample GIFs every logged step would dominate a long run
         tokenizer_train=replace(base.tokenizer_train, steps=100_000, batch_size=32, lr=1e-4,
                                 warmup_steps=2000, val_every=1000, sample_every=5000,

@@ -5,6 +5,13 @@ the rest and the ECG. With probability ``cond_dropout`` a sample's ECG tokens ar
 learned null condition, so the same network also gives the unconditional logits that
 classifier-free guidance needs at sampling time (``generate``, see ``sampling.py``).
 
+ECG frame embedding (``GeneratorConfig.ecg_frame_embedding``, on by default): every token of
+token frame ``j`` also gets an embedding of the raw 12-lead ECG window around that frame's time
+(frame 0 alone, then frames ``2j - 1, 2j``; the ECG starts at the clip's first frame). Cross-attention
+alone has to discover which ECG patch belongs to which frame, and in CPU-sized training runs it did
+not; the frame embedding hands the timing of each beat to the frames it shapes. It is dropped with
+the rest of the condition.
+
 Optional extra conditions (``GeneratorConfig.num_views``, ``ef_conditioning``): a learned embedding
 of the echo view id and an MLP of the ejection fraction are added to every ECG context token (each
 token then carries them, as a position embedding would); condition dropout drops them together
@@ -49,6 +56,15 @@ class MaskGIT(nn.Module):
         self.ecg_proj = nn.Linear(cfg.ecg.dim, cfg.dim)
         # stands in for the ECG tokens when the condition is dropped (and for the unguided branch)
         self.null_cond = nn.Parameter(torch.randn(cfg.dim) * 0.02)
+        if not 0.0 <= cfg.prime_prob <= 1.0:
+            raise ValueError(f"prime_prob must be in [0, 1], got {cfg.prime_prob}")
+        self.frame_window = 2 * cfg.ecg_samples_per_frame  # ECG samples seen by one token frame
+        self.ecg_frame_embed = (
+            nn.Sequential(nn.LayerNorm(cfg.ecg.leads * self.frame_window),
+                          nn.Linear(cfg.ecg.leads * self.frame_window, cfg.dim), nn.GELU(),
+                          nn.Linear(cfg.dim, cfg.dim))
+            if cfg.ecg_frame_embedding else None
+        )
         self.view_embed = nn.Embedding(cfg.num_views, cfg.dim) if cfg.num_views > 0 else None
         self.ef_mlp = (nn.Sequential(nn.Linear(1, cfg.dim), nn.GELU(), nn.Linear(cfg.dim, cfg.dim))
                        if cfg.ef_conditioning else None)
@@ -87,6 +103,39 @@ class MaskGIT(nn.Module):
     def encode_ecg(self, ecg: torch.Tensor) -> torch.Tensor:
         """ECG ``(b, 12, L)`` -> context tokens ``(b, m, dim)`` for cross-attention."""
         return self.ecg_proj(self.ecg_encoder(ecg))
+
+    def encode_ecg_frames(self, ecg: torch.Tensor) -> torch.Tensor | None:
+        """ECG ``(b, 12, L)`` -> one embedding per token frame ``(b, t', dim)``, or ``None`` when
+        the config has no ECG frame embedding.
+
+        Token frame 0 is video frame 0 (time 0); token frame ``j >= 1`` holds frames ``2j - 1``
+        and ``2j``. Each token frame sees the ``2 * ECG_FS / fps`` ECG samples centred on its
+        frames (zero-padded past either end of the ECG).
+        """
+        if self.ecg_frame_embed is None:
+            return None
+        cfg = self.cfg
+        if ecg.ndim != 3 or ecg.shape[1] != cfg.ecg.leads or ecg.shape[2] != cfg.ecg.samples:
+            raise ValueError(f"expected ECG (b, {cfg.ecg.leads}, {cfg.ecg.samples}) [b, leads, samples], "
+                             f"got {tuple(ecg.shape)}")
+        spf, window = cfg.ecg_samples_per_frame, self.frame_window
+        t = cfg.token_grid[0]
+        # window starts on the padded ECG (padded by `window` on the left)
+        centres = [0] + [round((2 * j - 0.5) * spf) for j in range(1, t)]
+        starts = torch.tensor([window + c - window // 2 for c in centres], device=ecg.device)
+        padded = F.pad(ecg.float(), (window, window))  # (b, l, L + 2 window)
+        index = starts[:, None] + torch.arange(window, device=ecg.device)  # (t', window)
+        windows = padded[:, :, index]  # (b, l, t', window)
+        return self.ecg_frame_embed(rearrange(windows, "b l t s -> b t (l s)"))  # (b, t', d)
+
+    def _frame_bias(self, frames: torch.Tensor | None, cond_mask: torch.Tensor | None) -> torch.Tensor | None:
+        """``(b, n, d)`` per-token ECG frame embedding, zero where the condition is dropped."""
+        if frames is None:
+            return None
+        if cond_mask is not None:
+            frames = frames * rearrange(cond_mask, "b -> b 1 1").to(frames.dtype)
+        hw = self.cfg.token_grid[1] * self.cfg.token_grid[2]
+        return frames.repeat_interleave(hw, dim=1)  # (b, t' h' w', d)
 
     def null_context(self, batch: int, num_tokens: int) -> torch.Tensor:
         """The null condition shaped like a context: ``(batch, num_tokens, dim)``."""
@@ -147,6 +196,7 @@ class MaskGIT(nn.Module):
         cond_mask: torch.Tensor | None = None,
         view: torch.Tensor | None = None,
         ef: torch.Tensor | None = None,
+        frames: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits over the vocabulary at every position.
 
@@ -154,8 +204,10 @@ class MaskGIT(nn.Module):
             tokens_in: ``(b, n)`` ids in ``[0, vocab_size]`` (``vocab_size`` is [MASK]).
             context: ``(b, m, dim)`` from :meth:`encode_ecg`.
             cond_mask: ``(b,)`` bool; False replaces that sample's context (ECG, view and EF) by
-                the null condition.
+                the null condition and drops its ECG frame embedding.
             view, ef: the extra conditions, see :meth:`with_extra_conditions`.
+            frames: ``(b, t', dim)`` from :meth:`encode_ecg_frames`; ``None`` is the null
+                condition's (no frame embedding).
 
         Returns:
             ``(b, n, vocab_size)``.
@@ -165,6 +217,9 @@ class MaskGIT(nn.Module):
             null = self.null_context(context.shape[0], context.shape[1]).to(context.dtype)
             context = torch.where(rearrange(cond_mask, "b -> b 1 1"), context, null)
         x = self.token_embed(tokens_in) + self.pos_embed  # (b, n, d)
+        bias = self._frame_bias(frames, cond_mask)
+        if bias is not None:
+            x = x + bias.to(x.dtype)
         for block in self.blocks:
             x = block(x, context)
         return self.to_logits(self.norm(x))  # (b, n, vocab)
@@ -198,6 +253,16 @@ class MaskGIT(nn.Module):
         ratio = lo + (hi - lo) * get_schedule(self.cfg.schedule)(torch.rand(b, device=device))  # (b,)
         num_masked = (ratio * n).floor().long().clamp(1, n)  # (b,), at least one target
         mask = _random_subset(b, n, num_masked, device)  # (b, n) bool
+        if self.training and self.cfg.prime_prob > 0:
+            # the primed case of generation: the whole first token frame is given
+            hw = self.cfg.token_grid[1] * self.cfg.token_grid[2]
+            primed = torch.rand(b, device=device) < self.cfg.prime_prob  # (b,)
+            first = torch.zeros(b, n, dtype=torch.bool, device=device)
+            first[:, :hw] = True
+            mask = mask & ~(first & rearrange(primed, "b -> b 1"))
+            # keep at least one target: a row left with none gets its first later position masked
+            empty = ~mask.any(-1)
+            mask[empty, hw if hw < n else 0] = True
 
         cond_mask = None
         if self.training:
@@ -205,12 +270,12 @@ class MaskGIT(nn.Module):
             # every step and DDP needs no find_unused_parameters
             cond_mask = torch.rand(b, device=device) >= self.cfg.cond_dropout
         logits = self.logits(tokens.masked_fill(mask, self.mask_id), self.encode_ecg(ecg), cond_mask,
-                             view=view, ef=ef)
+                             view=view, ef=ef, frames=self.encode_ecg_frames(ecg))
 
         loss = F.cross_entropy(logits[mask], tokens[mask])
         with torch.no_grad():
             acc = (logits[mask].argmax(-1) == tokens[mask]).float().mean().item()
-        metrics = {"loss": loss.item(), "masked_acc": acc, "mask_ratio": (num_masked.float() / n).mean().item()}
+        metrics = {"loss": loss.item(), "masked_acc": acc, "mask_ratio": mask.float().mean().item()}
         return loss, metrics
 
     @torch.no_grad()
@@ -244,7 +309,7 @@ class MaskGIT(nn.Module):
             num_masked = torch.full((b,), k, dtype=torch.long, device=tokens.device)
             mask = _random_subset(b, n, num_masked, tokens.device, generator)
             logits = self.logits(tokens.masked_fill(mask, self.mask_id), self.encode_ecg(ecg),
-                                 view=view, ef=ef)
+                                 view=view, ef=ef, frames=self.encode_ecg_frames(ecg))
             ce = F.cross_entropy(logits[mask], tokens[mask]).item()
             acc = (logits[mask].argmax(-1) == tokens[mask]).float().mean().item()
         finally:
@@ -253,10 +318,12 @@ class MaskGIT(nn.Module):
 
     # ---- sampling -----------------------------------------------------------------------------
 
-    def sampling_cache(self, context: torch.Tensor, guided: bool) -> "SamplingCache":
+    def sampling_cache(self, context: torch.Tensor, guided: bool,
+                       frames: torch.Tensor | None = None) -> "SamplingCache":
         """What stays fixed across the decoding steps of one sample: per-block cross-attention
-        keys/values of ``context`` (with any view/EF embeddings added) and, when guided, each
-        block's cross-attention output under the null condition.
+        keys/values of ``context`` (with any view/EF embeddings added), the per-token ECG frame
+        embedding (from ``frames``, :meth:`encode_ecg_frames`) and, when guided, each block's
+        cross-attention output under the null condition.
 
         A context of identical null tokens makes attention uniform over equal values, so the null
         branch's cross-attention is one constant vector per block, whatever the query.
@@ -267,7 +334,7 @@ class MaskGIT(nn.Module):
             null = self.null_context(1, 1).to(context.dtype)  # (1, 1, d)
             query = torch.zeros_like(null)  # any query gives the same output
             null_out = [block.cross_attn(query, null) for block in self.blocks]  # (1, 1, d) each
-        return SamplingCache(kv=kv, null_out=null_out)
+        return SamplingCache(kv=kv, null_out=null_out, frame_bias=self._frame_bias(frames, None))
 
     def sampling_hidden(self, tokens_in: torch.Tensor, cache: "SamplingCache") -> torch.Tensor:
         """Final-norm hidden states for decoding: the same network as :meth:`logits` minus the
@@ -284,10 +351,14 @@ class MaskGIT(nn.Module):
         b = tokens_in.shape[0]
         guided = bool(cache.null_out)
         x = self.token_embed(tokens_in) + self.pos_embed  # (b, n, d)
+        # with an ECG frame embedding the branches differ from the input on; without one they
+        # see the same ids and the first self-attention is shared
+        split_at_input = guided and cache.frame_bias is not None
+        if cache.frame_bias is not None:
+            x = torch.cat([x + cache.frame_bias, x]) if guided else x + cache.frame_bias
         for i, block in enumerate(self.blocks):  # residual updates in place: no new activations
             x += block.attn(block.norm_attn(x))
-            if i == 0 and guided:
-                # both branches see the same ids: the first self-attention is shared
+            if i == 0 and guided and not split_at_input:
                 x = torch.cat([x, x])  # (2b, n, d)
             cond = x[:b]  # a view: the updates below write into x
             cond += block.cross_attn(block.norm_cross(cond), kv=cache.kv[i])
@@ -321,6 +392,7 @@ class SamplingCache:
 
     kv: list[tuple[torch.Tensor, torch.Tensor]]  # per block: (b, heads, m, head_dim) keys, values
     null_out: list[torch.Tensor]  # per block: (1, 1, dim) null cross-attention output; [] unguided
+    frame_bias: torch.Tensor | None = None  # (b, n, dim) ECG frame embedding per token, or None
 
 
 def _random_subset(

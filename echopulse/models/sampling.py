@@ -12,7 +12,7 @@ is ``s = 1 + guidance``.
 Speed (the default ``cached=True`` path; ``cached=False`` recomputes everything through
 ``MaskGIT.logits`` and draws the same tokens): the ECG context's cross-attention keys/values are
 computed once per sample, the null branch's cross-attention is a constant, the first
-self-attention is shared by both branches, and the vocabulary projection -- as costly as the whole
+self-attention is shared by both branches (when the model has no ECG frame embedding), and the vocabulary projection -- as costly as the whole
 transformer at the paper size -- runs once, on the guided hidden state (the projection is linear,
 so guiding before it is exact), at still-masked positions only. Tokens are drawn by inverse CDF
 (one uniform per position) rather than Gumbel-max over the vocabulary.
@@ -134,11 +134,14 @@ def _decode(model, ecg, steps, guidance, temperature, schedule_fn, seed, prime_t
     guided = guidance != 0
     # (b, m, d): once, outside the loop
     context = model.with_extra_conditions(model.encode_ecg(ecg), view, ef)
+    frames = model.encode_ecg_frames(ecg)  # (b, t', d) or None
     if cached:
-        cache = model.sampling_cache(context, guided)
+        cache = model.sampling_cache(context, guided, frames)
     elif guided:
         # rows [0, b) see the condition, rows [b, 2b) the null condition: one forward for both
         context = torch.cat([context, model.null_context(b, context.shape[1]).to(context.dtype)])
+        if frames is not None:
+            frames = torch.cat([frames, torch.zeros_like(frames)])
 
     for step in range(steps):
         if num_unknown == 0:
@@ -157,10 +160,10 @@ def _decode(model, ecg, steps, guidance, temperature, schedule_fn, seed, prime_t
             chunks = (F.linear(chunk, weight, bias) for chunk in rows.split(_chunk_rows(weight.shape[0])))
         else:
             if guided:
-                cond, uncond = model.logits(torch.cat([ids, ids]), context).float().chunk(2)
+                cond, uncond = model.logits(torch.cat([ids, ids]), context, frames=frames).float().chunk(2)
                 logits = cond + guidance * (cond - uncond)  # (b, n, vocab)
             else:
-                logits = model.logits(ids, context).float()
+                logits = model.logits(ids, context, frames=frames).float()
             chunks = logits[is_masked].split(_chunk_rows(logits.shape[-1]))
 
         drawn = [_draw(chunk.float(), sample_temperature, rng) for chunk in chunks]

@@ -54,10 +54,10 @@ def test_generator_overfits_and_uses_the_ecg(trained_generator):
 def test_guided_and_unguided_logits_differ(trained_generator):
     model, batch = trained_generator
     tokens_in = torch.full((4, model.seq_len), model.mask_id)
-    context = model.encode_ecg(batch["ecg"])
+    context, frames = model.encode_ecg(batch["ecg"]), model.encode_ecg_frames(batch["ecg"])
     with torch.no_grad():
-        cond = model.logits(tokens_in, context, torch.ones(4, dtype=torch.bool))
-        uncond = model.logits(tokens_in, context, torch.zeros(4, dtype=torch.bool))
+        cond = model.logits(tokens_in, context, torch.ones(4, dtype=torch.bool), frames=frames)
+        uncond = model.logits(tokens_in, context, torch.zeros(4, dtype=torch.bool), frames=frames)
     assert (cond - uncond).abs().mean() > 0.5
     # the conditional branch is right, the null branch cannot be (it sees no ECG)
     target = batch["tokens"].flatten(1)
@@ -80,7 +80,7 @@ def test_cond_dropout_only_in_training():
 @pytest.fixture(scope="module")
 def view_ef_generator():
     """A tiny MaskGIT with view and EF conditioning, overfit to 4 sequences that share one ECG and
-    differ only in (view, EF): only those inputs can tell them apart. ~2 s on 2 CPU cores."""
+    differ only in (view, EF): only those inputs can tell them apart. ~3 s on 2 CPU cores."""
     torch.manual_seed(0)
     cfg = GeneratorConfig(num_views=2, ef_conditioning=True, cond_dropout=0.15)
     model = MaskGIT(cfg)
@@ -91,7 +91,7 @@ def view_ef_generator():
     ef = torch.tensor([0.35, 0.65, 0.35, 0.65])
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
     model.train()
-    for _ in range(150):
+    for _ in range(200):
         loss, _ = model(tokens, ecg, view=view, ef=ef)
         optimizer.zero_grad()
         loss.backward()
@@ -162,3 +162,36 @@ def test_view_and_ef_inputs_are_checked():
     loss, _ = model(tokens, ecg, view=torch.tensor([0, 2]), ef=torch.tensor([0.3, 0.6]))
     loss.backward()  # every conditioning parameter gets a gradient (no unused parameters for DDP)
     assert all(p.grad is not None for p in [*model.view_embed.parameters(), *model.ef_mlp.parameters()])
+
+
+def test_ecg_frame_embedding_sees_each_token_frames_own_time():
+    """A change to the ECG at one instant moves only the embeddings of token frames whose
+    window covers it: frame 0 at t = 0, token frame j at video frames 2j - 1 and 2j."""
+    torch.manual_seed(0)
+    cfg = GeneratorConfig(token_grid=(3, 4, 4), fps=5.0)  # 50 ECG samples per video frame
+    model = MaskGIT(cfg).eval()
+    ecg = torch.randn(1, cfg.ecg.leads, cfg.ecg.samples)
+    base = model.encode_ecg_frames(ecg)
+    assert base.shape == (1, 3, cfg.dim)
+    spf = cfg.ecg_samples_per_frame
+    for sample, moved in ((10, {0}), (4 * spf, {2}), (int(1.25 * spf), {1}), (cfg.ecg.samples - 1, set())):
+        bumped = ecg.clone()
+        bumped[:, :, sample] += 5.0
+        changed = (model.encode_ecg_frames(bumped) - base).abs().amax(-1)[0] > 1e-6
+        assert {j for j in range(3) if changed[j]} == moved, (sample, changed)
+    assert MaskGIT(GeneratorConfig(ecg_frame_embedding=False)).encode_ecg_frames(ecg) is None
+    with pytest.raises(ValueError, match=r"\(b, 12, 300\)"):
+        model.encode_ecg_frames(torch.randn(1, 12, 250))
+
+
+def test_primed_training_rows_never_mask_the_first_frame():
+    torch.manual_seed(0)
+    cfg = GeneratorConfig(prime_prob=1.0)
+    model = MaskGIT(cfg).train()
+    batch = paired_set(n=8, cfg=cfg)
+    hw = cfg.token_grid[1] * cfg.token_grid[2]
+    for _ in range(5):
+        _, metrics = model(batch["tokens"], batch["ecg"])
+        assert metrics["mask_ratio"] <= (cfg.seq_len - hw) / cfg.seq_len + 1e-6
+    with pytest.raises(ValueError, match="prime_prob"):
+        MaskGIT(GeneratorConfig(prime_prob=1.5))

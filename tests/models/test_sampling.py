@@ -62,18 +62,25 @@ def test_fast_path_draws_the_same_tokens_as_the_plain_path(trained_generator, gu
         assert torch.equal(fast, plain), (guidance, temperature, kwargs)
 
 
-def test_fast_path_hidden_states_give_the_models_logits():
+@pytest.mark.parametrize("frame_embedding", [True, False])
+def test_fast_path_hidden_states_give_the_models_logits(frame_embedding):
     torch.manual_seed(0)
-    model = MaskGIT(GeneratorConfig()).eval()  # untrained: near-uniform logits, no room to hide errors
+    # untrained: near-uniform logits, no room to hide errors
+    model = MaskGIT(GeneratorConfig(ecg_frame_embedding=frame_embedding)).eval()
     ecg = torch.randn(3, 12, 300)
     ids = torch.randint(0, model.cfg.vocab_size + 1, (3, model.seq_len))  # some [MASK]
     with torch.no_grad():
-        context = model.encode_ecg(ecg)
-        both = model.logits(torch.cat([ids, ids]), torch.cat([context, model.null_context(3, context.shape[1])]))
-        hidden = model.sampling_hidden(ids, model.sampling_cache(context, guided=True))
-        unguided = model.sampling_hidden(ids, model.sampling_cache(context, guided=False))
+        context, frames = model.encode_ecg(ecg), model.encode_ecg_frames(ecg)
+        both = model.logits(torch.cat([ids, ids]), torch.cat([context, context]),
+                            torch.tensor([True] * 3 + [False] * 3),
+                            frames=None if frames is None else torch.cat([frames, frames]))
+        hidden = model.sampling_hidden(ids, model.sampling_cache(context, guided=True, frames=frames))
+        unguided = model.sampling_hidden(ids, model.sampling_cache(context, guided=False, frames=frames))
+        # the frame embedding reaches the conditional rows only
+        plain = model.logits(ids, context)
     torch.testing.assert_close(model.to_logits(hidden), both, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(model.to_logits(unguided), both[:3], atol=1e-5, rtol=1e-4)
+    assert (plain - both[:3]).abs().max() > 1e-4 if frame_embedding else torch.equal(plain, both[:3])
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.5])

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The GPU benchmarks in one run (the figures of BENCHMARKS.md's GPU section):
+#   1. bench/generate.py   paper-size sampler, batch 1 (ours vs the naive reference) and batch 32
+#   2. bench/train_step.py paper-size tokenizer and generator training steps, fp32 vs bf16, batch 32
+#   3. bench/quality.py    demo sizes trained on the GPU for QUALITY_MIN minutes, then the same
+#                          generator steps again without the ECG frame embedding (an ablation on
+#                          the same tokenizer and clips)
+#
+#   bench/gpu.sh OUT_DIR [CLIPS.npz]
+#
+# CLIPS.npz is a phantom corpus cut by `bench/quality.py --clips FILE` on a machine with the whole
+# stack (the GPU image may lack pydicom/wfdb); without it, step 3 builds the corpus itself.
+# Each step runs even when an earlier one fails; the exit status is the number of failed steps.
+set -u
+out=${1:?usage: bench/gpu.sh OUT_DIR [CLIPS.npz]}
+clips=${2:-$out/clips.npz}
+py=${PYTHON:-python3}
+quality_min=${QUALITY_MIN:-5}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+failed=0
+log="$out/gpu_log.txt"
+step() { echo "== $*" | tee -a "$log"; "$@" 2>&1 | tee -a "$log"; local rc=${PIPESTATUS[0]}; [ "$rc" = 0 ] || failed=$((failed + 1)); }
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$log"
+step "$py" bench/generate.py --size paper --device cuda --gpu-batch 32 --json "$out/generate_paper.json"
+step "$py" bench/train_step.py --recipe paper --device cuda --batch 32 --json "$out/train_step_paper.json"
+work=$(mktemp -d)
+step "$py" bench/quality.py --device cuda --batch 32 --clips "$clips" --tokenizer-steps 20000 \
+    --generator-steps 40000 --budget-min "$quality_min" --log-every 500 --save --workdir "$work" \
+    --json "$out/quality_gpu.json"
+gen_steps=$("$py" -c "import json,sys; print(json.load(open(sys.argv[1]))['steps']['generator'])" \
+    "$out/quality_gpu.json" 2>/dev/null || echo 2000)
+step "$py" bench/quality.py --device cuda --batch 32 --clips "$clips" --tokenizer "$work/tokenizer.safetensors" \
+    --generator-steps "$gen_steps" --log-every 500 --no-ecg-frame-embedding --workdir "$work/ablation" \
+    --json "$out/quality_gpu_no_frame_embedding.json"
+echo "failed steps: $failed" | tee -a "$log"
+exit "$failed"
