@@ -23,7 +23,8 @@ out, and the ``demo`` recipe's tokenizer and generator are trained with plain lo
 ``--clips FILE.npz`` caches the cut corpus (written on the first run, read afterwards), so a
 machine without pydicom/wfdb (a GPU box) can rerun on clips cut elsewhere. ``--tokenizer FILE``
 reuses a tokenizer saved with ``--save`` (its training is skipped), for generator ablations such as
-``--no-ecg-frame-embedding`` or ``--prime-prob 0``.
+``--no-ecg-frame-embedding`` or ``--prime-prob 0``; ``--generator FILE`` likewise reuses a saved
+generator, to compare sampling settings on one model.
 
 Prints a table against the goals (PSNR >= 25.4 dB, the paper's reconstruction MSE 2.89e-3; SSIM >=
 0.75; matched >= 0.7; shuffled <= 0.3) and writes ``{"tokenizer_psnr_db", "tokenizer_ssim",
@@ -289,6 +290,9 @@ def main(argv=None) -> int:
                         help="cache of the cut corpus (.npz): read when it exists, else written")
     parser.add_argument("--tokenizer", default=None,
                         help="a tokenizer saved by --save (tokenizer.safetensors): skip its training")
+    parser.add_argument("--generator", default=None,
+                        help="a generator saved by --save (generator.safetensors, same flags): skip its "
+                             "training, e.g. to compare --guidance/--temperature on one model")
     parser.add_argument("--no-ecg-frame-embedding", action="store_true",
                         help="ablation: the generator sees the ECG through cross-attention only")
     parser.add_argument("--prime-prob", type=float, default=None,
@@ -342,6 +346,7 @@ def main(argv=None) -> int:
     seconds: dict[str, float] = {}
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-quality-"))
+    work.mkdir(parents=True, exist_ok=True)  # --save writes here even when the clips come from --clips
     t = time.perf_counter()
     if args.clips and Path(args.clips).exists():
         data = load_clips(Path(args.clips))
@@ -396,9 +401,16 @@ def main(argv=None) -> int:
         idx = rng.choice(n_train, args.batch, replace=False)
         return {"tokens": train_ids[idx], "ecg": torch.from_numpy(train["ecg"][idx])}
 
-    gen = train_loop("generator", generator, generator_train_step, generator_batch, args.generator_steps,
-                     args.generator_lr, args.warmup, args.log_every, ("loss", "masked_acc"),
-                     budget_for(0.8))
+    if args.generator:
+        from safetensors.torch import load_model
+
+        load_model(generator, args.generator, device=str(device))
+        gen = {"steps": 0, "seconds": 0.0, "cpu_seconds": 0.0, "final": {}, "loaded": args.generator}
+        log.info("generator read from %s (not trained)", args.generator)
+    else:
+        gen = train_loop("generator", generator, generator_train_step, generator_batch, args.generator_steps,
+                         args.generator_lr, args.warmup, args.log_every, ("loss", "masked_acc"),
+                         budget_for(0.8))
     seconds["generator_train"] = gen["seconds"]
 
     if args.save:
