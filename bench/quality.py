@@ -287,7 +287,8 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s; fp32, TF32 "
                                                           "matmuls on CUDA)")
     parser.add_argument("--clips", default=None,
-                        help="cache of the cut corpus (.npz): read when it exists, else written")
+                        help="cache of the cut corpus (.npz): read when it exists (the corpus flags are then "
+                             "ignored), else written")
     parser.add_argument("--tokenizer", default=None,
                         help="a tokenizer saved by --save (tokenizer.safetensors): skip its training")
     parser.add_argument("--generator", default=None,
