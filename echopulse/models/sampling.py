@@ -12,9 +12,10 @@ is ``s = 1 + guidance``.
 Speed (the default ``cached=True`` path; ``cached=False`` recomputes everything through
 ``MaskGIT.logits`` and draws the same tokens): the ECG context's cross-attention keys/values are
 computed once per sample, the null branch's cross-attention is a constant, the first
-self-attention is shared by both branches (when the model has no ECG frame embedding), and the vocabulary projection -- as costly as the whole
-transformer at the paper size -- runs once, on the guided hidden state (the projection is linear,
-so guiding before it is exact), at still-masked positions only. Tokens are drawn by inverse CDF
+self-attention is shared by both branches (when the model has no ECG frame embedding), and the
+vocabulary projection -- as costly as the whole transformer at the paper size -- runs once, on the
+guided hidden state (the projection is linear, so guiding before it is exact), at still-masked
+positions only. Tokens are drawn by inverse CDF
 (one uniform per position) rather than Gumbel-max over the vocabulary.
 """
 
