@@ -32,6 +32,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch.utils import flop_counter  # noqa: E402
 
+from bench._common import pick_device, sync  # noqa: E402
 from echopulse.models.generator import MaskGIT  # noqa: E402
 from echopulse.models.sampling import _gumbel, sample  # noqa: E402
 from echopulse.models.schedules import get_schedule  # noqa: E402
@@ -103,10 +104,10 @@ def matmul_peak_gflops(device: torch.device, size: int = 2048, repeats: int = 8)
     b = torch.randn(size, size, device=device)
     best = math.inf
     for _ in range(repeats + 1):  # the first is a warm-up
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         (a @ b).sum().item() if device.type == "cuda" else a @ b
-        _sync(device)
+        sync(device)
         best = min(best, time.perf_counter() - t0)
     return 2 * size**3 / best / 1e9
 
@@ -121,16 +122,11 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def timed(fn, device: torch.device) -> tuple[float, object]:
-    _sync(device)
+    sync(device)
     t0 = time.perf_counter()
     out = fn()
-    _sync(device)
+    sync(device)
     return time.perf_counter() - t0, out
 
 
@@ -150,8 +146,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
-                          else "cpu" if args.device == "auto" else args.device)
+    device = pick_device(args.device)
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
     recipe = get_recipe(args.size)
     cfg = recipe.generator

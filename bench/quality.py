@@ -181,6 +181,15 @@ def train_loop(name: str, model, step_fn, make_batch, steps: int, lr: float, war
             "final": last}
 
 
+def load_trained(name: str, model, path: str) -> dict:
+    """Weights saved by ``--save`` instead of training; the record ``train_loop`` would return."""
+    from safetensors.torch import load_model
+
+    load_model(model, path, device=str(next(model.parameters()).device))
+    log.info("%s read from %s (not trained)", name, path)
+    return {"steps": 0, "seconds": 0.0, "cpu_seconds": 0.0, "final": {}, "loaded": path}
+
+
 # ---- evaluation ---------------------------------------------------------------------------------
 
 
@@ -212,13 +221,14 @@ def generate(generator, tokenizer, ecg: np.ndarray, prime, steps: int, guidance:
 
     from echopulse.models.sampling import sample
 
+    device = next(tokenizer.parameters()).device
     out = []
     with torch.inference_mode():
         for k in range(0, len(ecg), batch):
             ids = sample(generator, torch.from_numpy(ecg[k:k + batch]), steps=steps, guidance=guidance,
                          temperature=temperature, seed=seed + k,
                          prime_tokens=None if prime is None else prime[k:k + batch])
-            out.append(to_uint8(tokenizer.decode_from_indices(ids.to(next(tokenizer.parameters()).device))))
+            out.append(to_uint8(tokenizer.decode_from_indices(ids.to(device))))
     return np.concatenate(out)
 
 
@@ -376,11 +386,7 @@ def main(argv=None) -> int:
         return {"frames": torch.from_numpy(train["frames"][rng.choice(n_train, args.batch, replace=False)])}
 
     if args.tokenizer:
-        from safetensors.torch import load_model
-
-        load_model(tokenizer, args.tokenizer, device=str(device))
-        tok = {"steps": 0, "seconds": 0.0, "cpu_seconds": 0.0, "final": {}, "loaded": args.tokenizer}
-        log.info("tokenizer read from %s (not trained)", args.tokenizer)
+        tok = load_trained("tokenizer", tokenizer, args.tokenizer)
     else:
         tok = train_loop("tokenizer", tokenizer, tokenizer_train_step, tokenizer_batch, args.tokenizer_steps,
                          args.tokenizer_lr, args.warmup, args.log_every, ("loss", "psnr", "codebook_usage"),
@@ -403,11 +409,7 @@ def main(argv=None) -> int:
         return {"tokens": train_ids[idx], "ecg": torch.from_numpy(train["ecg"][idx])}
 
     if args.generator:
-        from safetensors.torch import load_model
-
-        load_model(generator, args.generator, device=str(device))
-        gen = {"steps": 0, "seconds": 0.0, "cpu_seconds": 0.0, "final": {}, "loaded": args.generator}
-        log.info("generator read from %s (not trained)", args.generator)
+        gen = load_trained("generator", generator, args.generator)
     else:
         gen = train_loop("generator", generator, generator_train_step, generator_batch, args.generator_steps,
                          args.generator_lr, args.warmup, args.log_every, ("loss", "masked_acc"),

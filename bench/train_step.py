@@ -28,17 +28,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from bench._common import pick_device, sync  # noqa: E402
 from echopulse.models.generator import MaskGIT  # noqa: E402
 from echopulse.models.tokenizer import VideoTokenizer  # noqa: E402
 from echopulse.training.steps import generator_train_step, make_optimizer, tokenizer_train_step  # noqa: E402
 from jobs.recipes import get_recipe  # noqa: E402
 
 log = logging.getLogger("bench.train_step")
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def rate(model, step_fn, batch: dict, size: int, steps: int, warmup: int, amp, lr: float) -> dict:
@@ -49,11 +45,11 @@ def rate(model, step_fn, batch: dict, size: int, steps: int, warmup: int, amp, l
         step_fn(model, batch, optimizer, lr=lr, amp_dtype=amp)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    _sync(device)
+    sync(device)
     t0 = time.perf_counter()
     for _ in range(steps):
         last = step_fn(model, batch, optimizer, lr=lr, amp_dtype=amp)
-    _sync(device)
+    sync(device)
     seconds = time.perf_counter() - t0
     out = {"samples_per_s": round(size * steps / seconds, 2), "s_per_step": round(seconds / steps, 4),
            "loss": round(float(last["loss"]), 4)}
@@ -74,8 +70,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
-                          else "cpu" if args.device == "auto" else args.device)
+    device = pick_device(args.device)
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
     recipe = get_recipe(args.recipe)
     g = torch.Generator().manual_seed(0)

@@ -186,12 +186,17 @@ def test_ecg_frame_embedding_sees_each_token_frames_own_time():
 
 def test_primed_training_rows_never_mask_the_first_frame():
     torch.manual_seed(0)
-    cfg = GeneratorConfig(prime_prob=1.0)
+    # every position drawn for masking: only priming can leave the first token frame visible
+    cfg = GeneratorConfig(prime_prob=1.0, mask_ratio_min=0.999)
     model = MaskGIT(cfg).train()
     batch = paired_set(n=8, cfg=cfg)
     hw = cfg.token_grid[1] * cfg.token_grid[2]
     for _ in range(5):
         _, metrics = model(batch["tokens"], batch["ecg"])
         assert metrics["mask_ratio"] <= (cfg.seq_len - hw) / cfg.seq_len + 1e-6
+        # floor(ratio * n) may leave one more position visible, never more
+        assert metrics["mask_ratio"] >= (cfg.seq_len - hw - 1) / cfg.seq_len - 1e-6
+    unprimed = MaskGIT(GeneratorConfig(prime_prob=0.0, mask_ratio_min=0.999)).train()
+    assert unprimed(batch["tokens"], batch["ecg"])[1]["mask_ratio"] > (cfg.seq_len - hw) / cfg.seq_len + 0.1
     with pytest.raises(ValueError, match="prime_prob"):
         MaskGIT(GeneratorConfig(prime_prob=1.5))
