@@ -108,7 +108,7 @@ def ray_loop(recipe, tokens_dir: str, tokenizer: str, workers: int, work: Path) 
 def write_clips(out: Path, recipe, n: int, parts: int, seed: int = 0) -> None:
     """A ``clips/v1`` dataset of ``n`` random clips in ``parts`` Parquet parts (tokenize input)."""
     from echopulse.schema import CLIPS_SCHEMA, clip_schema
-    from pipelines.common import write_dataset_info
+    from echopulse.schema import write_dataset_info
 
     clip = recipe.clip
     schema = clip_schema(clip.frames, clip.size, clip.ecg_samples)

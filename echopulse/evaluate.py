@@ -31,7 +31,7 @@ import numpy as np
 
 from echopulse import metrics, storage
 from echopulse.errors import EchoPulseError
-from echopulse.schema import CLIPS_SCHEMA, DATASET_INFO_FILE, tensor_column_to_numpy
+from echopulse.schema import CLIPS_SCHEMA, read_dataset_info, tensor_column_to_numpy
 
 log = logging.getLogger(__name__)
 
@@ -54,12 +54,7 @@ def read_eval_clips(clips: str, n: int) -> dict[str, Any]:
     """
     import pyarrow.dataset as pads
 
-    info_path = storage.join(clips, DATASET_INFO_FILE)
-    if not storage.exists(info_path):
-        raise EchoPulseError(f"{clips}: not a {CLIPS_SCHEMA} dataset (no {DATASET_INFO_FILE})")
-    info = json.loads(storage.read_text(info_path))
-    if info.get("schema") != CLIPS_SCHEMA:
-        raise EchoPulseError(f"{clips}: dataset schema is {info.get('schema')!r}, expected {CLIPS_SCHEMA!r}")
+    read_dataset_info(clips, CLIPS_SCHEMA)
     fs, path = storage.arrow_filesystem(storage.join(clips, "clips"))
     try:
         dataset = pads.dataset(path, filesystem=fs, format="parquet")

@@ -1,17 +1,26 @@
 """Parquet contracts between stages (``clips/v1``, ``tokens/v1``, quarantine) and deterministic ids.
 
 Every dataset directory written by a stage holds Parquet parts plus ``dataset.json``
-(:func:`dataset_info`): the schema name, the config and code version that made it, and counts.
+(:func:`write_dataset_info`, :func:`read_dataset_info`): the schema name, the config and code
+version that made it, and counts. Every stage that sets inputs aside writes the same quarantine
+table (:data:`QUARANTINE_COLUMNS`, :func:`write_quarantine`).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import time
 import uuid
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
+
+from echopulse import __version__, storage
+from echopulse.errors import EchoPulseError
 
 CLIPS_SCHEMA = "clips/v1"
 TOKENS_SCHEMA = "tokens/v1"
@@ -52,9 +61,55 @@ def clip_schema(frames: int, size: int, ecg_samples: int) -> pa.Schema:
 
 CLIP_COLUMNS = tuple(clip_schema(1, 1, 1).names)
 TOKEN_COLUMNS = ("clip_id", "tokens", "token_grid", "tokenizer_id", "ecg", "view", "ef", "split")
-QUARANTINE_COLUMNS = ("echo", "ecg", "stage", "error", "detail")
-
+# one quarantine table for every stage: what was set aside (the input's URI and, once known, the
+# clip), in which stage, why (one line) and the longer detail
+QUARANTINE_COLUMNS = ("source_uri", "clip_id", "stage", "error", "detail")
 QUARANTINE_SCHEMA = pa.schema([(c, pa.string()) for c in QUARANTINE_COLUMNS])
+QUARANTINE_FILE = "quarantine/quarantine.parquet"
+
+
+def write_quarantine(out: str, rows: list[dict[str, Any]]) -> str:
+    """Write ``OUT/quarantine/quarantine.parquet`` (possibly empty); missing columns are empty.
+
+    Returns:
+        The path written.
+    """
+    table = pa.Table.from_pylist([{c: str(r.get(c) or "") for c in QUARANTINE_COLUMNS} for r in rows],
+                                 schema=QUARANTINE_SCHEMA)
+    target = storage.join(out, QUARANTINE_FILE)
+    storage.makedirs(storage.parent(target))
+    fs, path = storage.filesystem(target)
+    with fs.open(path, "wb") as f:
+        pq.write_table(table, f)
+    return target
+
+
+def write_dataset_info(out: str, schema: str, config: dict[str, Any], counts: dict[str, int],
+                       **extra: Any) -> dict[str, Any]:
+    """Write ``OUT/dataset.json``: what this dataset is and what made it."""
+    info = {
+        "schema": schema,
+        "echopulse_version": __version__,
+        "created_unix": int(time.time()),
+        "config": config,
+        "counts": counts,
+        **extra,
+    }
+    storage.write_text(storage.join(out, DATASET_INFO_FILE), json.dumps(info, indent=2))
+    return info
+
+
+def read_dataset_info(uri: str, expected_schema: str) -> dict[str, Any]:
+    """Read and check ``URI/dataset.json``; a clear error when absent or of another schema."""
+    path = storage.join(uri, DATASET_INFO_FILE)
+    if not storage.exists(path):
+        raise EchoPulseError(f"{uri}: not a {expected_schema} dataset (no {DATASET_INFO_FILE})")
+    info = json.loads(storage.read_text(path))
+    if info.get("schema") != expected_schema:
+        raise EchoPulseError(
+            f"{uri}: dataset schema is {info.get('schema')!r}, expected {expected_schema!r}"
+        )
+    return info
 
 
 def clip_id(source_uri: str, t_start_s: float, t_end_s: float) -> str:

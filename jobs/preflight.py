@@ -57,7 +57,7 @@ def _shape(schema, column: str) -> tuple[int, ...] | None:
 
 def check_clips(clips: str, recipe) -> dict[str, Any]:
     """A non-empty ``clips/v1`` dataset whose clips have the recipe's geometry."""
-    from pipelines.common import read_dataset_info
+    from echopulse.schema import read_dataset_info
 
     info = read_dataset_info(clips, CLIPS_SCHEMA)
     _, path, schema = first_rows_part(clips, "clips")
@@ -89,7 +89,7 @@ def tokenizer_model_id(tokenizer: str) -> str:
 
 def check_tokens(tokens: str, recipe, tokenizer: str) -> dict[str, Any]:
     """A non-empty ``tokens/v1`` dataset of the recipe's token grid, made by ``tokenizer``."""
-    from pipelines.common import read_dataset_info
+    from echopulse.schema import read_dataset_info
 
     info = read_dataset_info(tokens, TOKENS_SCHEMA)
     fs, path, schema = first_rows_part(tokens, "tokens")

@@ -145,7 +145,7 @@ def train_tokenizer(clips: str, out: str, recipe: Recipe, tracking_uri: str,
 
     if recipe.clip.frames != recipe.tokenizer.frames or recipe.clip.size != recipe.tokenizer.image_size:
         raise EchoPulseError("recipe mismatch: clip geometry differs from the tokenizer's input")
-    from pipelines.common import read_dataset_info
+    from echopulse.schema import read_dataset_info
 
     read_dataset_info(clips, CLIPS_SCHEMA)  # a bad path fails here, before Ray starts
     preflight.tokenizer_job(clips, out, recipe)  # empty/wrong-schema clips, unwritable out

@@ -31,12 +31,8 @@ from echopulse import storage
 from echopulse.config import Recipe, TuneConfig, from_dict, replace, to_dict
 from echopulse.errors import ConfigError, EchoPulseError
 from jobs.train_common import storage_path
-from jobs.train_generator import (
-    build_generator_trainer,
-    check_tokenizer,
-    check_tokens_info,
-    tokens_datasets,
-)
+from jobs.datasets import check_tokens_info, tokens_datasets
+from jobs.train_generator import build_generator_trainer, check_tokenizer
 
 log = logging.getLogger(__name__)
 

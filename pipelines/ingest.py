@@ -12,7 +12,8 @@ every input ends as clips or as a quarantine row, never dropped.
 Layout of OUT::
 
     clips/part-<input>.parquet   clips/v1 rows
-    quarantine/quarantine.parquet  echo, ecg, stage, error, detail
+    quarantine/quarantine.parquet  source_uri, clip_id, stage, error, detail (the echo, and the ECG
+                                   in detail)
     outcomes/<input>.json        per-input outcome (for --resume)
     summary.json, dataset.json
 """
@@ -36,8 +37,7 @@ from echopulse import storage
 from echopulse.config import ClipConfig, to_dict
 from echopulse.errors import ConfigError, EchoPulseError
 from echopulse.ingest import IngestOptions
-from echopulse.schema import CLIPS_SCHEMA, QUARANTINE_SCHEMA, clip_schema
-from pipelines.common import write_dataset_info
+from echopulse.schema import CLIPS_SCHEMA, clip_schema, write_dataset_info, write_quarantine
 
 log = logging.getLogger(__name__)
 
@@ -178,6 +178,16 @@ def make_process_input_fn(clip: ClipConfig, base_dir: str, out: str, salt: str |
     return process
 
 
+def quarantine_row(outcome: dict[str, Any]) -> dict[str, str]:
+    """The quarantine row of a failed input: the echo is its source; the ECG, if any, leads the detail."""
+    ecg = outcome.get("ecg") or ""
+    detail = outcome["detail"]
+    if ecg and ecg != "None":
+        detail = f"ecg={ecg}; {detail}" if detail else f"ecg={ecg}"
+    return {"source_uri": outcome["echo"], "clip_id": "", "stage": outcome["stage"],
+            "error": outcome["error"], "detail": detail}
+
+
 def run_ingest(
     manifest: str,
     out: str,
@@ -251,13 +261,7 @@ def run_ingest(
     by_key = {o["_key"]: o for o in outcomes}
     ordered = [by_key[k] for k in keys]
     bad = [o for o in ordered if o["clips"] == 0]
-    quarantine = pa.Table.from_pylist(
-        [{c: o[c] for c in QUARANTINE_SCHEMA.names} for o in bad], schema=QUARANTINE_SCHEMA)
-    qpath = storage.join(out, "quarantine", "quarantine.parquet")
-    storage.makedirs(storage.join(out, "quarantine"))
-    qfs, qp = storage.filesystem(qpath)
-    with qfs.open(qp, "wb") as f:
-        pq.write_table(quarantine, f)
+    write_quarantine(out, [quarantine_row(o) for o in bad])
 
     summary = IngestSummary(
         inputs=len(ordered),

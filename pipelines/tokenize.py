@@ -16,7 +16,7 @@ token row or as a quarantine row.
 Layout of OUT::
 
     tokens/*.parquet               tokens/v1 rows
-    quarantine/quarantine.parquet  clip_id, source, stage, error, detail
+    quarantine/quarantine.parquet  source_uri, clip_id, stage, error, detail
     summary.json, dataset.json     counts (clips, tokens, quarantined)
 """
 
@@ -34,13 +34,11 @@ import pyarrow.parquet as pq
 
 from echopulse import storage
 from echopulse.errors import EchoPulseError
-from echopulse.schema import CLIP_COLUMNS, CLIPS_SCHEMA, TOKENS_SCHEMA, missing_columns
-from pipelines.common import read_dataset_info, write_dataset_info
+from echopulse.schema import (CLIP_COLUMNS, CLIPS_SCHEMA, TOKENS_SCHEMA, missing_columns, read_dataset_info,
+                              write_dataset_info, write_quarantine)
 
 log = logging.getLogger(__name__)
 
-QUARANTINE_COLUMNS = ("clip_id", "source", "stage", "error", "detail")
-QUARANTINE_SCHEMA = pa.schema([(c, pa.string()) for c in QUARANTINE_COLUMNS])
 CARRIED = ("clip_id", "frames", "ecg", "view", "ef", "split")
 _ERROR, _STAGE, _SOURCE = "_error", "_stage", "_source"
 
@@ -250,7 +248,7 @@ def check_parts(parts: list[str], frames_shape: tuple[int, ...],
                 meta = pq.ParquetFile(f)
                 schema, n = meta.schema_arrow, meta.metadata.num_rows
         except Exception as exc:
-            rows.append({"clip_id": "", "source": part, "stage": "decode",
+            rows.append({"clip_id": "", "source_uri": part, "stage": "decode",
                          "error": f"unreadable Parquet part ({type(exc).__name__})",
                          "detail": str(exc)[:500]})
             continue
@@ -274,7 +272,7 @@ def check_parts(parts: list[str], frames_shape: tuple[int, ...],
                 ids = pq.read_table(f, columns=["clip_id"]).column("clip_id").to_pylist()
         except Exception:
             ids = [""]
-        rows += [{"clip_id": str(i or ""), "source": part, "stage": "schema", "error": problem,
+        rows += [{"clip_id": str(i or ""), "source_uri": part, "stage": "schema", "error": problem,
                   "detail": ""} for i in ids]
     return good, rows, n_good
 
@@ -352,7 +350,7 @@ def run_tokenize(clips: str, tokenizer: str, out: str, actors: int = 1, batch_si
         ).materialize()
         bad = encoded.filter(lambda r: bool(r[_ERROR])).select_columns(
             ["clip_id", _SOURCE, _STAGE, _ERROR]).take_all()
-        quarantine += [{"clip_id": str(r["clip_id"]), "source": str(r[_SOURCE]), "stage": str(r[_STAGE]),
+        quarantine += [{"clip_id": str(r["clip_id"]), "source_uri": str(r[_SOURCE]), "stage": str(r[_STAGE]),
                         "error": str(r[_ERROR]).splitlines()[0][:500], "detail": str(r[_ERROR])[:2000]}
                        for r in bad]
         if len(bad) < n_good:
@@ -365,7 +363,7 @@ def run_tokenize(clips: str, tokenizer: str, out: str, actors: int = 1, batch_si
                     split_counts[str(s)] = split_counts.get(str(s), 0) + 1
             n_tokens = sum(split_counts.values())
 
-    _write_quarantine(out, quarantine)
+    write_quarantine(out, quarantine)
     summary = TokenizeSummary(clips=n_clips, tokens=n_tokens, tokenizer_id=tok_info["model_id"],
                               out=out, quarantined=len(quarantine))
     counts = {"clips": n_clips, "tokens": n_tokens, "quarantined": len(quarantine)}
@@ -374,19 +372,10 @@ def run_tokenize(clips: str, tokenizer: str, out: str, actors: int = 1, batch_si
                        tokenizer_id=tok_info["model_id"], token_grid=list(tok_cfg.token_grid),
                        codebook_size=tok_cfg.codebook_size, split_counts=split_counts)
     for q in quarantine[:20]:
-        log.warning("quarantined %s (%s): %s", q["clip_id"] or q["source"], q["stage"], q["error"])
+        log.warning("quarantined %s (%s): %s", q["clip_id"] or q["source_uri"], q["stage"], q["error"])
     if n_tokens == 0:
         raise EchoPulseError(f"no clip could be tokenized; reasons in {storage.join(out, 'quarantine')}")
     return summary
-
-
-def _write_quarantine(out: str, rows: list[dict[str, str]]) -> None:
-    table = pa.Table.from_pylist([{c: r.get(c, "") for c in QUARANTINE_COLUMNS} for r in rows],
-                                 schema=QUARANTINE_SCHEMA)
-    storage.makedirs(storage.join(out, "quarantine"))
-    fs, path = storage.filesystem(storage.join(out, "quarantine", "quarantine.parquet"))
-    with fs.open(path, "wb") as f:
-        pq.write_table(table, f)
 
 
 def write_random_tokens(out: str, recipe, n: int = 32, seed: int = 0, val_fraction: float = 0.25,

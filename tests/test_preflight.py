@@ -15,7 +15,7 @@ from echopulse.errors import EchoPulseError
 from echopulse.schema import CLIPS_SCHEMA, TOKENS_SCHEMA, clip_schema
 from jobs import preflight
 from jobs.recipes import tiny
-from pipelines.common import write_dataset_info
+from echopulse.schema import write_dataset_info
 from pipelines.tokenize import write_random_tokens
 
 

@@ -34,7 +34,7 @@ def clips_dataset(tmp_path_factory, corpus) -> Path:
     from echopulse.ingest import make_ingest_fn
     from echopulse.schema import CLIPS_SCHEMA
     from jobs.recipes import tiny
-    from pipelines.common import write_dataset_info
+    from echopulse.schema import write_dataset_info
     from pipelines.ingest import clips_to_table
 
     clip = tiny().clip

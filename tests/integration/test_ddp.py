@@ -37,7 +37,7 @@ def _write_clips(root, n: int, seed: int = 0) -> str:
     import pyarrow.parquet as pq
 
     from echopulse.schema import CLIPS_SCHEMA, clip_schema
-    from pipelines.common import write_dataset_info
+    from echopulse.schema import write_dataset_info
 
     clip = tiny().clip
     rng = np.random.default_rng(seed)

@@ -14,6 +14,7 @@ import pydicom.data
 import pytest
 
 from echopulse.io.ecg import read_ecg
+from echopulse.schema import QUARANTINE_COLUMNS
 from echopulse.synth.phantom import HEADER_TEXT, write_corpus
 from jobs.recipes import tiny
 from pipelines.ingest import run_ingest
@@ -98,12 +99,12 @@ def test_every_input_is_accounted_for(corpus, tmp_path, ray_session, caplog):
     assert json.loads((out / "summary.json").read_text()) == summary.as_dict()
 
     quarantine = pq.read_table(out / "quarantine").to_pylist()
-    assert set(quarantine[0]) == {"echo", "ecg", "stage", "error", "detail"}
-    by_echo_ecg = {(q["echo"], q["ecg"]): q for q in quarantine}
+    assert list(quarantine[0]) == list(QUARANTINE_COLUMNS)
+    by_echo_ecg = {(q["source_uri"], q["detail"].split(";")[0]): q for q in quarantine}
     assert len(by_echo_ecg) == len(bad)
     for row, stage, words in bad:
-        q = by_echo_ecg[(row["echo"], row["ecg"])]  # exactly as given in the manifest
-        assert q["stage"] == stage and words in q["detail"], (row, q)
+        q = by_echo_ecg[(row["echo"], f"ecg={row['ecg']}")]  # exactly as given in the manifest
+        assert q["stage"] == stage and words in q["detail"] and not q["clip_id"], (row, q)
 
     clips = pq.read_table(out / "clips")
     assert clips.num_rows == summary.clips

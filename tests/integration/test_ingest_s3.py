@@ -56,7 +56,7 @@ def test_ingest_from_and_to_s3(s3_server, s3_corpus, ray_session):
     assert set(table.column("source_uri").to_pylist()) == {r["echo"] for r in rows[:2]}
     quarantine = pq.read_table(io.BytesIO(s3_server.get_object(
         Bucket=BUCKET, Key="clips/quarantine/quarantine.parquet")["Body"].read())).to_pylist()
-    assert quarantine[0]["echo"] == "echo/absent.dcm" and "not found" in quarantine[0]["detail"]
+    assert quarantine[0]["source_uri"] == "echo/absent.dcm" and "not found" in quarantine[0]["detail"]
 
     # resume skips everything already done; the clip ids are the same
     again = run_ingest(manifest, out, tiny().clip, resume=True)

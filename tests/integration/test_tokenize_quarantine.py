@@ -12,7 +12,7 @@ import pytest
 
 from echopulse.schema import CLIPS_SCHEMA, clip_schema
 from jobs.recipes import tiny
-from pipelines.common import write_dataset_info
+from echopulse.schema import write_dataset_info
 from pipelines.tokenize import run_tokenize, write_random_tokens
 
 pytestmark = pytest.mark.integration
@@ -68,7 +68,7 @@ def test_bad_rows_and_parts_are_quarantined(tmp_path, ray_session):
     quarantine = pq.read_table(out / "quarantine" / "quarantine.parquet").to_pylist()
     by_stage: dict[str, list[str]] = {}
     for row in quarantine:
-        by_stage.setdefault(row["stage"], []).append(row["clip_id"] or row["source"])
+        by_stage.setdefault(row["stage"], []).append(row["clip_id"] or row["source_uri"])
     assert sorted(by_stage["schema"]) == ["small-0", "small-1"]
     assert by_stage["ecg"] == ["good-2"]
     decode = sorted(by_stage["decode"])

@@ -187,7 +187,7 @@ def test_loop_helpers():
 
 
 def test_has_ecg_uses_source_then_leads_then_signal():
-    from jobs.train_generator import _with_ecg, has_ecg
+    from jobs.datasets import _with_ecg, has_ecg
 
     ecg = np.zeros((3, 12, 10), dtype=np.float32)
     ecg[1, 0, 3] = 0.5
@@ -208,7 +208,7 @@ def test_generator_refuses_tokens_without_any_ecg_clip(tmp_path):
 
     from echopulse.errors import EchoPulseError
     from jobs.recipes import tiny
-    from jobs.train_generator import tokens_datasets
+    from jobs.datasets import tokens_datasets
 
     recipe = tiny()
     (tmp_path / "dataset.json").write_text(json.dumps({
