@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
     from echopulse.runtime import init_ray
-    from pipelines.tokenize import write_random_tokens
+    from bench._common import write_random_tokens
 
     base = get_recipe(args.recipe)
     train = replace(base.generator_train, steps=2 * args.window, log_every=args.window,

@@ -16,7 +16,7 @@ from echopulse.schema import CLIPS_SCHEMA, TOKENS_SCHEMA, clip_schema
 from jobs import preflight
 from jobs.recipes import tiny
 from echopulse.schema import write_dataset_info
-from pipelines.tokenize import write_random_tokens
+from bench._common import write_random_tokens
 
 
 @pytest.fixture(scope="module")

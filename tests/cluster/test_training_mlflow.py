@@ -26,7 +26,7 @@ def test_generator_run_on_the_tracking_server(mlflow_server, s3_server, ray_sess
     from echopulse.tracking import flatten_params
     from jobs.recipes import tiny
     from jobs.train_generator import train_generator
-    from pipelines.tokenize import write_random_tokens
+    from bench._common import write_random_tokens
 
     tokens = tmp_path / "tokens"
     tokenizer = write_random_tokens(str(tokens), tiny(), n=16, seed=6)

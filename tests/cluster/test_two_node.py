@@ -31,7 +31,7 @@ def _train_workers(ray_head, submission_id: str) -> list[dict]:
 def test_one_training_worker_per_node(ray_head, ray_worker_node, tmp_path):
     from echopulse.config import replace, to_dict
     from jobs.recipes import tiny
-    from pipelines.tokenize import write_random_tokens
+    from bench._common import write_random_tokens
 
     tokens = tmp_path / "tokens"
     tokenizer = write_random_tokens(str(tokens), tiny(), n=16, seed=5)

@@ -10,10 +10,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from echopulse.schema import CLIPS_SCHEMA, clip_schema
+from bench._common import write_random_tokens
+from echopulse.schema import CLIPS_SCHEMA, clip_schema, write_dataset_info
+from echopulse.tokenize import ERROR, STAGE, make_tokenize_fn
 from jobs.recipes import tiny
-from echopulse.schema import write_dataset_info
-from pipelines.tokenize import run_tokenize, write_random_tokens
+from pipelines.tokenize import run_tokenize
 
 pytestmark = pytest.mark.integration
 
@@ -83,3 +84,33 @@ def test_bad_rows_and_parts_are_quarantined(tmp_path, ray_session):
     assert json.loads((out / "summary.json").read_text()) == {"clips": 11, "tokens": 5, "quarantined": 6}
     info = json.loads((out / "dataset.json").read_text())
     assert info["split_counts"] == {"train": 3, "val": 2} and info["counts"]["quarantined"] == 6
+
+
+def test_tokenize_fn_flags_bad_rows_without_ray(tmp_path):
+    """The stage function alone: a part row in, token rows out, the NaN-ECG row flagged, the good
+    rows encoded exactly as the model encodes them; a part Arrow cannot read comes back flagged."""
+    import torch
+
+    from echopulse.models.tokenizer import VideoTokenizer
+
+    recipe = tiny()
+    clip = recipe.clip
+    torch.manual_seed(0)
+    model = VideoTokenizer(recipe.tokenizer).eval()
+    part = tmp_path / "part.parquet"
+    pq.write_table(_clips_table(3, clip.frames, clip.size, clip.ecg_samples, 7, "c", nan_ecg_row=1), part)
+    fn = make_tokenize_fn(model, "tok-1", batch_size=2, ecg_samples=clip.ecg_samples)
+    rows = {}
+    for batch in fn({"path": str(part)}):
+        for i, cid in enumerate(batch["clip_id"]):
+            rows[cid] = {k: v[i] for k, v in batch.items()}
+    assert sorted(rows) == ["c-0", "c-1", "c-2"] and rows["c-1"][STAGE] == "ecg"
+    assert not rows["c-0"][ERROR] and rows["c-0"]["tokenizer_id"] == "tok-1"
+    frames = pq.read_table(part).slice(0, 1).column("frames").combine_chunks().to_numpy_ndarray()
+    with torch.inference_mode():
+        expected = model.encode(torch.as_tensor(frames).float() / 255.0).numpy()[0]
+    np.testing.assert_array_equal(rows["c-0"]["tokens"], expected)
+    nulls = tmp_path / "nulls.parquet"
+    pq.write_table(_clips_table(2, clip.frames, clip.size, clip.ecg_samples, 8, "n", null_frames_row=1), nulls)
+    flagged = [(c, st) for b in fn({"path": str(nulls)}) for c, st in zip(b["clip_id"], b[STAGE])]
+    assert sorted(flagged) == [("n-0", "decode"), ("n-1", "decode")]

@@ -40,7 +40,7 @@ def _logged_steps(uri: str, run_id: str) -> list[int]:
 
 def test_generator_checkpoints_on_s3_and_resume(s3, tmp_path, ray_session):
     from jobs.train_generator import train_generator
-    from pipelines.tokenize import write_random_tokens
+    from bench._common import write_random_tokens
 
     tokens = tmp_path / "tokens"
     tokenizer = write_random_tokens(str(tokens), tiny(), n=16, seed=4)
