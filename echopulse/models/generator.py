@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +32,7 @@ from torch import nn
 from echopulse.config import GeneratorConfig
 from echopulse.models.ecg_encoder import ECGEncoder
 from echopulse.models.layers import TransformerBlock, init_weights
+from echopulse.models.sampling import sample
 from echopulse.models.schedules import get_schedule
 
 
@@ -367,23 +369,10 @@ class MaskGIT(nn.Module):
             x += block.mlp(block.norm_mlp(x))
         return self.norm(x)
 
-    def generate(
-        self,
-        ecg: torch.Tensor,
-        steps: int = 8,
-        guidance: float = 2.0,
-        temperature: float = 1.0,
-        schedule: str = "cosine",
-        seed: int = 0,
-        prime_tokens: torch.Tensor | None = None,
-        view: torch.Tensor | None = None,
-        ef: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Token ids ``(b, t', h', w')`` for each ECG; see :func:`echopulse.models.sampling.sample`."""
-        from echopulse.models.sampling import sample
-
-        return sample(self, ecg, steps=steps, guidance=guidance, temperature=temperature,
-                      schedule=schedule, seed=seed, prime_tokens=prime_tokens, view=view, ef=ef)
+    def generate(self, ecg: torch.Tensor, **options: Any) -> torch.Tensor:
+        """Token ids ``(b, t', h', w')`` for each ECG: :func:`echopulse.models.sampling.sample` on
+        this model, with its keyword options (``steps``, ``guidance``, ``seed``, ...)."""
+        return sample(self, ecg, **options)
 
 
 @dataclass

@@ -22,7 +22,8 @@ positions only. Tokens are drawn by inverse CDF
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from collections.abc import Iterator
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -30,8 +31,28 @@ from einops import rearrange
 
 from echopulse.models.schedules import get_schedule
 
-if TYPE_CHECKING:
-    from echopulse.models.generator import MaskGIT
+
+class Decodable(Protocol):
+    """What decoding needs from a masked-token model (:class:`~echopulse.models.generator.MaskGIT`
+    is one); sampling depends on this, not on the model class, so the two modules stay one-way."""
+
+    cfg: Any  # token_grid, vocab_size
+    seq_len: int
+    mask_id: int
+    training: bool
+    to_logits: torch.nn.Linear
+
+    def parameters(self) -> Iterator[torch.nn.Parameter]: ...
+    def eval(self) -> Any: ...
+    def train(self, mode: bool = True) -> Any: ...
+    def encode_ecg(self, ecg: torch.Tensor) -> torch.Tensor: ...
+    def encode_ecg_frames(self, ecg: torch.Tensor) -> torch.Tensor | None: ...
+    def with_extra_conditions(self, context: torch.Tensor, view: torch.Tensor | None,
+                              ef: torch.Tensor | None) -> torch.Tensor: ...
+    def null_context(self, batch: int, num_tokens: int) -> torch.Tensor: ...
+    def sampling_cache(self, context: torch.Tensor, guided: bool, frames: torch.Tensor | None = None) -> Any: ...
+    def sampling_hidden(self, tokens_in: torch.Tensor, cache: Any) -> torch.Tensor: ...
+    def logits(self, tokens_in: torch.Tensor, context: torch.Tensor, **kwargs: Any) -> torch.Tensor: ...
 
 
 # logits rows materialised at once (1 GiB in fp32): bounds memory at large batch x vocabulary
@@ -67,7 +88,7 @@ def _prime_prefix(prime_tokens: torch.Tensor, grid: tuple[int, int, int], batch:
 
 
 def sample(
-    model: "MaskGIT",
+    model: Decodable,
     ecg: torch.Tensor,
     steps: int = 8,
     guidance: float = 2.0,
@@ -82,7 +103,7 @@ def sample(
     """Generate token ids for each ECG.
 
     Args:
-        model: a :class:`~echopulse.models.generator.MaskGIT` (unwrapped).
+        model: a :class:`Decodable`, e.g. an (unwrapped) :class:`~echopulse.models.generator.MaskGIT`.
         ecg: ``(b, 12, L)`` standardized ECG.
         steps: decoding steps (>= 1).
         guidance: classifier-free guidance weight; ``guided = cond + guidance * (cond - uncond)``.
