@@ -68,8 +68,6 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     from echopulse.ingest import IngestOptions
     from pipelines.ingest import clip_for_mode, run_ingest
 
-    if args.s3_endpoint:  # before Ray starts, so local workers inherit it
-        os.environ["AWS_ENDPOINT_URL_S3"] = args.s3_endpoint
     clip = clip_for_mode(_recipe(args.recipe).clip, args.clip_mode, seconds=args.seconds, fps=args.fps)
     options = IngestOptions(clip_mode=args.clip_mode, allow_roots=tuple(args.allow_root or ()),
                             ecg_fs=args.ecg_fs)
@@ -87,8 +85,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     recipe = _recipe(args.recipe)
     use_gpu = True if args.gpu else None
-    if args.s3_endpoint:  # before Ray starts (Ray Train's S3 filesystem is built from it)
-        os.environ["AWS_ENDPOINT_URL_S3"] = args.s3_endpoint
     if args.model == "tokenizer":
         from jobs.train_tokenizer import train_tokenizer
 
@@ -112,8 +108,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_tokenize(args: argparse.Namespace) -> int:
     from pipelines.tokenize import run_tokenize
 
-    if args.s3_endpoint:  # before Ray starts, so local workers inherit it
-        os.environ["AWS_ENDPOINT_URL_S3"] = args.s3_endpoint
     summary = run_tokenize(args.clips, args.tokenizer, args.out, actors=args.actors,
                            batch_size=args.batch_size, use_gpu=True if args.gpu else None)
     _print_json(summary.__dict__)
@@ -220,7 +214,7 @@ def _remote_commands() -> tuple[str, ...]:
 
 def cmd_submit(args: argparse.Namespace) -> int:
     """Run an echopulse command as a Ray job; stream its logs; exit with the job's status."""
-    from echopulse import submit as jobs
+    from echopulse import submit
 
     argv = list(args.job_command)
     if argv and argv[0] == "--":
@@ -234,15 +228,15 @@ def cmd_submit(args: argparse.Namespace) -> int:
         build_parser().parse_args(argv)
     except SystemExit as exc:
         return EXIT_BAD_INPUT if exc.code else EXIT_OK
-    base = jobs.load_runtime_env_file(args.runtime_env) if args.runtime_env else None
-    env_vars = jobs.passthrough_env()
+    base = submit.load_runtime_env_file(args.runtime_env) if args.runtime_env else None
+    env_vars = submit.passthrough_env()
     if args.tracking_uri:
         env_vars["MLFLOW_TRACKING_URI"] = args.tracking_uri
-    env_vars.update(jobs.parse_env(args.env))
-    runtime_env = jobs.build_runtime_env(args.working_dir, env_vars, base=base, image_uri=args.image)
-    client = jobs.connect(args.address, timeout=args.request_timeout)
-    entrypoint = jobs.entrypoint_for(argv, python=args.python)
-    job_id = jobs.submit_job(client, entrypoint, runtime_env, submission_id=args.submission_id,
+    env_vars.update(submit.parse_env(args.env))
+    runtime_env = submit.build_runtime_env(args.working_dir, env_vars, base=base, image_uri=args.image)
+    client = submit.connect(args.address, timeout=args.request_timeout)
+    entrypoint = submit.entrypoint_for(argv, python=args.python)
+    job_id = submit.submit_job(client, entrypoint, runtime_env, submission_id=args.submission_id,
                              entrypoint_num_cpus=args.num_cpus, entrypoint_num_gpus=args.num_gpus)
     passed = ", ".join(sorted(env_vars)) or "none"
     print(f"submitted {job_id} to {client.get_address()}: {entrypoint}", file=sys.stderr)
@@ -252,7 +246,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         print(job_id)
         return EXIT_OK
     try:
-        result = jobs.follow(client, job_id, on_output=lambda chunk: print(chunk, end="", flush=True),
+        result = submit.follow(client, job_id, on_output=lambda chunk: print(chunk, end="", flush=True),
                              timeout=args.timeout)
     except KeyboardInterrupt:
         print(f"\ndetached; {job_id} keeps running (stop it with `echopulse jobs stop {job_id}`)",
@@ -275,63 +269,90 @@ def _report_job(result) -> int:
 
 def cmd_jobs(args: argparse.Namespace) -> int:
     """List jobs, show or follow one job's logs, stop a job."""
-    from echopulse import submit as jobs
+    from echopulse import submit
 
-    client = jobs.connect(args.address, timeout=args.request_timeout)
+    client = submit.connect(args.address, timeout=args.request_timeout)
     if args.action == "list":
-        rows = jobs.list_jobs(client)
+        rows = submit.list_jobs(client)
         if args.json:
             _print_json(rows)
         else:
-            print(jobs.format_jobs(rows))
+            print(submit.format_jobs(rows))
         return EXIT_OK
     if args.action == "logs":
         if args.follow:
-            jobs.job_info(client, args.submission_id)
-            result = jobs.follow(client, args.submission_id,
+            submit.job_info(client, args.submission_id)
+            result = submit.follow(client, args.submission_id,
                                  on_output=lambda chunk: print(chunk, end="", flush=True),
                                  timeout=args.timeout, stop_on_timeout=False)
             return _report_job(result)
-        print(jobs.job_logs(client, args.submission_id), end="")
+        print(submit.job_logs(client, args.submission_id), end="")
         return EXIT_OK
-    status = jobs.stop_job(client, args.submission_id, wait_s=args.timeout or 30.0)
+    status = submit.stop_job(client, args.submission_id, wait_s=args.timeout or 30.0)
     print(f"job {args.submission_id}: {status}")
-    return EXIT_OK if status in jobs.TERMINAL else EXIT_FAILED
+    return EXIT_OK if status in submit.TERMINAL else EXIT_FAILED
 
 
-def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
-    common.add_argument("--tracking-uri", default=None,
-                        help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or a sqlite store)")
+RECIPE_HELP = "recipe: tiny, demo, paper or a recipe .json (default: %(default)s)"
+GUIDANCE_HELP = ("classifier-free guidance weight g: logits = cond + g * (cond - uncond); 0 is "
+                 "the plain ECG-conditioned model, larger follows the ECG more strongly")
+ADDRESS_HELP = ("Ray job server (dashboard) address (default: RAY_API_SERVER_ADDRESS, an http:// "
+                "RAY_ADDRESS, or http://127.0.0.1:8265); the token comes from RAY_AUTH_TOKEN, "
+                "RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token")
 
-    parser = argparse.ArgumentParser(
-        prog="echopulse", parents=[common],
-        description="ECG-conditioned echocardiogram video generation on Ray: ingest DICOM echo + "
-                    "ECG, tokenize, train, sweep masking schedules, generate echo from an ECG.",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--version", action="version", version=f"echopulse {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def add(name: str, fn: Callable, help_text: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, parents=[common], help=help_text, description=help_text)
-        p.set_defaults(fn=fn)
-        return p
+def _command(sub, common: argparse.ArgumentParser, name: str, fn: Callable,
+             help_text: str) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, parents=[common], help=help_text, description=help_text)
+    p.set_defaults(fn=fn)
+    return p
 
-    recipe_help = "recipe: tiny, demo, paper or a recipe .json (default: %(default)s)"
 
-    p = add("synth", cmd_synth, "Write a synthetic corpus: echo phantom DICOMs, WFDB ECGs, manifest.csv.")
+def storage_flags(p: argparse.ArgumentParser) -> None:
+    """Flags of every command that reads or writes object storage (applied once, in :func:`main`)."""
+    p.add_argument("--s3-endpoint", default=None,
+                   help="S3-protocol endpoint URL (default: AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL)")
+
+
+def sampling_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=None, help="decoding steps (default: checkpoint's)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help=GUIDANCE_HELP + " (default: checkpoint's)")
+
+
+def video_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--seconds", type=float, default=None,
+                   help="video duration; longer than the model's window chains windows "
+                        "(default: one window)")
+    p.add_argument("--fps", type=float, default=None, help="output frame rate (default: the model's)")
+    p.add_argument("--panel", action="store_true",
+                   help="draw the ECG (lead II) under the video with a moving cursor")
+
+
+def job_server_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--address", default=None, help=ADDRESS_HELP)
+    p.add_argument("--request-timeout", type=float, default=30.0,
+                   help="seconds for each request to the job server (default: %(default)s)")
+
+
+def add_synth_parser(sub, common: argparse.ArgumentParser) -> None:
+    p = _command(sub, common, "synth", cmd_synth,
+                 "Write a synthetic corpus: echo phantom DICOMs, WFDB ECGs, manifest.csv.")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--studies", type=int, default=8, help="number of studies (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     p.add_argument("--seconds", type=float, default=4.0, help="study length (default: %(default)s)")
 
-    p = add("ingest", cmd_ingest, "Echo (DICOM or video) + ECG pairs from a manifest -> clips/v1 Parquet (Ray Data).")
+
+def add_ingest_parser(sub, common: argparse.ArgumentParser) -> None:
+    p = _command(sub, common, "ingest", cmd_ingest,
+                 "Echo (DICOM or video) + ECG pairs from a manifest -> clips/v1 Parquet (Ray Data).")
     p.add_argument("--manifest", required=True,
                    help="manifest CSV or Parquet (columns echo, ecg, optional ecg_offset_s, view, ef, "
                         "split, study), or EchoNet-Dynamic's FileList.csv; local or s3://")
     p.add_argument("--out", required=True, help="output directory or s3:// URI")
-    p.add_argument("--recipe", default="demo", help=recipe_help)
+    p.add_argument("--recipe", default="demo", help=RECIPE_HELP)
     p.add_argument("--salt", default=None, help="study-key salt (default: ECHOPULSE_STUDY_SALT)")
     p.add_argument("--resume", action="store_true", help="skip inputs already done in --out")
     p.add_argument("--clip-mode", choices=("window", "cycle"), default="window",
@@ -345,10 +366,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a folder outside the manifest's that ../ paths may land in (repeatable)")
     p.add_argument("--ecg-fs", type=float, default=None,
                    help="sampling rate of CSV/NPY ECGs whose manifest row has no ecg_fs")
-    p.add_argument("--s3-endpoint", default=None,
-                   help="S3-protocol endpoint URL (default: AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL)")
+    storage_flags(p)
 
-    train = add("train", lambda a: EXIT_BAD_INPUT, "Train the tokenizer or the generator (Ray Train).")
+
+def add_train_parser(sub, common: argparse.ArgumentParser) -> None:
+    train = _command(sub, common, "train", lambda a: EXIT_BAD_INPUT,
+                     "Train the tokenizer or the generator (Ray Train).")
     train_sub = train.add_subparsers(dest="model", required=True, metavar="MODEL")
     for model, text in (("tokenizer", "Train the video tokenizer on clips/v1 (Ray Train)."),
                         ("generator", "Train the ECG-conditioned generator on tokens/v1 (Ray Train).")):
@@ -367,13 +390,15 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--out", required=True,
                        help="output directory or URI (s3://bucket/prefix: Ray Train's checkpoints "
                             "go under OUT/ray/, the same command again resumes from there)")
-        p.add_argument("--recipe", default="demo", help=recipe_help)
+        p.add_argument("--recipe", default="demo", help=RECIPE_HELP)
         p.add_argument("--workers", type=int, default=None, help="Ray Train workers")
         p.add_argument("--gpu", action="store_true", help="one GPU per worker")
-        p.add_argument("--s3-endpoint", default=None,
-                       help="S3-protocol endpoint URL (default: AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL)")
+        storage_flags(p)
 
-    p = add("tokenize", cmd_tokenize, "clips/v1 -> tokens/v1 with a pool of tokenizer actors (Ray Data).")
+
+def add_tokenize_parser(sub, common: argparse.ArgumentParser) -> None:
+    p = _command(sub, common, "tokenize", cmd_tokenize,
+                 "clips/v1 -> tokens/v1 with a pool of tokenizer actors (Ray Data).")
     p.add_argument("--clips", required=True, help="clips/v1 dataset")
     p.add_argument("--tokenizer", required=True, help="tokenizer checkpoint directory")
     p.add_argument("--out", required=True, help="output directory or URI")
@@ -382,10 +407,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="clips per encode batch on an actor (default: %(default)s)")
     p.add_argument("--gpu", action="store_true",
                    help="one GPU per actor (default: when the Ray cluster has GPUs)")
-    p.add_argument("--s3-endpoint", default=None,
-                   help="S3-protocol endpoint URL (default: AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL)")
+    storage_flags(p)
 
-    p = add("tune", cmd_tune, "Sweep masking schedules with Ray Tune; MLflow parent + child runs.")
+
+def add_tune_parser(sub, common: argparse.ArgumentParser) -> None:
+    p = _command(sub, common, "tune", cmd_tune,
+                 "Sweep masking schedules with Ray Tune; MLflow parent + child runs.")
     p.add_argument("--tokens", required=True, help="tokens/v1 dataset")
     p.add_argument("--tokenizer", required=True, help="tokenizer checkpoint directory")
     p.add_argument("--trials", type=int, default=None, help="number of trials (default: recipe's)")
@@ -404,28 +431,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu", action="store_true", help="one GPU per worker")
     p.add_argument("--resume", action="store_true", help="continue an interrupted sweep in --out")
     p.add_argument("--out", default="tune", help="output directory (default: %(default)s)")
-    p.add_argument("--recipe", default="demo", help=recipe_help)
+    p.add_argument("--recipe", default="demo", help=RECIPE_HELP)
 
-    guidance_help = ("classifier-free guidance weight g: logits = cond + g * (cond - uncond); 0 is "
-                     "the plain ECG-conditioned model, larger follows the ECG more strongly")
 
-    def sampling_flags(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
-        p.add_argument("--steps", type=int, default=None, help="decoding steps (default: checkpoint's)")
-        p.add_argument("--guidance", type=float, default=None,
-                       help=guidance_help + " (default: checkpoint's)")
-
-    def video_flags(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--seconds", type=float, default=None,
-                       help="video duration; longer than the model's window chains windows "
-                            "(default: one window)")
-        p.add_argument("--fps", type=float, default=None, help="output frame rate (default: the model's)")
-        p.add_argument("--panel", action="store_true",
-                       help="draw the ECG (lead II) under the video with a moving cursor")
-
-    p = add("generate", cmd_generate,
-            "Generate an echo video from an ECG file (WFDB, DICOM 12-lead ECG, or any format "
-            "ingestion reads).")
+def add_generate_parser(sub, common: argparse.ArgumentParser) -> None:
+    p = _command(sub, common, "generate", cmd_generate,
+                 "Generate an echo video from an ECG file (WFDB, DICOM 12-lead ECG, or any format "
+                 "ingestion reads).")
     p.add_argument("--checkpoint", required=True, help="generator checkpoint directory")
     p.add_argument("--ecg", required=True,
                    help="ECG file (any format ingestion accepts: WFDB .hea, DICOM 12-lead ECG, ...)")
@@ -438,9 +450,11 @@ def build_parser() -> argparse.ArgumentParser:
     video_flags(p)
     sampling_flags(p)
 
-    p = add("evaluate", cmd_evaluate,
-            "Evaluate a generator on clips/v1: tokenizer reconstruction, generation vs real, "
-            "ECG control, EF error, FID/FVD (with weights files); report.json/.md + MLflow.")
+
+def add_evaluate_parser(sub, common: argparse.ArgumentParser) -> None:
+    p = _command(sub, common, "evaluate", cmd_evaluate,
+                 "Evaluate a generator on clips/v1: tokenizer reconstruction, generation vs real, "
+                 "ECG control, EF error, FID/FVD (with weights files); report.json/.md + MLflow.")
     p.add_argument("--checkpoint", required=True, help="generator checkpoint directory")
     p.add_argument("--clips", required=True, help="clips/v1 dataset (ingest output) or URI")
     p.add_argument("--n", type=int, default=16, help="clips to evaluate, held-out first (default: %(default)s)")
@@ -453,9 +467,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "without it FVD is reported as not computed")
     sampling_flags(p)
 
-    p = add("generate-batch", cmd_generate_batch,
-            "Generate one video per ECG of a manifest with a pool of generator actors (Ray Data); "
-            "writes OUT/videos/ and a Parquet index OUT/index/.")
+
+def add_generate_batch_parser(sub, common: argparse.ArgumentParser) -> None:
+    p = _command(sub, common, "generate-batch", cmd_generate_batch,
+                 "Generate one video per ECG of a manifest with a pool of generator actors (Ray Data); "
+                 "writes OUT/videos/ and a Parquet index OUT/index/.")
     p.add_argument("--manifest", required=True,
                    help="CSV with column ecg, optional id, first_frame, seconds, fps, seed")
     p.add_argument("--checkpoint", required=True, help="generator checkpoint directory")
@@ -470,25 +486,26 @@ def build_parser() -> argparse.ArgumentParser:
     video_flags(p)
     sampling_flags(p)
 
-    p = add("quickstart", cmd_quickstart,
-            "Run the whole chain on embedded defaults: synth, ingest, train tokenizer, tokenize, "
-            "train generator, tune, generate.")
+
+def add_quickstart_parser(sub, common: argparse.ArgumentParser) -> None:
+    p = _command(sub, common, "quickstart", cmd_quickstart,
+                 "Run the whole chain on embedded defaults: synth, ingest, train tokenizer, tokenize, "
+                 "train generator, tune, generate.")
     p.add_argument("--workdir", default="demo", help="where everything is written (default: %(default)s)")
-    p.add_argument("--recipe", default="demo", help=recipe_help)
+    p.add_argument("--recipe", default="demo", help=RECIPE_HELP)
     p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
 
-    address_help = ("Ray job server (dashboard) address (default: RAY_API_SERVER_ADDRESS, an http:// "
-                    "RAY_ADDRESS, or http://127.0.0.1:8265); the token comes from RAY_AUTH_TOKEN, "
-                    "RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token")
-    p = add("submit", cmd_submit,
-            "Run an echopulse command on a Ray cluster as a Ray job: upload the working dir, "
-            "stream the logs, exit with the job's status.")
+
+def add_submit_parser(sub, common: argparse.ArgumentParser) -> None:
+    p = _command(sub, common, "submit", cmd_submit,
+                 "Run an echopulse command on a Ray cluster as a Ray job: upload the working dir, "
+                 "stream the logs, exit with the job's status.")
     p.epilog = ("example: echopulse submit --address http://127.0.0.1:8265 -- ingest "
                 "--manifest s3://bucket/manifest.csv --out s3://bucket/clips --recipe demo\n"
                 "Passed to the job when set here: MLFLOW_* and AWS_* settings (tracking URI, "
                 "credentials, endpoints, region) and ECHOPULSE_STUDY_SALT; add more with --env. "
                 "Outputs are written on the cluster: use s3:// or shared paths.")
-    p.add_argument("--address", default=None, help=address_help)
+    job_server_flags(p)
     p.add_argument("--working-dir", default=".",
                    help="directory uploaded as the job's working dir (default: %(default)s)")
     p.add_argument("--runtime-env", default=None,
@@ -500,8 +517,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=None,
                    help="seconds to wait for the job; then it is stopped and the exit status is 124 "
                         "(default: wait until it ends)")
-    p.add_argument("--request-timeout", type=float, default=30.0,
-                   help="seconds for each request to the job server (default: %(default)s)")
     p.add_argument("--no-wait", action="store_true", help="print the submission id and return")
     p.add_argument("--submission-id", default=None, help="the job's submission id (default: generated)")
     p.add_argument("--num-cpus", type=float, default=None, help="CPUs reserved for the job's driver")
@@ -511,16 +526,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("job_command", nargs=argparse.REMAINDER, metavar="-- COMMAND ...",
                    help="the echopulse command to run, after --")
 
-    p = add("jobs", cmd_jobs, "List Ray jobs, show or follow a job's logs, stop a job.")
+
+def add_jobs_parser(sub, common: argparse.ArgumentParser) -> None:
+    p = _command(sub, common, "jobs", cmd_jobs, "List Ray jobs, show or follow a job's logs, stop a job.")
     jobs_sub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     for action, text in (("list", "List the cluster's jobs, newest first."),
                          ("logs", "Print a job's logs (--follow: until it ends; exit with its status)."),
                          ("stop", "Stop a job and wait until it has stopped.")):
         q = jobs_sub.add_parser(action, parents=[common], help=text, description=text)
         q.set_defaults(fn=cmd_jobs)
-        q.add_argument("--address", default=None, help=address_help)
-        q.add_argument("--request-timeout", type=float, default=30.0,
-                       help="seconds for each request to the job server (default: %(default)s)")
+        job_server_flags(q)
         if action == "list":
             q.add_argument("--json", action="store_true", help="print JSON instead of a table")
         else:
@@ -530,6 +545,26 @@ def build_parser() -> argparse.ArgumentParser:
                                 "stop, default 30)")
         if action == "logs":
             q.add_argument("--follow", action="store_true", help="stream until the job ends")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    common.add_argument("--tracking-uri", default=None,
+                        help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or a sqlite store)")
+
+    parser = argparse.ArgumentParser(
+        prog="echopulse", parents=[common],
+        description="ECG-conditioned echocardiogram video generation on Ray: ingest DICOM echo + "
+                    "ECG, tokenize, train, sweep masking schedules, generate echo from an ECG.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"echopulse {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add_parser in (add_synth_parser, add_ingest_parser, add_train_parser, add_tokenize_parser,
+                       add_tune_parser, add_generate_parser, add_evaluate_parser,
+                       add_generate_batch_parser, add_quickstart_parser, add_submit_parser,
+                       add_jobs_parser):
+        add_parser(sub, common)
     return parser
 
 
@@ -550,6 +585,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.environ["ECHOPULSE_WORKER_LOGS"] = "1"
     for noisy in ("ray", "mlflow", "alembic", "urllib3", "botocore", "fsspec", "filelock"):
         logging.getLogger(noisy).setLevel(logging.DEBUG if args.debug else logging.WARNING)
+    if getattr(args, "s3_endpoint", None):
+        # before Ray starts: local workers inherit it and Ray Train's S3 filesystem is built from it
+        os.environ["AWS_ENDPOINT_URL_S3"] = args.s3_endpoint
     try:
         return args.fn(args)
     except (EchoPulseError, FileNotFoundError, ValueError) as exc:  # bad input or config
