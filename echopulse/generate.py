@@ -25,10 +25,6 @@ from echopulse.errors import EchoPulseError
 
 log = logging.getLogger(__name__)
 
-GUIDANCE_HELP = ("classifier-free guidance weight g: logits = cond + g * (cond - uncond); "
-                 "0 is the plain ECG-conditioned model, larger follows the ECG more strongly")
-
-
 @dataclass(frozen=True)
 class Window:
     """One model window of a chained video, in model frames.

@@ -120,21 +120,6 @@ def expected_volume(frame_times_s: np.ndarray, r_peaks_s: np.ndarray, rr_s: floa
     return out
 
 
-def cavity_curve(video: np.ndarray) -> np.ndarray:
-    """Blood-pool area per frame: the fraction of imaged pixels darker than 0.6 x the clip's median.
-
-    Imaged pixels are those bright at some time (inside the sector); blood is dark in echo. All
-    chambers count, so atrial filling offsets ventricular emptying; :func:`ecg_sync_score` uses
-    the LV alone (:func:`lv_area_curve`).
-    """
-    v = _as_unit(video)
-    imaged = v.max(axis=0) > 0.08
-    if not imaged.any():
-        return np.zeros(len(v))
-    threshold = np.median(v[:, imaged])
-    return (v[:, imaged] < threshold * 0.6).mean(axis=1)
-
-
 def ecg_rr_interval(r_peaks_s: np.ndarray, duration_s: float) -> float:
     """The R-R interval (s) a window's R-peaks imply: the median interval with two or more peaks;
     with one, ``DEFAULT_RR_S`` or, when longer, just more than the window shows without a second

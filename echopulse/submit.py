@@ -34,7 +34,6 @@ from echopulse.errors import EchoPulseError
 log = logging.getLogger(__name__)
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
-DEFAULT_TOKEN_PATH = Path("~/.ray/auth_token")
 #: seconds for connecting to the job server and for each HTTP request to it
 REQUEST_TIMEOUT_S = 30.0
 

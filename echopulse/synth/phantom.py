@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
+from tqdm import tqdm
 
 from echopulse.config import ECG_LEADS
 from echopulse.synth.ecg_sim import SimulatedECG, simulate_ecg
@@ -34,8 +35,7 @@ HEADER_ROWS = 14  # burned-in text band above the imaging region
 HEADER_TEXT = "PHANTOM^ALEX 1970-01-01"  # fake patient text: ingestion must never let it through
 SECTOR_HALF_ANGLE_DEG = 40.0  # 80 degree sector
 DEPTH_CM = 16.0  # physical depth of the sector radius
-US_MULTIFRAME_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.3.1"
-ECG_FS = 500
+PHANTOM_ECG_FS = 500  # Hz: the rate the phantom writes its ECG files at (ingest resamples to config.ECG_FS)
 
 # reflectivities (linear amplitude, before log compression)
 _BLOOD, _BACKGROUND, _MYOCARDIUM, _PERICARDIUM, _VALVE = 0.012, 0.085, 0.55, 1.0, 0.85
@@ -385,7 +385,7 @@ def make_study(
         raise ValueError(f"ef must be in (0.1, 0.85), got {ef}")
     if rows < HEADER_ROWS + 40 or cols < 48:
         raise ValueError(f"image too small ({rows}x{cols}); need at least {HEADER_ROWS + 40}x48")
-    ecg = simulate_ecg(duration_s, heart_rate_bpm, fs=ECG_FS, seed=seed)
+    ecg = simulate_ecg(duration_s, heart_rate_bpm, fs=PHANTOM_ECG_FS, seed=seed)
     renderer = _Renderer(view, rows, cols, seed)
     s_es = _calibrate_es_scale(renderer, ef)
     n_frames = int(round(duration_s * fps))
@@ -431,48 +431,17 @@ def write_study_dicom(study: Study, path: str | Path, seed: int) -> Path:
         path: output ``.dcm`` path (parent folders are created).
         seed: the study seed, the entropy source of its UIDs.
     """
-    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.dataset import Dataset
     from pydicom.sequence import Sequence
-    from echopulse.io.dicom_cine import set_cine_pixel_module
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+    from pydicom.uid import generate_uid
+
+    from echopulse.io.dicom_cine import write_cine
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     uid = {
         k: generate_uid(entropy_srcs=["echopulse-phantom", str(seed), k]) for k in ("study", "series", "sop")
     }
-    n_frames, rows, cols = study.frames.shape
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = US_MULTIFRAME_SOP_CLASS
-    meta.MediaStorageSOPInstanceUID = uid["sop"]
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = US_MULTIFRAME_SOP_CLASS
-    ds.SOPInstanceUID = uid["sop"]
-    ds.StudyInstanceUID = uid["study"]
-    ds.SeriesInstanceUID = uid["series"]
-    ds.Modality = "US"
-    ds.Manufacturer = "EchoPulse phantom"
-    ds.PatientName = HEADER_TEXT.split(" ")[0]
-    ds.PatientID = f"PHANTOM{seed:06d}"
-    ds.PatientBirthDate = "19700101"
-    ds.PatientSex = "O"
-    ds.StudyDate = ds.SeriesDate = ds.ContentDate = "20000101"
-    ds.StudyTime = ds.SeriesTime = ds.ContentTime = "120000"
-    ds.AccessionNumber = ""
-    ds.ReferringPhysicianName = ""
-    ds.StudyID = "1"
-    ds.SeriesNumber = 1
-    ds.InstanceNumber = 1
-    ds.ImageType = ["ORIGINAL", "PRIMARY"]
-    ds.SeriesDescription = f"phantom {study.view}"
-    ds.BurnedInAnnotation = "YES"
-    set_cine_pixel_module(ds, rows, cols, n_frames, study.fps)
-    ds.HeartRate = int(round(study.heart_rate_bpm))
-
     x0, y0, x1, y1 = study.region
     delta_cm = DEPTH_CM / (y1 - y0)
     region = Dataset()
@@ -487,9 +456,21 @@ def write_study_dicom(study: Study, path: str | Path, seed: int) -> Path:
     region.PhysicalDeltaY = delta_cm
     region.ReferencePixelX0 = (x1 - x0) // 2
     region.ReferencePixelY0 = 0
-    ds.SequenceOfUltrasoundRegions = Sequence([region])
-    ds.PixelData = np.ascontiguousarray(study.frames, dtype=np.uint8).tobytes()
-    ds.save_as(path, enforce_file_format=True, implicit_vr=False, little_endian=True)
+    write_cine(path, study.frames, study.fps, uids=uid, date="20000101", time="120000", attributes={
+        "Manufacturer": "EchoPulse phantom",
+        "PatientName": HEADER_TEXT.split(" ")[0],
+        "PatientID": f"PHANTOM{seed:06d}",
+        "PatientBirthDate": "19700101",
+        "PatientSex": "O",
+        "AccessionNumber": "",
+        "ReferringPhysicianName": "",
+        "StudyID": "1",
+        "ImageType": ["ORIGINAL", "PRIMARY"],
+        "SeriesDescription": f"phantom {study.view}",
+        "BurnedInAnnotation": "YES",
+        "HeartRate": int(round(study.heart_rate_bpm)),
+        "SequenceOfUltrasoundRegions": Sequence([region]),
+    })
     return path
 
 
@@ -542,7 +523,7 @@ def write_corpus(out_dir: str | Path, studies: int, seed: int, duration_s: float
     split_rng = np.random.default_rng([seed, 2**20])
     val_ids = set(split_rng.choice(studies, size=n_val, replace=False).tolist()) if n_val else set()
     rows, truth = [], []
-    for i in range(studies):
+    for i in tqdm(range(studies), desc="synth", unit="study", disable=None):
         rng = np.random.default_rng([seed, i])  # study i does not depend on how many studies there are
         name = f"study_{i:04d}"
         view = str(VIEWS[int(rng.integers(len(VIEWS)))])

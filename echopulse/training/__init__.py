@@ -1,7 +1,6 @@
 """Train/eval steps over dict batches; no Ray or DDP in here (the jobs wrap the model)."""
 
 from echopulse.training.steps import (
-    codebook_usage,
     generator_eval_step,
     generator_train_step,
     lr_at,
@@ -14,7 +13,6 @@ from echopulse.training.ema import EMA
 
 __all__ = [
     "EMA",
-    "codebook_usage",
     "generator_eval_step",
     "generator_train_step",
     "lr_at",

@@ -67,6 +67,3 @@ def load_train_state(path: str, model: nn.Module, optimizer: torch.optim.Optimiz
         ema.load_state_dict(exported, updates=info.get("ema_updates", 0) if os.path.exists(raw) else 0)
     return int(info["step"])
 
-
-def is_resumable(path: str) -> bool:
-    return all(os.path.exists(os.path.join(path, name)) for name in (OPTIMIZER_FILE, STATE_FILE))

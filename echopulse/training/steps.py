@@ -252,11 +252,3 @@ def lr_at(step: int, total: int, warmup: int, base_lr: float, min_ratio: float =
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     min_lr = base_lr * min_ratio
     return min_lr + 0.5 * (base_lr - min_lr) * (1 + math.cos(math.pi * progress))
-
-
-def codebook_usage(indices: torch.Tensor, codebook_size: int) -> float:
-    """Fraction of the ``codebook_size`` codes that occur in ``indices``."""
-    indices = torch.as_tensor(indices)
-    if indices.numel() == 0:
-        return 0.0
-    return torch.unique(indices.long()).numel() / codebook_size

@@ -7,7 +7,6 @@ from echopulse.config import GeneratorConfig, TokenizerConfig
 from echopulse.models.generator import MaskGIT
 from echopulse.models.tokenizer import VideoTokenizer
 from echopulse.training.steps import (
-    codebook_usage,
     generator_eval_step,
     generator_train_step,
     lr_at,
@@ -89,12 +88,6 @@ def test_make_optimizer_decays_matrices_only():
     assert sum(p.numel() for g in optimizer.param_groups for p in g["params"]) == sum(
         p.numel() for p in model.parameters()
     )
-
-
-def test_codebook_usage():
-    assert codebook_usage(torch.tensor([[0, 1], [1, 3]]), 8) == pytest.approx(3 / 8)
-    assert codebook_usage(torch.arange(125), 125) == 1.0
-    assert codebook_usage(torch.tensor([], dtype=torch.long), 10) == 0.0
 
 
 def test_steps_under_real_ddp(tmp_path):
