@@ -50,7 +50,7 @@ def plain_loop(recipe, tokens_dir: str, window: int, threads: int) -> float:
     from echopulse.models.generator import MaskGIT
     from echopulse.training.ema import EMA
     from echopulse.training.steps import generator_train_step, lr_at, make_optimizer
-    from jobs.train_common import step_seed
+    from echopulse.training.loop import step_seed
 
     saved = torch.get_num_threads()
     torch.set_num_threads(threads)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import os
 import tempfile
 import time
@@ -157,26 +156,6 @@ def micro_batch_size(train: TrainConfig, world: int) -> int:
     return max(1, train.batch_size // parts)
 
 
-def step_seed(seed: int, step: int, rank: int) -> int:
-    """The torch RNG seed of one (step, rank): random masks and dropout are reproducible, resume
-    draws what an uninterrupted run would have drawn, and ranks draw differently."""
-    return ((seed * 1_000_003 + step) * 1009 + rank) % (2**63 - 1)
-
-
-def gather_mean(sums: dict[str, float], count: float, device=None) -> dict[str, float]:
-    """``sum over ranks of sums / sum over ranks of count`` per key (a key missing on a rank, as
-    after an empty validation shard, counts there as nothing). Without a process group: local."""
-    import torch.distributed as dist
-
-    parts = [(sums, count)]
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        parts = [None] * dist.get_world_size()
-        dist.all_gather_object(parts, (dict(sums), float(count)))
-    total = sum(c for _, c in parts)
-    keys = sorted({k for s, _ in parts for k in s})
-    return {k: sum(s.get(k, 0.0) for s, _ in parts) / max(total, 1e-12) for k in keys}
-
-
 def train_worker_loop(
     *,
     model,
@@ -191,139 +170,43 @@ def train_worker_loop(
     fail_marker: str | None = None,
     resume_from: str | None = None,
 ) -> None:
-    """Run ``train.steps`` optimizer steps, resuming where a checkpoint says.
+    """:class:`echopulse.training.loop.TrainingLoop` inside a Ray Train worker.
 
-    The checkpoint resumed from is this run's latest (after a worker-group restart), else
-    ``resume_from`` (an earlier run's, found by :func:`latest_checkpoint`), else none.
-
-    One optimizer step takes ``train.grad_accum`` micro-batches from ``batches`` (``step_fn`` gets
-    them as a list; under DDP it syncs gradients on the last only), runs in bf16 autocast on GPU
-    (``train.bf16``; never on CPU), and then updates the EMA (``train.ema_decay`` > 0). Before each
-    step the torch RNG is seeded from (seed, step, rank) (:func:`step_seed`).
-
-    Every ``train.log_every`` steps (and at the last) the window's metrics, averaged over ranks,
-    plus ``lr`` and ``samples_per_s`` are logged (rank 0, through ``logger``) and reported to Ray.
-    ``validate(step)`` (called on every rank; it must combine ranks itself, e.g. with
-    :func:`gather_mean`) runs every ``train.val_every`` steps (0: at each logged step), at every
-    checkpoint and at the end, on the EMA weights when EMA is on; its metrics go into the reports
-    (the latest values until the next validation) so checkpoints can be ranked by them.
-    ``sample(step, dir)`` (rank 0 only) writes files logged as MLflow artifacts under ``samples/``,
-    every ``train.sample_every`` steps and at the end, also on the EMA weights.
-    At the first logged step ``train.checkpoint_every`` or more steps after the last checkpoint
-    (and at the end) rank 0 attaches a resumable
-    checkpoint: ``save(dir)`` writes the model checkpoint (EMA weights when EMA is on); the
-    optimizer state, step and raw training weights go beside it (:mod:`echopulse.training.state`).
+    The Ray parts: rank and world from the train context, the CPU threads of this worker, resume
+    from this run's latest checkpoint (after a worker-group restart), else ``resume_from`` (an
+    earlier run's, found by :func:`latest_checkpoint`), else none; metrics and checkpoints go to
+    ``ray.train.report``; rank 0's progress bar is Ray's own; the test-only injected failure.
     """
-    import contextlib
-
     import ray.train
     import torch
+    from ray.experimental.tqdm_ray import tqdm as ray_tqdm
 
     from echopulse.models.checkpoint import unwrap
-    from echopulse.training.ema import EMA
-    from echopulse.training.state import load_train_state, save_train_state
-    from echopulse.training.steps import lr_at, make_optimizer
+    from echopulse.training.loop import TrainingLoop
+    from echopulse.training.state import load_train_state
 
     ctx = ray.train.get_context()
-    world, rank = ctx.get_world_size(), ctx.get_world_rank()
-    device = next(model.parameters()).device
-    if device.type == "cpu":
+    if next(model.parameters()).device.type == "cpu":
         torch.set_num_threads(worker_threads(ctx.get_local_world_size()))
-    amp_dtype = torch.bfloat16 if train.bf16 and device.type == "cuda" else None
-    optimizer = make_optimizer(model, train.lr, train.weight_decay)
-    ema = EMA(model, train.ema_decay) if train.ema_decay > 0 else None
-    start = 0
-    restored = ray.train.get_checkpoint()
-    if restored is not None:
-        with restored.as_directory() as path:
-            start = load_train_state(path, unwrap(model), optimizer, ema)
-    elif resume_from:
-        with tempfile.TemporaryDirectory() as tmp:
-            start = load_train_state(storage.local_copy(resume_from, tmp), unwrap(model), optimizer, ema)
-    if start:
-        log.info("resuming at step %d", start)
 
-    def averaged():
-        """The EMA weights in the model for validation, samples and checkpoints (when EMA is on)."""
-        return ema.applied(model) if ema is not None else contextlib.nullcontext()
+    def restore(net, optimizer, ema) -> int:
+        restored = ray.train.get_checkpoint()
+        if restored is not None:
+            with restored.as_directory() as path:
+                return load_train_state(path, unwrap(net), optimizer, ema)
+        if resume_from:
+            with tempfile.TemporaryDirectory() as tmp:
+                return load_train_state(storage.local_copy(resume_from, tmp), unwrap(net), optimizer, ema)
+        return 0
 
-    def report(metrics: dict[str, float], step: int, with_checkpoint: bool) -> None:
-        if not with_checkpoint:
-            ray.train.report(dict(metrics))
-            return
-        with tempfile.TemporaryDirectory() as tmp:
-            checkpoint = None
-            if rank == 0:
-                with averaged():
-                    save(tmp)
-                save_train_state(tmp, optimizer, step, train_weights=model if ema is not None else None,
-                                 ema_updates=ema.updates if ema is not None else 0)
-                checkpoint = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report(dict(metrics), checkpoint=checkpoint)
+    def report(metrics: dict[str, float], checkpoint_dir: str | None) -> None:
+        checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        ray.train.report(metrics, checkpoint=checkpoint)
 
-    def run_validation(step: int) -> dict[str, float]:
-        with averaged():
-            metrics = validate(step) if validate is not None else {}
-        logger.log_metrics(metrics, step)
-        return metrics
-
-    def run_sample(step: int) -> None:
-        if sample is None or rank != 0 or not logger.active:
-            return
-        try:
-            with tempfile.TemporaryDirectory() as tmp, averaged():
-                for path in sample(step, tmp):
-                    logger.log_artifact(path, "samples")
-        except Exception:  # a sample GIF is a view on the run, never a reason to stop it
-            log.exception("sample at step %d failed", step)
-
-    last: dict[str, float] = {"step": float(start)}
-    val_metrics: dict[str, float] = {}
-    window: list[dict[str, float]] = []
-    busy, samples = 0.0, 0
-    last_checkpoint = start
-    for step in range(start + 1, train.steps + 1):
-        maybe_fail_once(step, fail_marker)
-        lr = lr_at(step - 1, train.steps, train.warmup_steps, train.lr)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        t0 = time.perf_counter()
-        micro = [next(batches) for _ in range(train.grad_accum)]
-        torch.manual_seed(step_seed(train.seed, step, rank))
-        metrics = step_fn(model, micro if len(micro) > 1 else micro[0], optimizer,
-                          grad_clip=train.grad_clip, amp_dtype=amp_dtype)
-        if ema is not None:
-            ema.update(model)
-        busy += time.perf_counter() - t0
-        samples += sum(len(next(iter(b.values()))) for b in micro) * world
-        window.append(metrics)
-        logged = step % train.log_every == 0 or step == train.steps
-        due = logged and (step == train.steps or bool(
-            train.checkpoint_every and step - last_checkpoint >= train.checkpoint_every))
-        if validate is not None and (due or (train.val_every and step % train.val_every == 0)
-                                     or (not train.val_every and logged)):
-            val_metrics = run_validation(step)
-        if step == train.steps or (train.sample_every and step % train.sample_every == 0):
-            run_sample(step)
-        if not logged:
-            continue
-        keys = sorted({k for m in window for k in m})
-        counts = {k: sum(1 for m in window if k in m) for k in keys}
-        local = {k: sum(m.get(k, 0.0) for m in window) / counts[k] for k in keys}
-        last = gather_mean(local, 1.0)  # every rank's window weighs the same (equal batches)
-        last.update(lr=lr, step=step, samples_per_s=samples / max(busy, 1e-9), world_size=world)
-        if on_log is not None:
-            last.update(on_log(step, last))
-        if not all(math.isfinite(v) for v in last.values()):
-            raise FloatingPointError(f"non-finite metrics at step {step}: {last}")
-        logger.log_metrics(last, step)
-        window, samples, busy = [], 0, 0.0
-        report({**last, **val_metrics}, step, with_checkpoint=due)
-        last_checkpoint = step if due else last_checkpoint
-    if start >= train.steps:  # nothing left to train: report the checkpoint resumed from
-        if validate is not None:
-            val_metrics = run_validation(start)
-        report({**last, **val_metrics}, start, with_checkpoint=True)
+    TrainingLoop(model=model, train=train, step_fn=step_fn, batches=batches, logger=logger, save=save,
+                 report=report, restore=restore, rank=ctx.get_world_rank(), world=ctx.get_world_size(),
+                 validate=validate, sample=sample, on_log=on_log,
+                 before_step=lambda step: maybe_fail_once(step, fail_marker), progress=ray_tqdm).run()
 
 
 def run_config(name: str, out: str, train: TrainConfig, callbacks: list | None = None,

@@ -16,23 +16,11 @@ from echopulse import storage
 from echopulse.config import Recipe, from_dict, to_dict
 from echopulse.errors import EchoPulseError
 from echopulse.schema import CLIPS_SCHEMA
+from echopulse.training.loop import gather_mean
 from jobs import preflight
-from jobs.train_common import (
-    CachedBatches,
-    TrainResult,
-    export_checkpoint,
-    fail_marker,
-    gather_mean,
-    latest_checkpoint,
-    log_config_artifact,
-    log_outcome,
-    micro_batch_size,
-    repeat_batches,
-    run_config,
-    run_name,
-    scaling,
-    train_worker_loop,
-)
+from jobs.train_common import (CachedBatches, TrainResult, export_checkpoint, fail_marker, latest_checkpoint,
+                               log_config_artifact, log_outcome, micro_batch_size, repeat_batches, run_config,
+                               run_name, scaling, train_worker_loop)
 
 log = logging.getLogger(__name__)
 

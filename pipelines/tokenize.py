@@ -81,12 +81,7 @@ def run_tokenize(clips: str, tokenizer: str, out: str, actors: int = 1, batch_si
         EchoPulseError: no clips at all, or not one clip could be tokenized (after writing the
             quarantine, which says why).
     """
-    import ray
-    from ray.data import ActorPoolStrategy
-
     from echopulse.models.checkpoint import load_checkpoint
-    from echopulse.runtime import init_ray
-    from pipelines.common import read_parquet_dir
 
     if batch_size < 1 or actors < 1:
         raise EchoPulseError("--batch-size and --actors must be at least 1")
@@ -111,42 +106,10 @@ def run_tokenize(clips: str, tokenizer: str, out: str, actors: int = 1, batch_si
     n_tokens = 0
     split_counts: dict[str, int] = {}
     if good:
-        init_ray()
-        if use_gpu is None:
-            use_gpu = ray.cluster_resources().get("GPU", 0) >= 1
-        if not ecg_samples:  # an older tokenizer checkpoint: the parts' own ECG length
-            with storage.filesystem(good[0])[0].open(storage.filesystem(good[0])[1], "rb") as f:
-                ecg_samples = (tensor_shape(pq.ParquetFile(f).schema_arrow.field("ecg").type) or (0,))[-1]
-        remote_args: dict[str, Any] = {}
-        env = storage.aws_env()
-        if env and (storage.is_remote(clips) or storage.is_remote(tokenizer)):
-            remote_args["runtime_env"] = {"env_vars": env}
-        cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-        ds = ray.data.from_items([{"path": p} for p in good],
-                                 override_num_blocks=min(len(good), max(2 * cpus, 2 * actors, 1)))
-        encoded = ds.map_batches(
-            TokenizeParts,
-            fn_constructor_kwargs={"tokenizer_uri": tokenizer, "batch_size": batch_size,
-                                   "use_gpu": bool(use_gpu), "ecg_samples": int(ecg_samples)},
-            batch_size=1,
-            compute=ActorPoolStrategy(size=actors),
-            num_gpus=1 if use_gpu else 0,
-            **remote_args,
-        ).materialize()
-        bad = encoded.filter(lambda r: bool(r[ERROR])).select_columns(
-            ["clip_id", SOURCE, STAGE, ERROR]).take_all()
-        quarantine += [{"clip_id": str(r["clip_id"]), "source_uri": str(r[SOURCE]), "stage": str(r[STAGE]),
-                        "error": str(r[ERROR]).splitlines()[0][:500], "detail": str(r[ERROR])[:2000]}
-                       for r in bad]
-        if len(bad) < n_good:
-            ok = encoded.filter(lambda r: not r[ERROR]).drop_columns([ERROR, STAGE, SOURCE])
-            afs, apath = storage.arrow_filesystem(target)
-            ok.write_parquet(apath, filesystem=afs)
-            for batch in read_parquet_dir(target).select_columns(["split"]).iter_batches(
-                    batch_format="numpy", batch_size=4096):
-                for s in batch["split"]:
-                    split_counts[str(s)] = split_counts.get(str(s), 0) + 1
-            n_tokens = sum(split_counts.values())
+        bad, split_counts = _encode_parts(good, n_good, clips, tokenizer, target, int(ecg_samples or 0),
+                                          actors, batch_size, use_gpu)
+        quarantine += bad
+        n_tokens = sum(split_counts.values())
 
     write_quarantine(out, quarantine)
     summary = TokenizeSummary(clips=n_clips, tokens=n_tokens, tokenizer_id=tok_info["model_id"],
@@ -161,3 +124,56 @@ def run_tokenize(clips: str, tokenizer: str, out: str, actors: int = 1, batch_si
     if n_tokens == 0:
         raise EchoPulseError(f"no clip could be tokenized; reasons in {storage.join(out, 'quarantine')}")
     return summary
+
+
+def _encode_parts(good: list[str], n_good: int, clips: str, tokenizer: str, target: str, ecg_samples: int,
+                  actors: int, batch_size: int,
+                  use_gpu: bool | None) -> tuple[list[dict[str, str]], dict[str, int]]:
+    """Tokenize the readable parts (``n_good`` clips) with an actor pool; write the good rows to ``target``.
+
+    Returns:
+        ``(quarantine rows of the clips that failed, token rows per split)``.
+    """
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    from echopulse.runtime import init_ray
+    from pipelines.common import read_parquet_dir
+
+    init_ray()
+    if use_gpu is None:
+        use_gpu = ray.cluster_resources().get("GPU", 0) >= 1
+    if not ecg_samples:  # an older tokenizer checkpoint: the parts' own ECG length
+        with storage.filesystem(good[0])[0].open(storage.filesystem(good[0])[1], "rb") as f:
+            ecg_samples = (tensor_shape(pq.ParquetFile(f).schema_arrow.field("ecg").type) or (0,))[-1]
+    remote_args: dict[str, Any] = {}
+    env = storage.aws_env()
+    if env and (storage.is_remote(clips) or storage.is_remote(tokenizer)):
+        remote_args["runtime_env"] = {"env_vars": env}
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    ds = ray.data.from_items([{"path": p} for p in good],
+                             override_num_blocks=min(len(good), max(2 * cpus, 2 * actors, 1)))
+    encoded = ds.map_batches(
+        TokenizeParts,
+        fn_constructor_kwargs={"tokenizer_uri": tokenizer, "batch_size": batch_size,
+                               "use_gpu": bool(use_gpu), "ecg_samples": int(ecg_samples)},
+        batch_size=1,
+        compute=ActorPoolStrategy(size=actors),
+        num_gpus=1 if use_gpu else 0,
+        **remote_args,
+    ).materialize()
+    bad = encoded.filter(lambda r: bool(r[ERROR])).select_columns(
+        ["clip_id", SOURCE, STAGE, ERROR]).take_all()
+    quarantine = [{"clip_id": str(r["clip_id"]), "source_uri": str(r[SOURCE]), "stage": str(r[STAGE]),
+                   "error": str(r[ERROR]).splitlines()[0][:500], "detail": str(r[ERROR])[:2000]}
+                  for r in bad]
+    split_counts: dict[str, int] = {}
+    if len(bad) < n_good:
+        ok = encoded.filter(lambda r: not r[ERROR]).drop_columns([ERROR, STAGE, SOURCE])
+        afs, apath = storage.arrow_filesystem(target)
+        ok.write_parquet(apath, filesystem=afs)
+        for batch in read_parquet_dir(target).select_columns(["split"]).iter_batches(
+                batch_format="numpy", batch_size=4096):
+            for s in batch["split"]:
+                split_counts[str(s)] = split_counts.get(str(s), 0) + 1
+    return quarantine, split_counts

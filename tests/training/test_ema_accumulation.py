@@ -175,7 +175,8 @@ def test_train_config_checks():
 
 
 def test_loop_helpers():
-    from jobs.train_common import gather_mean, micro_batch_size, step_seed
+    from echopulse.training.loop import gather_mean, step_seed
+    from jobs.train_common import micro_batch_size
 
     assert micro_batch_size(TrainConfig(batch_size=8, grad_accum=2), world=2) == 2
     assert micro_batch_size(TrainConfig(batch_size=8), world=1) == 8
