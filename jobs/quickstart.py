@@ -40,14 +40,8 @@ def quickstart(workdir: str, recipe: Recipe, seed: int = 0, tracking_uri: str | 
         tracking_uri: MLflow URI (default: ``MLFLOW_TRACKING_URI`` or ``WORKDIR/mlflow.db``).
         report: called with one progress line per stage.
     """
-    from echopulse.generate import generate_to_file
     from echopulse.runtime import init_ray
     from echopulse.synth.phantom import write_corpus
-    from jobs.train_generator import train_generator
-    from jobs.train_tokenizer import train_tokenizer
-    from jobs.tune_masking import tune_masking
-    from pipelines.ingest import run_ingest
-    from pipelines.tokenize import run_tokenize
 
     work = Path(workdir).resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -77,50 +71,7 @@ def quickstart(workdir: str, recipe: Recipe, seed: int = 0, tracking_uri: str | 
                         tags={"echopulse.stage": "quickstart"})
     parent_log = RunLogger(uri, parent)
     try:
-        t = stage(2, "DICOM + WFDB -> clips/v1 (Ray Data)")
-        summary = run_ingest(str(manifest), str(work / "clips"), recipe.clip)
-        outputs["clips"] = str(work / "clips")
-        parent_log.log_metrics({f"ingest_{k}": v for k, v in summary.as_dict().items()}, step=0)
-        done(t, f"{summary.clips} clips from {summary.inputs_with_clips}/{summary.inputs} inputs, "
-                f"{summary.quarantined} quarantined")
-        if summary.clips == 0:
-            raise RuntimeError("ingest produced no clips; see clips/quarantine")
-
-        t = stage(3, f"{recipe.tokenizer_train.steps} steps (Ray Train)")
-        tok = train_tokenizer(str(work / "clips"), str(work / "tokenizer"), recipe, uri,
-                              parent_run_id=parent)
-        outputs["tokenizer"] = tok.checkpoint
-        done(t, f"psnr {tok.metrics.get('psnr', float('nan')):.2f} dB -> {tok.checkpoint}")
-
-        t = stage(4, "clips -> tokens/v1 (Ray Data actor pool)")
-        toks = run_tokenize(str(work / "clips"), tok.checkpoint, str(work / "tokens"))
-        outputs["tokens"] = str(work / "tokens")
-        done(t, f"{toks.tokens} token grids")
-
-        t = stage(5, f"{recipe.generator_train.steps} steps (Ray Train)")
-        gen = train_generator(str(work / "tokens"), tok.checkpoint, str(work / "generator"), recipe,
-                              uri, parent_run_id=parent)
-        outputs["generator"] = gen.checkpoint
-        done(t, f"masked acc {gen.metrics.get('masked_acc', float('nan')):.3f}, "
-                f"val ce {gen.metrics.get('val_ce', float('nan')):.3f} -> {gen.checkpoint}")
-
-        t = stage(6, f"{recipe.tune.trials} trials over masking schedules (Ray Tune)")
-        tuned = tune_masking(str(work / "tokens"), tok.checkpoint, str(work / "tune"), recipe, uri,
-                             parent_run_id=parent)
-        outputs["tune"] = {"best_recipe": tuned.best_recipe, "trials_csv": tuned.table,
-                           "plot": tuned.plot, "best_schedule": tuned.best["schedule"]}
-        done(t, f"best schedule {tuned.best['schedule']} (val ce {tuned.best['val_ce']:.3f})")
-
-        t = stage(7, "ECG of a held-out study -> echo video")
-        ecg = _pick_val_ecg(work / "synth")
-        videos = []
-        for suffix in (".gif", ".mp4"):
-            res = generate_to_file(gen.checkpoint, str(ecg), str(work / "generated" / f"echo{suffix}"),
-                                   seed=seed)
-            videos.append(res["out"])
-            parent_log.log_artifact(res["out"], "generated")
-        outputs["videos"] = videos
-        done(t, ", ".join(videos))
+        _chain(work, recipe, seed, uri, parent, parent_log, outputs, stage, done)
     except BaseException:
         parent_log.finish("FAILED")
         raise
@@ -130,3 +81,60 @@ def quickstart(workdir: str, recipe: Recipe, seed: int = 0, tracking_uri: str | 
     parent_log.log_artifact(str(work / "quickstart.json"))
     parent_log.finish()
     return outputs
+
+
+def _chain(work: Path, recipe: Recipe, seed: int, uri: str, parent: str, parent_log: RunLogger,
+           outputs: dict[str, Any], stage: Callable[[int, str], float],
+           done: Callable[[float, str], None]) -> None:
+    """Stages 2-7 of the quickstart (after synth), filling ``outputs``."""
+    from echopulse.generate import generate_to_file
+    from jobs.train_generator import train_generator
+    from jobs.train_tokenizer import train_tokenizer
+    from jobs.tune_masking import tune_masking
+    from pipelines.ingest import run_ingest
+    from pipelines.tokenize import run_tokenize
+
+    t = stage(2, "DICOM + WFDB -> clips/v1 (Ray Data)")
+    summary = run_ingest(str(manifest), str(work / "clips"), recipe.clip)
+    outputs["clips"] = str(work / "clips")
+    parent_log.log_metrics({f"ingest_{k}": v for k, v in summary.as_dict().items()}, step=0)
+    done(t, f"{summary.clips} clips from {summary.inputs_with_clips}/{summary.inputs} inputs, "
+            f"{summary.quarantined} quarantined")
+    if summary.clips == 0:
+        raise RuntimeError("ingest produced no clips; see clips/quarantine")
+
+    t = stage(3, f"{recipe.tokenizer_train.steps} steps (Ray Train)")
+    tok = train_tokenizer(str(work / "clips"), str(work / "tokenizer"), recipe, uri,
+                          parent_run_id=parent)
+    outputs["tokenizer"] = tok.checkpoint
+    done(t, f"psnr {tok.metrics.get('psnr', float('nan')):.2f} dB -> {tok.checkpoint}")
+
+    t = stage(4, "clips -> tokens/v1 (Ray Data actor pool)")
+    toks = run_tokenize(str(work / "clips"), tok.checkpoint, str(work / "tokens"))
+    outputs["tokens"] = str(work / "tokens")
+    done(t, f"{toks.tokens} token grids")
+
+    t = stage(5, f"{recipe.generator_train.steps} steps (Ray Train)")
+    gen = train_generator(str(work / "tokens"), tok.checkpoint, str(work / "generator"), recipe,
+                          uri, parent_run_id=parent)
+    outputs["generator"] = gen.checkpoint
+    done(t, f"masked acc {gen.metrics.get('masked_acc', float('nan')):.3f}, "
+            f"val ce {gen.metrics.get('val_ce', float('nan')):.3f} -> {gen.checkpoint}")
+
+    t = stage(6, f"{recipe.tune.trials} trials over masking schedules (Ray Tune)")
+    tuned = tune_masking(str(work / "tokens"), tok.checkpoint, str(work / "tune"), recipe, uri,
+                         parent_run_id=parent)
+    outputs["tune"] = {"best_recipe": tuned.best_recipe, "trials_csv": tuned.table,
+                       "plot": tuned.plot, "best_schedule": tuned.best["schedule"]}
+    done(t, f"best schedule {tuned.best['schedule']} (val ce {tuned.best['val_ce']:.3f})")
+
+    t = stage(7, "ECG of a held-out study -> echo video")
+    ecg = _pick_val_ecg(work / "synth")
+    videos = []
+    for suffix in (".gif", ".mp4"):
+        res = generate_to_file(gen.checkpoint, str(ecg), str(work / "generated" / f"echo{suffix}"),
+                               seed=seed)
+        videos.append(res["out"])
+        parent_log.log_artifact(res["out"], "generated")
+    outputs["videos"] = videos
+    done(t, ", ".join(videos))
