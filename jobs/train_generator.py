@@ -11,7 +11,7 @@ import logging
 import os
 import shutil
 import tempfile
-from typing import Any
+from typing import Any, Callable
 
 from echopulse import storage
 from echopulse.config import Recipe, from_dict, to_dict
@@ -49,36 +49,12 @@ def generation_gif(tokenizer, real_tokens, generated, fps: float, path: str) -> 
     return path
 
 
-def generator_loop(config: dict[str, Any]) -> None:
-    """Ray Train per-worker loop for the generator."""
-    import ray.train
-    import ray.train.torch
+def make_validate(model, val_batches) -> Callable[[int], dict[str, float]]:
+    """Validation cross-entropy / accuracy at the fixed mask ratios, combined over ranks."""
     import torch
 
-    from echopulse.models.checkpoint import save_checkpoint, unwrap
-    from echopulse.models.generator import MaskGIT
-    from echopulse.tracking import RunLogger
-    from echopulse.training.steps import generator_eval_step, generator_train_step
-
-    recipe = from_dict(Recipe, config["recipe"])
-    train = recipe.generator_train
-    ctx = ray.train.get_context()
-    torch.manual_seed(train.seed)
-    device = ray.train.torch.get_device()
-    generator = MaskGIT(recipe.generator)
-    if recipe.generator.ecg.checkpoint:  # a pretrained ST-MEM encoder (checked by preflight)
-        from echopulse.models.ecg_encoder import load_stmem_checkpoint
-
-        load_stmem_checkpoint(recipe.generator.ecg.checkpoint, generator.ecg_encoder,
-                              freeze=recipe.generator.ecg.freeze)
-    model = ray.train.torch.prepare_model(generator)
-    logger = RunLogger(config["tracking_uri"], config["run_id"] if ctx.get_world_rank() == 0 else None)
-    per_worker = micro_batch_size(train, ctx.get_world_size())
-    batches = repeat_batches(ray.train.get_dataset_shard("train"), per_worker, device,
-                             seed=train.seed + ctx.get_world_rank())
-    val_shard = ray.train.get_dataset_shard("val")
-
-    val_batches = CachedBatches(val_shard, per_worker, device)
+    from echopulse.models.checkpoint import unwrap
+    from echopulse.training.steps import generator_eval_step
 
     def validate(step: int) -> dict[str, float]:
         # with val_every 0 every logged step reports val metrics, so Tune schedulers can compare
@@ -97,6 +73,16 @@ def generator_loop(config: dict[str, Any]) -> None:
             n += k
         unwrap(model).train()
         return {f"val_{k}": v for k, v in gather_mean(totals, n).items()}
+
+
+    return validate
+
+
+def make_sample(model, config: dict[str, Any], recipe: Recipe, val_batches) -> Callable[[int, str], list[str]]:
+    """A generation GIF from the first val clips' ECGs, decoded by the tokenizer (rank 0)."""
+    import torch
+
+    from echopulse.models.checkpoint import unwrap
 
     tokenizer_cache: dict[str, Any] = {}
 
@@ -128,6 +114,44 @@ def generator_loop(config: dict[str, Any]) -> None:
         real = batch["tokens"][:SAMPLE_CLIPS].reshape(-1, *grid)
         return [generation_gif(tokenizer_cache["model"], real, generated.reshape(-1, *grid),
                                recipe.clip.fps, os.path.join(directory, f"generation_step{step:07d}.gif"))]
+
+
+    return sample
+
+
+def generator_loop(config: dict[str, Any]) -> None:
+    """Ray Train per-worker loop for the generator."""
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    from echopulse.models.checkpoint import save_checkpoint, unwrap
+    from echopulse.models.generator import MaskGIT
+    from echopulse.tracking import RunLogger
+    from echopulse.training.steps import generator_train_step
+
+    recipe = from_dict(Recipe, config["recipe"])
+    train = recipe.generator_train
+    ctx = ray.train.get_context()
+    torch.manual_seed(train.seed)
+    device = ray.train.torch.get_device()
+    generator = MaskGIT(recipe.generator)
+    if recipe.generator.ecg.checkpoint:  # a pretrained ST-MEM encoder (checked by preflight)
+        from echopulse.models.ecg_encoder import load_stmem_checkpoint
+
+        load_stmem_checkpoint(recipe.generator.ecg.checkpoint, generator.ecg_encoder,
+                              freeze=recipe.generator.ecg.freeze)
+    model = ray.train.torch.prepare_model(generator)
+    logger = RunLogger(config["tracking_uri"], config["run_id"] if ctx.get_world_rank() == 0 else None)
+    per_worker = micro_batch_size(train, ctx.get_world_size())
+    batches = repeat_batches(ray.train.get_dataset_shard("train"), per_worker, device,
+                             seed=train.seed + ctx.get_world_rank())
+    val_shard = ray.train.get_dataset_shard("val")
+
+    val_batches = CachedBatches(val_shard, per_worker, device)
+
+    validate = make_validate(model, val_batches)
+    sample = make_sample(model, config, recipe, val_batches)
 
     extra = {"tokenizer_id": config["tokenizer_id"], "clip": to_dict(recipe.clip),
              "sampling": to_dict(recipe.sampling)}
