@@ -345,6 +345,67 @@ def add_synth_parser(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("--seconds", type=float, default=4.0, help="study length (default: %(default)s)")
 
 
+def _max_gap(text: str):
+    """``24h``, ``90m``, ``2d`` or a number of hours -> timedelta."""
+    from datetime import timedelta
+
+    units = {"d": "days", "h": "hours", "m": "minutes", "s": "seconds"}
+    text = text.strip().lower()
+    unit = units.get(text[-1:], None)
+    try:
+        value = float(text[:-1] if unit else text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration like 24h, 90m or 2d") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: a gap cannot be negative")
+    return timedelta(**{unit or "hours": value})
+
+
+def cmd_manifest(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from echopulse.manifests import build_manifest, write_manifest
+
+    options = {"fps": args.fps, "max_gap": args.max_gap}
+    if args.ecg_root:
+        if args.dataset != "mimic-echo":
+            raise EchoPulseError(f"--ecg-root pairs MIMIC-IV-ECG records with mimic-echo, not {args.dataset}")
+        options["ecg_root"] = Path(args.ecg_root).resolve()
+    manifest = build_manifest(args.dataset, args.root, **options)
+    out = write_manifest(manifest, args.out)
+    print(f"{args.dataset}: {len(manifest.rows)} echoes -> {out}")
+    for why, n in sorted(manifest.skipped.items()):
+        print(f"  skipped {n}: {why}")
+    for what, n in sorted(manifest.notes.items()):
+        print(f"  {n}: {what}")
+    return EXIT_OK
+
+
+def add_manifest_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    """``echopulse manifest DATASET ROOT --out manifest.csv``: a public dataset's layout -> manifest."""
+    from echopulse.manifests import DATASETS
+
+    text = "Write an ingest manifest for a public echo dataset stored in its published layout."
+    p = sub.add_parser("manifest", parents=[common], help=text, description=text + (
+        " mimic-echo: files/pNN/p<subject>/s<study>/*.dcm + echo-record-list.csv (ECG from the screen "
+        "trace; --ecg-root pairs MIMIC-IV-ECG 12-leads, unsynchronized); echonet-dynamic: FileList.csv, "
+        "VolumeTracings.csv, Videos/; echonet-pediatric: A4C/ and PSAX/ (folds 0-7 train, 8 val, 9 test); "
+        "camus: patientNNNN/ with half sequences (.nii.gz or .mhd) and Info_2CH/4CH.cfg. A root not in "
+        "the named layout: one line, exit 2."))
+    p.set_defaults(fn=cmd_manifest)
+    p.add_argument("dataset", choices=sorted(DATASETS), metavar="DATASET",
+                   help="one of: " + ", ".join(sorted(DATASETS)))
+    p.add_argument("root", metavar="ROOT", help="the dataset's root folder")
+    p.add_argument("--out", required=True, help="manifest CSV to write (paths inside its folder are relative)")
+    p.add_argument("--ecg-root", default=None, metavar="DIR",
+                   help="mimic-echo: a MIMIC-IV-ECG root (record_list.csv); each echo gets its subject's "
+                        "12-lead ECG nearest in time within --max-gap, marked ecg_sync=false")
+    p.add_argument("--max-gap", type=_max_gap, default="24h",
+                   help="mimic-echo: the largest echo-ECG time difference paired (default: %(default)s)")
+    p.add_argument("--fps", type=float, default=None,
+                   help="frame rate for datasets that record none (camus); written to the fps column")
+
+
 def add_ingest_parser(sub, common: argparse.ArgumentParser) -> None:
     p = _command(sub, common, "ingest", cmd_ingest,
                  "Echo (DICOM or video) + ECG pairs from a manifest -> clips/v1 Parquet (Ray Data).")
@@ -560,8 +621,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"echopulse {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add_parser in (add_synth_parser, add_ingest_parser, add_train_parser, add_tokenize_parser,
-                       add_tune_parser, add_generate_parser, add_evaluate_parser,
+    for add_parser in (add_synth_parser, add_manifest_parser, add_ingest_parser, add_train_parser,
+                       add_tokenize_parser, add_tune_parser, add_generate_parser, add_evaluate_parser,
                        add_generate_batch_parser, add_quickstart_parser, add_submit_parser,
                        add_jobs_parser):
         add_parser(sub, common)

@@ -32,6 +32,7 @@ from echopulse.config import ECG_FS, ClipConfig
 from echopulse.io.dicom_echo import MAX_DECODED_BYTES, EchoReadError, read_echo_dicom
 from echopulse.io.ecg import ECGReadError, read_ecg
 from echopulse.io.video import is_video, read_echo_video
+from echopulse.io.volume import is_volume, read_echo_volume
 from echopulse.transforms.clips import CLIP_MODES, cut_clip, cycle_spans, window_spans
 from echopulse.transforms.ecg import ECGError, PreparedECG, prepare_ecg
 from echopulse.transforms.video import crop_region, estimate_region, mask_outside_sector
@@ -205,7 +206,7 @@ def make_ingest_fn(clip: ClipConfig, base_dir: str, salt: str | None = None,
         provenance = json.dumps(
             {
                 "ecg": ecg_uri,
-                "reader": {"echo": "video" if is_video(echo_uri) else "pydicom", "ecg": source,
+                "reader": {"echo": _echo_reader(echo_uri), "ecg": source,
                            "region": region_source},
                 "transfer_syntax": echo_meta.get("transfer_syntax", ""),
                 "source_fps": fps,
@@ -260,11 +261,18 @@ def _read_echo(row: dict, echo_uri: str, echo_path: str, options: IngestOptions)
         if is_video(echo_path):
             return read_echo_video(echo_path, fps=_optional_float(row.get("fps")),
                                    max_decoded_bytes=options.max_decoded_bytes)
+        if is_volume(echo_path):
+            return read_echo_volume(echo_path, fps=_optional_float(row.get("fps")),
+                                    max_decoded_bytes=options.max_decoded_bytes)
         return read_echo_dicom(echo_path, max_decoded_bytes=options.max_decoded_bytes)
     except EchoReadError as exc:
         raise IngestError("read_echo", _relabel(str(exc), echo_path, echo_uri)) from None
     except Exception as exc:  # a reader bug must still quarantine, not kill the dataset
         raise IngestError("read_echo", f"{echo_uri}: {type(exc).__name__}: {exc}") from None
+
+
+def _echo_reader(echo_uri: str) -> str:
+    return "video" if is_video(echo_uri) else "volume" if is_volume(echo_uri) else "pydicom"
 
 
 def _read_prepare_ecg(row, echo_uri, echo_path, echo_meta, ecg_uri, ecg_path, options):
