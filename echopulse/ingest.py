@@ -29,6 +29,7 @@ import numpy as np
 
 from echopulse import schema, storage
 from echopulse.config import ECG_FS, ClipConfig
+from echopulse.io.dicom_cine import DEIDENTIFICATION_METHOD
 from echopulse.io.dicom_echo import MAX_DECODED_BYTES, EchoReadError, read_echo_dicom
 from echopulse.io.ecg import ECGReadError, read_ecg
 from echopulse.io.video import is_video, read_echo_video
@@ -215,6 +216,9 @@ def make_ingest_fn(clip: ClipConfig, base_dir: str, salt: str | None = None,
                 "ecg_offset_source": offset_source,
                 "clip_mode": options.clip_mode,
                 "echopulse": version,
+                # what ingest guarantees (see the module docstring), in DICOM's words
+                "patient_identity_removed": "YES",
+                "deidentification_method": DEIDENTIFICATION_METHOD,
             },
             sort_keys=True,
         )

@@ -111,7 +111,6 @@ def _write_dicom(frames: np.ndarray, fps: float, path: str) -> None:
                    "PatientName": "", "PatientID": "", "PatientBirthDate": "", "PatientSex": "",
                    "StudyID": "", "AccessionNumber": "", "ReferringPhysicianName": "",
                    "ImageType": ["DERIVED", "SECONDARY"],
-                   "ConversionType": "SYN",  # synthetic image
                    "DerivationDescription": SYNTHETIC_NOTE,
                    "ImageComments": SYNTHETIC_NOTE,
                    "SeriesDescription": "SYNTHETIC echo (EchoPulse)",

@@ -42,7 +42,10 @@ def test_clip_rows_match_the_contract(corpus):
             assert c["split"] == row["split"] and c["view"] == row["view"]
             assert c["ef"] == pytest.approx(float(row["ef"])) and c["source_uri"] == row["echo"]
             assert c["t_end_s"] == pytest.approx(c["t_start_s"] + 1.0) and c["fps"] == 5.0
-            assert json.loads(c["provenance"])["ecg"] == row["ecg"]
+            prov = json.loads(c["provenance"])
+            assert prov["ecg"] == row["ecg"]
+            assert prov["patient_identity_removed"] == "YES"
+            assert prov["deidentification_method"] == "PS3.15 Basic Profile with Clean Pixel Data"
             assert c["frames"].max() > 50  # real image content, not padding only
 
 

@@ -435,7 +435,7 @@ def write_study_dicom(study: Study, path: str | Path, seed: int) -> Path:
     from pydicom.sequence import Sequence
     from pydicom.uid import generate_uid
 
-    from echopulse.io.dicom_cine import write_cine
+    from echopulse.io.dicom_cine import PHANTOM_METHOD, write_cine
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -470,7 +470,7 @@ def write_study_dicom(study: Study, path: str | Path, seed: int) -> Path:
         "BurnedInAnnotation": "YES",
         "HeartRate": int(round(study.heart_rate_bpm)),
         "SequenceOfUltrasoundRegions": Sequence([region]),
-    })
+    }, deidentification=(PHANTOM_METHOD, ()))  # nobody's identity; its fictional one is a test
     return path
 
 

@@ -65,7 +65,9 @@ def test_dicom_is_synthetic_ultrasound_multiframe(tmp_path):
     assert 1000.0 / float(ds.FrameTime) == pytest.approx(10.0)
     assert np.array_equal(ds.pixel_array, frames)  # lossless
     assert list(ds.ImageType)[0] == "DERIVED"
-    assert "SYNTHETIC" in ds.DerivationDescription and ds.ConversionType == "SYN"
+    assert "SYNTHETIC" in ds.DerivationDescription and "ConversionType" not in ds  # not in the US IOD
+    assert ds.PatientIdentityRemoved == "YES" and "Clean Pixel Data" in ds.DeidentificationMethod
+    assert [c.CodeValue for c in ds.DeidentificationMethodCodeSequence] == ["113100", "113101"]
     assert str(ds.PatientName) == "" and ds.PatientID == "" and ds.PatientBirthDate == ""
     second = pydicom.dcmread(write_video(frames, 10.0, str(tmp_path / "w.dcm")))
     for uid in ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
