@@ -87,15 +87,7 @@ def _read_local(path: Path, shown: str, max_decoded_bytes: int) -> tuple[np.ndar
     fps = _frame_rate(ds, shown)
     _check_pixel_length(ds, n_frames, shown, max_decoded_bytes)
 
-    from pydicom.pixels import pixel_array
-
-    try:
-        # as_rgb=False keeps YBR data as YBR, whose first channel is the luma we want
-        frames = pixel_array(ds, as_rgb=False)
-    except Exception as exc:
-        reason = f"{type(exc).__name__}: {exc}"
-        raise EchoReadError(f"{shown}: pixel data could not be decoded ({reason})") from None
-    frames = _to_gray_uint8(frames, ds, n_frames)
+    frames = decode_gray(ds, shown)
     syntax = getattr(ds, "file_meta", {}).get("TransferSyntaxUID", "")
     meta = {
         "fps": fps,
@@ -218,24 +210,46 @@ def _check_pixel_length(ds: Any, n_frames: int, path: str, max_decoded_bytes: in
         )
 
 
-def _to_gray_uint8(frames: np.ndarray, ds: Any, n_frames: int) -> np.ndarray:
-    """Frames decoded with ``as_rgb=False`` -> uint8 (T, H, W) luma.
+def decode_gray(ds: Any, shown: str = "") -> np.ndarray:
+    """Decode a dataset's pixel data to uint8 (T, H, W) luma, whatever its colour model.
 
-    YBR data keeps its Y channel (exactly the luma); RGB gets ITU-R BT.601 luma in integer
-    arithmetic (a float matrix product costs more than the decode on large cines).
+    The photometric interpretation that matters is the one of the decoded pixels, which the decoder
+    reports: JPEG 2000 files labelled YBR_ICT/YBR_RCT decode to RGB (the colour transform is part of
+    the codestream), while JPEG Baseline YBR_FULL_422 stays YBR (``as_rgb=False``). YBR keeps its Y
+    channel (exactly the luma); RGB gets ITU-R BT.601 luma in integer arithmetic (a float matrix
+    product costs more than the decode on large cines); PALETTE COLOR is looked up in its palette
+    first (its values are indices, not intensities); MONOCHROME1 is inverted.
+
+    Raises:
+        EchoReadError: the pixel data cannot be decoded.
     """
-    photometric = str(ds.get("PhotometricInterpretation", ""))
-    samples = int(ds.get("SamplesPerPixel", 1))
-    if n_frames > 1 and frames.ndim == (3 if samples > 1 else 2):
-        frames = frames[None]  # pydicom drops the frame axis for one frame
-    if samples == 3:
+    from pydicom.pixels import apply_color_lut, get_decoder
+    from pydicom.uid import ImplicitVRLittleEndian
+
+    syntax = getattr(ds, "file_meta", {}).get("TransferSyntaxUID", ImplicitVRLittleEndian)
+    try:
+        frames, info = get_decoder(syntax).as_array(ds, as_rgb=False)
+        photometric = str(info.get("photometric_interpretation") or ds.get("PhotometricInterpretation", ""))
+        if photometric == "PALETTE COLOR":
+            frames, photometric = apply_color_lut(frames, ds), "RGB"
+            if frames.dtype == np.uint16:  # 16-bit palette entries
+                frames = (frames >> 8).astype(np.uint8)
+    except Exception as exc:
+        reason = f"{type(exc).__name__}: {exc}"
+        raise EchoReadError(f"{shown}: pixel data could not be decoded ({reason})") from None
+    n_frames = int(ds.get("NumberOfFrames", 1) or 1)
+    color = frames.ndim == (4 if n_frames > 1 else 3)
+    if n_frames == 1 or frames.ndim == (3 if color else 2):
+        frames = frames[None]  # one frame comes without its frame axis
+    if color:
         if photometric in _YBR:
             frames = frames[..., 0]
-        elif frames.dtype == np.uint8:
-            r, g, b = (frames[..., i].astype(np.uint16) for i in range(3))
-            frames = ((77 * r + 150 * g + 29 * b + 128) >> 8).astype(np.uint8)
         else:
-            frames = frames[..., :3].astype(np.float64) @ np.array([0.299, 0.587, 0.114])
+            if frames.dtype == np.uint8:
+                r, g, b = (frames[..., i].astype(np.uint16) for i in range(3))
+                frames = ((77 * r + 150 * g + 29 * b + 128) >> 8).astype(np.uint8)
+            else:
+                frames = frames[..., :3].astype(np.float64) @ np.array([0.299, 0.587, 0.114])
     if photometric == "MONOCHROME1":
         frames = frames.max() - frames
     if frames.dtype != np.uint8:

@@ -45,11 +45,16 @@ def estimate_region(frames: np.ndarray, threshold: float = 2.0) -> tuple[int, in
     return (int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max()))
 
 
-def mask_outside_sector(frames: np.ndarray, threshold: float = 2.0, max_frames: int = 30) -> np.ndarray:
-    """Zero every pixel outside the moving sector (largest region with temporal change, holes filled).
+def mask_outside_sector(frames: np.ndarray, threshold: float = 1.0, max_frames: int = 30) -> np.ndarray:
+    """Zero every pixel outside the imaging sector: the convex hull of the moving region.
 
-    The temporal std is taken over at most ``max_frames`` frames spread evenly over the whole cine
-    (every phase of the beat is still seen; a 90-frame cine costs a third of the time).
+    The moving region is where the temporal std exceeds ``threshold`` grey levels, over at most
+    ``max_frames`` frames spread evenly over the cine (every phase of the beat is still seen),
+    opened to drop specks, largest connected part. Its convex hull is the sector: a phased-array
+    fan (apex, two straight edges, an arc) and a linear probe's rectangle are convex, while the
+    moving region alone is not: the fan's far corners, where little tissue echoes, barely change,
+    and filling holes left them out (an oval blob instead of the fan). Static burned-in text and
+    markers beside the fan stay outside the hull.
 
     Args:
         frames: (T, H, W) cine.
@@ -57,14 +62,31 @@ def mask_outside_sector(frames: np.ndarray, threshold: float = 2.0, max_frames: 
         max_frames: frames the std is computed over.
     """
     picks = np.unique(np.linspace(0, len(frames) - 1, min(len(frames), max_frames)).round().astype(int))
-    moving = frames[picks].astype(np.float32).std(axis=0) > threshold
-    moving = ndimage.binary_closing(ndimage.binary_opening(moving), iterations=2)
+    moving = frames[picks].astype(np.float32).std(axis=0) > threshold  # (H, W)
+    moving = ndimage.binary_opening(moving, iterations=2)
     labels, n = ndimage.label(moving)
     if n == 0:
         return frames.copy()
     largest = labels == 1 + int(np.argmax(ndimage.sum(moving, labels, index=range(1, n + 1))))
-    mask = ndimage.binary_fill_holes(largest)
+    mask = _convex_hull_mask(largest)
     return frames * mask[None].astype(frames.dtype)  # (T, H, W)
+
+
+def _convex_hull_mask(region: np.ndarray) -> np.ndarray:
+    """The filled convex hull of a boolean (H, W) region (the region itself, holes filled, when it is
+    too thin for a hull)."""
+    from PIL import Image, ImageDraw
+    from scipy.spatial import ConvexHull, QhullError
+
+    ys, xs = np.nonzero(region & ~ndimage.binary_erosion(region))  # the boundary is enough
+    try:
+        hull = ConvexHull(np.stack([xs, ys], axis=1).astype(np.float64))
+    except (QhullError, ValueError):
+        return ndimage.binary_fill_holes(region)
+    corners = [(float(xs[i]), float(ys[i])) for i in hull.vertices]
+    canvas = Image.new("1", (region.shape[1], region.shape[0]), 0)
+    ImageDraw.Draw(canvas).polygon(corners, fill=1, outline=1)
+    return np.asarray(canvas, dtype=bool) | region
 
 
 def resize_frames(frames: np.ndarray, size: int) -> np.ndarray:
