@@ -29,8 +29,44 @@ def _pick_val_ecg(synth_dir: Path) -> Path:
     return synth_dir / chosen["ecg"]
 
 
+VENDOR_CINE = "color3d_jpeg_baseline.dcm"  # pydicom-data: SonoSite, A4C, 120 frames, MIT licence
+
+
+def add_vendor_cine(synth_dir: Path) -> bool:
+    """Add the real SonoSite cine of pydicom-data to the corpus as an ECG-less study.
+
+    pydicom-data is a test dependency (34 MB), not a runtime one: when it is installed (``make test``
+    installs it into the same venv) the demo corpus gets one real cine for tokenizer training; when
+    it is absent this logs a line and the corpus stays phantom-only. Never downloads.
+
+    Returns:
+        True when the cine was added to ``synth_dir/manifest.csv``.
+    """
+    try:
+        from pydicom.data import get_testdata_file
+
+        source = get_testdata_file(VENDOR_CINE, download=False)
+    except Exception:  # pydicom's external-source lookup: anything but a path means "absent"
+        source = None
+    if not source:
+        log.info("pydicom-data is not installed: the demo corpus has no real vendor cine "
+                 "(pip install pydicom-data adds SonoSite's as an ECG-less study)")
+        return False
+    target = synth_dir / "echo" / "sonosite_a4c.dcm"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source, target)
+    manifest = synth_dir / "manifest.csv"
+    with open(manifest, newline="") as f:
+        fields = list(csv.DictReader(f).fieldnames or [])
+    row = {"echo": "echo/sonosite_a4c.dcm", "ecg": "", "view": "A4C", "split": "train"}
+    with open(manifest, "a", newline="") as f:
+        csv.DictWriter(f, fieldnames=fields).writerow({k: row.get(k, "") for k in fields})
+    log.info("added pydicom-data's SonoSite cine to the corpus as an ECG-less study")
+    return True
+
+
 def quickstart(workdir: str, recipe: Recipe, seed: int = 0, tracking_uri: str | None = None,
-               report: Callable[[str], None] = log.info) -> dict[str, Any]:
+               report: Callable[[str], None] = log.info, vendor_cine: bool | None = None) -> dict[str, Any]:
     """Run the whole chain into ``workdir``; returns where every output is.
 
     Args:
@@ -39,6 +75,8 @@ def quickstart(workdir: str, recipe: Recipe, seed: int = 0, tracking_uri: str | 
         seed: seed of the synthetic corpus and of sampling.
         tracking_uri: MLflow URI (default: ``MLFLOW_TRACKING_URI`` or ``WORKDIR/mlflow.db``).
         report: called with one progress line per stage.
+        vendor_cine: add pydicom-data's real SonoSite cine (ECG-less) when installed; default:
+            every recipe but ``tiny`` (its decode would double the tests' ingest time).
     """
     from echopulse.runtime import init_ray
     from echopulse.synth.phantom import write_corpus
@@ -64,6 +102,8 @@ def quickstart(workdir: str, recipe: Recipe, seed: int = 0, tracking_uri: str | 
     manifest = write_corpus(work / "synth", studies=recipe.synth_studies, seed=seed,
                             duration_s=recipe.synth_seconds)
     outputs["manifest"] = str(manifest)
+    if vendor_cine if vendor_cine is not None else recipe.name != "tiny":
+        outputs["vendor_cine"] = add_vendor_cine(work / "synth")
     done(t, str(manifest))
 
     init_ray()

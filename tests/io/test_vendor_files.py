@@ -25,7 +25,7 @@ REGION = (84, 31, 595, 414)  # the file's SequenceOfUltrasoundRegions box (x0, y
 def vendor_file(name: str) -> str:
     from pydicom.data import get_testdata_file
 
-    path = get_testdata_file(name)
+    path = get_testdata_file(name, download=False)
     if path is None:
         pytest.fail(f"{name} not found: install the test extra (pydicom-data)")
     return path
@@ -142,3 +142,17 @@ def test_palette_colour_cine_reads_through_the_echo_reader(tmp_path):
     frames, meta = read_echo_dicom(tmp_path / "palette_cine.dcm")
     assert frames.shape == (3, 350, 800) and meta["fps"] == pytest.approx(25.0)
     np.testing.assert_array_equal(frames[2], decode_gray(pydicom.dcmread(vendor_file("examples_palette.dcm")))[0])
+
+
+def test_demo_corpus_gets_the_real_cine_as_an_ecg_less_study(tmp_path):
+    import csv
+
+    from echopulse.synth.phantom import write_corpus
+    from jobs.quickstart import add_vendor_cine
+
+    manifest = write_corpus(tmp_path, studies=1, seed=0, duration_s=1.0)
+    assert add_vendor_cine(tmp_path)
+    with open(manifest, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 and rows[1]["echo"] == "echo/sonosite_a4c.dcm" and rows[1]["ecg"] == ""
+    assert pydicom.dcmread(tmp_path / rows[1]["echo"], stop_before_pixels=True).Manufacturer == "SonoSite, Inc."
