@@ -155,6 +155,38 @@ def detect_r_peaks(sig12: np.ndarray, fs: float) -> np.ndarray:
     return peaks[keep]
 
 
+def detect_r_peaks_xqrs(sig12: np.ndarray, fs: float) -> np.ndarray:
+    """R-peaks by wfdb's XQRS on the real lead with the most QRS-band energy (the fallback).
+
+    XQRS learns its thresholds from the first beats and adapts them as it goes, so a single huge
+    artifact that hides every beat from :func:`detect_r_peaks`'s global height does not blind it.
+    It expects millivolts at a clinical rate (it fails to learn at 1 kHz): pass the band-passed
+    signal at ``config.ECG_FS``. XQRS finds "beats" in noise too, so its answer is kept only when
+    the beats stand out (median R amplitude at least 4 robust standard deviations of the lead) at
+    a heart rate (median R-R 0.3-2 s); otherwise nothing is returned rather than a made-up rhythm.
+
+    Args:
+        sig12: (12, N) signal in mV (absent leads all zero).
+        fs: rate in Hz.
+    """
+    from wfdb import processing
+
+    sig12 = np.asarray(sig12, dtype=np.float64)
+    real = np.flatnonzero(sig12.std(axis=1) > 1e-6)
+    none = np.zeros(0, dtype=np.int64)
+    if real.size == 0 or sig12.shape[1] < int(2 * fs):
+        return none
+    energy = [float(np.sum(bandpass(sig12[i], fs, 5.0, 20.0).astype(np.float64) ** 2)) for i in real]
+    lead = sig12[real[int(np.argmax(energy))]]
+    peaks = np.unique(np.asarray(processing.xqrs_detect(lead, fs=fs, verbose=False), dtype=np.int64))
+    if peaks.size < 2 or not 0.3 <= float(np.median(np.diff(peaks))) / fs <= 2.0:
+        return none
+    robust_std = 1.4826 * float(np.median(np.abs(lead - np.median(lead))))
+    if float(np.median(np.abs(lead[peaks]))) < 4.0 * robust_std:
+        return none
+    return peaks
+
+
 def prepare_ecg(sig: np.ndarray, fs: float, lead_names: list[str]) -> PreparedECG:
     """Resample to ``config.ECG_FS``, band-pass, detect R-peaks (before standardizing), standardize.
 
@@ -165,7 +197,7 @@ def prepare_ecg(sig: np.ndarray, fs: float, lead_names: list[str]) -> PreparedEC
 
     Raises:
         ECGError: non-finite values, shorter than 2 s, no recognisable or non-flat lead, or fewer than
-            two R-peaks.
+            two R-peaks (from :func:`detect_r_peaks`, else from :func:`detect_r_peaks_xqrs`).
     """
     sig = np.asarray(sig, dtype=np.float64)
     if sig.ndim != 2:
@@ -186,6 +218,11 @@ def prepare_ecg(sig: np.ndarray, fs: float, lead_names: list[str]) -> PreparedEC
         raise ECGError("ECG is flat: no lead carries a signal")
     filtered[~mask] = 0.0
     r_peaks = detect_r_peaks(filtered, ECG_FS)
+    if r_peaks.size < 2:
+        fallback = detect_r_peaks_xqrs(filtered, ECG_FS)
+        if fallback.size >= 2:
+            log.info("R-peak detector found %d peak(s); XQRS found %d (used)", r_peaks.size, fallback.size)
+            r_peaks = fallback
     if r_peaks.size < 2:
         raise ECGError(f"found {r_peaks.size} R-peaks; need at least 2 to measure the heart rate")
     heart_rate = 60.0 * ECG_FS / float(np.median(np.diff(r_peaks)))
