@@ -15,7 +15,7 @@ def test_help_lists_every_stage(capsys):
         main(["--help"])
     assert exc.value.code == 0
     text = capsys.readouterr().out
-    for command in ("synth", "ingest", "train", "tokenize", "tune", "generate", "quickstart"):
+    for command in ("synth", "manifest", "ingest", "train", "tokenize", "tune", "generate", "quickstart"):
         assert command in text
 
 
@@ -35,6 +35,8 @@ def test_train_has_both_models():
         (["ingest", "--manifest", "nosuch://bucket/m.csv", "--out", "o", "--recipe", "tiny"],
          "nosuch://bucket/m.csv"),
         (["tokenize", "--clips", "/no/clips", "--tokenizer", "/no/tok", "--out", "o"], "/no/clips"),
+        (["manifest", "echonet-dynamic", "/no/root", "--out", "m.csv"], "/no/root"),
+        (["manifest", "camus", ".", "--ecg-root", "/no/ecg", "--out", "m.csv"], "--ecg-root"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, argv, needle, monkeypatch):
