@@ -98,3 +98,16 @@ def test_fallback_never_makes_up_a_rhythm_from_noise():
     noise[2500:2510] += 5.0  # one spike on a line with no heart in it
     with pytest.raises(ECGError, match="R-peaks"):
         prepare_ecg(noise[None], 500, ["II"])
+
+
+def test_a_record_that_starts_on_an_r_wave_keeps_that_beat_where_it_is(ecgsyn_records):
+    sig = ecgsyn_records[80]
+    beats = xqrs_reference(sig, 500)
+    r_at = int(round(beats[3] * 500 / ECG_FS))  # an interior beat, at 500 Hz
+    r_at += int(np.argmax(sig[r_at - 10 : r_at + 11])) - 10  # its very sample
+    cut = sig[r_at:]  # the record now begins on the R wave's peak
+    peaks = prepare_ecg(cut[None], 500, ["II"]).r_peaks
+    # the filter's edge padding used to turn that edge into a false beat 44 ms in (the S wave)
+    assert peaks[0] * 1000 / ECG_FS <= 8.0
+    c = compare(xqrs_reference(cut, 500), peaks, int(len(cut) * ECG_FS / 500))
+    assert c.sensitivity == 1.0 and c.positive_predictivity == 1.0
