@@ -84,18 +84,18 @@ def test_sector_mask_keeps_the_whole_fan_and_no_text(sonosite):
 def test_sonosite_cine_ingests_to_ecg_less_clips_that_keep_the_fan(sonosite, tmp_path):
     from scipy import ndimage
 
-    from echopulse.ingest import IngestOptions
+    from echopulse.transforms.clips import cut_clip, window_spans
 
     path, frames, meta = sonosite
     clip = ClipConfig(frames=5, size=32, fps=5.0, ecg_samples=300)
-    row = {"echo": path, "ecg": "", "view": "A4C"}
-    clips = make_ingest_fn(clip, base_dir=str(tmp_path), salt="s")(dict(row))
+    clips = make_ingest_fn(clip, base_dir=str(tmp_path), salt="s")({"echo": path, "ecg": "", "view": "A4C"})
     assert len(clips) == 3  # 120 frames at 30.0003 fps end just short of a 4th 1 s window
     assert {c["ecg_source"] for c in clips} == {"none"} and clips[0]["view"] == "A4C"
-    unmasked = make_ingest_fn(clip, base_dir=str(tmp_path), salt="s",
-                              options=IngestOptions(mask_sector=False))(dict(row))
+    # the same clips without the sector mask: crop, cut and resize only
+    cropped = crop_region(frames, meta["region"])
+    spans = window_spans(len(frames) / meta["fps"], None, clip)
+    raw = np.stack([cut_clip(cropped, meta["fps"], None, span, clip)[0] for span in spans])
     got = np.stack([c["frames"] for c in clips])  # (3, 5, 32, 32)
-    raw = np.stack([c["frames"] for c in unmasked])
     # the fan at clip size: the same crop, pad and resize applied to the hand-measured fan
     fan = resize_frames(fan_mask((384, 512))[None].astype(np.uint8) * 255, 32)[0] > 127
     inner, outer = ndimage.binary_erosion(fan), ndimage.binary_dilation(fan)
