@@ -7,12 +7,11 @@ birth dates, accession numbers, institutions or raw UIDs: the study UID is only 
 frames are cropped to the ultrasound region and masked outside the sector, which drops burned-in
 header text.
 
-Manifest columns: ``echo`` (required: a DICOM cine, a video, or a NIfTI/MetaImage cine), ``ecg``
-(optional: empty means the ECG embedded in the echo DICOM when there is one, else an ECG-less
-clip), ``ecg_offset_s`` (echo frame 0 on the ECG's clock; default from the acquisition times when
-both files carry them, else 0), ``view``, ``ef``, ``split``, ``study`` (groups files into one study
-key), ``fps`` (for videos and volumes), and for CSV/NPY ECGs ``ecg_fs``, ``ecg_leads``
-(comma-separated names) and ``ecg_units``.
+Manifest columns: ``echo`` (required: a DICOM cine or a video), ``ecg`` (optional: empty means the
+ECG embedded in the echo DICOM when there is one, else an ECG-less clip), ``ecg_offset_s`` (echo frame
+0 on the ECG's clock; default from the acquisition times when both files carry them, else 0),
+``view``, ``ef``, ``split``, ``study`` (groups files into one study key), ``fps`` (for videos), and
+for CSV/NPY ECGs ``ecg_fs``, ``ecg_leads`` (comma-separated names) and ``ecg_units``.
 """
 
 from __future__ import annotations
