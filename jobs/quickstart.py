@@ -24,7 +24,7 @@ STAGES = ("synth", "ingest", "train tokenizer", "tokenize", "train generator", "
 
 def _pick_val_ecg(synth_dir: Path) -> Path:
     with open(synth_dir / "manifest.csv", newline="") as f:
-        rows = [r for r in csv.DictReader(f) if r.get("ecg")]  # not the ECG-less vendor cine
+        rows = [r for r in csv.DictReader(f) if r.get("ecg") not in (None, "", "screen")]  # an ECG file
     chosen = next((r for r in rows if r.get("split") == "val"), rows[-1])
     return synth_dir / chosen["ecg"]
 
