@@ -1,7 +1,7 @@
 """Ingest throughput: the Ray Data pipeline on all cores next to a plain single-process loop.
 
-Both run the same per-input function (``pipelines.ingest.make_process_input_fn``: read the echo and
-the ECG, prepare, cut, write the input's Parquet part) over the same phantom corpus, half stored
+Both run the same per-input function (``pipelines.ingest.make_input_fn``: read the echo and
+the ECG, prepare, cut; the clips go to sized shards) over the same phantom corpus, half stored
 uncompressed and half JPEG Baseline, so the ratio measures the parallel wiring and nothing else.
 
     .venv/bin/python bench/ingest.py --studies 100 --json bench_ingest.json
@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from echopulse.synth.dicom_variants import rewrite_transfer_syntax  # noqa: E402
 from echopulse.synth.phantom import write_corpus  # noqa: E402
 from jobs.recipes import get_recipe  # noqa: E402
-from pipelines.ingest import make_process_input_fn, read_manifest, run_ingest  # noqa: E402
+from pipelines.ingest import make_input_fn, read_manifest, run_ingest  # noqa: E402
 
 log = logging.getLogger("bench.ingest")
 
@@ -95,12 +95,17 @@ def input_megabytes(root: Path, rows: list[dict]) -> float:
 def serial_loop(manifest: Path, rows: list[dict], out: Path, clip) -> tuple[float, int]:
     from pipelines.ingest import input_key
 
-    process = make_process_input_fn(clip, str(manifest.parent), str(out), salt=None)
+    from pipelines.shards import ChunkWriter, ShardConfig
+
+    process = make_input_fn(clip, str(manifest.parent), salt=None)
+    writer = ChunkWriter(str(out), "clips", ShardConfig())
     t0 = time.perf_counter()
     clips = 0
-    for row in rows:
-        outcome = process({**row, "_key": input_key(row)})
+    for i, row in enumerate(rows):
+        outcome, table = process({**row, "_key": input_key(row)})
+        writer.add(i, outcome, table)
         clips += outcome["clips"]
+    writer.close_chunk()
     return time.perf_counter() - t0, clips
 
 

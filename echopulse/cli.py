@@ -67,12 +67,17 @@ def cmd_synth(args: argparse.Namespace) -> int:
 def cmd_ingest(args: argparse.Namespace) -> int:
     from echopulse.ingest import IngestOptions
     from pipelines.ingest import clip_for_mode, run_ingest
+    from pipelines.shards import ShardConfig
 
     clip = clip_for_mode(_recipe(args.recipe).clip, args.clip_mode, seconds=args.seconds, fps=args.fps)
     options = IngestOptions(clip_mode=args.clip_mode, allow_roots=tuple(args.allow_root or ()),
                             ecg_fs=args.ecg_fs)
+    if args.shard_mb <= 0 or args.inputs_per_task < 1:
+        raise EchoPulseError("--shard-mb must be positive and --inputs-per-task at least 1")
+    shards = ShardConfig(shard_mb=args.shard_mb, inputs_per_task=args.inputs_per_task,
+                         row_group_mb=min(32.0, args.shard_mb))
     summary = run_ingest(args.manifest, args.out, clip, salt=args.salt, resume=args.resume,
-                         options=options)
+                         options=options, shards=shards)
     _print_json({**summary.as_dict(), "out": summary.out})
     if summary.inputs_with_clips == 0:
         print(f"error: no input produced a clip; reasons in {args.out}/quarantine/", file=sys.stderr)
@@ -427,6 +432,11 @@ def add_ingest_parser(sub, common: argparse.ArgumentParser) -> None:
                    help="a folder outside the manifest's that ../ paths may land in (repeatable)")
     p.add_argument("--ecg-fs", type=float, default=None,
                    help="sampling rate of CSV/NPY ECGs whose manifest row has no ecg_fs")
+    p.add_argument("--shard-mb", type=float, default=256.0,
+                   help="output files close at about this many MiB (default: %(default)s)")
+    p.add_argument("--inputs-per-task", type=int, default=512,
+                   help="consecutive manifest inputs per Ray task; each task writes at least one "
+                        "file (default: %(default)s)")
     storage_flags(p)
 
 

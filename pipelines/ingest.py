@@ -3,18 +3,18 @@
 The manifest is a CSV or Parquet file (columns in ``echopulse.ingest``), or EchoNet-Dynamic's
 ``FileList.csv`` (its ``Videos/*.avi`` become ECG-less clips).
 
-Each input (manifest row) is one Ray Data row. A task runs the plain stage function from
-``echopulse.ingest`` on it and writes that input's clips to its own Parquet part, named by a hash
-of the input, so reruns replace rather than duplicate and ``--resume`` can skip finished inputs.
-The dataset Ray materializes is the small per-input outcome table, which gives exact accounting:
-every input ends as clips or as a quarantine row, never dropped.
+Each input (manifest row, duplicates dropped and counted) runs through the plain stage function
+from ``echopulse.ingest``. Ray Data runs one task per fixed group of consecutive inputs; the task
+writes the clips into sized shards and every input's outcome into the compact outcome log
+(:mod:`pipelines.shards`), so every input ends as clips or as a quarantine row, never dropped, and
+``--resume`` skips what the log already holds. The driver only sees one counts row per task.
 
 Layout of OUT::
 
-    clips/part-<input>.parquet   clips/v1 rows
+    clips/shard-<index>.parquet    clips/v1 rows, files of about --shard-mb
+    outcomes/shard-<index>.parquet per-input outcomes (for accounting and --resume)
     quarantine/quarantine.parquet  source_uri, clip_id, stage, error, detail (the echo, and the ECG
                                    in detail)
-    outcomes/<input>.json        per-input outcome (for --resume)
     summary.json, dataset.json
 """
 
@@ -25,7 +25,6 @@ import hashlib
 import io
 import json
 import logging
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,12 +37,11 @@ from echopulse.config import ClipConfig, to_dict
 from echopulse.errors import ConfigError, EchoPulseError
 from echopulse.ingest import IngestOptions
 from echopulse.schema import CLIPS_SCHEMA, clip_schema, write_dataset_info, write_quarantine
+from pipelines.shards import OUTCOMES, ChunkWriter, ShardConfig, groups, read_outcomes, remove_orphans
 
 log = logging.getLogger(__name__)
 
 REQUIRED_MANIFEST_COLUMNS = ("echo",)
-INPUTS_PER_BLOCK = 4
-MAX_BLOCKS = 2000
 ECHONET_COLUMNS = ("FileName", "EF", "FPS")
 
 
@@ -55,11 +53,12 @@ class IngestSummary:
     clips: int
     out: str
     clips_without_ecg: int = 0
+    duplicates: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return {"inputs": self.inputs, "inputs_with_clips": self.inputs_with_clips,
                 "quarantined": self.quarantined, "clips": self.clips,
-                "clips_without_ecg": self.clips_without_ecg}
+                "clips_without_ecg": self.clips_without_ecg, "duplicates": self.duplicates}
 
 
 def read_manifest(manifest: str) -> list[dict[str, Any]]:
@@ -140,29 +139,23 @@ def clips_to_table(clips: list[dict[str, Any]], clip: ClipConfig) -> pa.Table:
     return pa.Table.from_pydict(columns, schema=schema)
 
 
-def make_process_input_fn(clip: ClipConfig, base_dir: str, out: str, salt: str | None,
-                          options: IngestOptions | None = None):
-    """The Ray Data row function: run the stage on one input, write its part, return its outcome."""
-    ingest_one = None
+def make_input_fn(clip: ClipConfig, base_dir: str, salt: str | None,
+                  options: IngestOptions | None = None):
+    """One input -> ``(outcome, clips/v1 table or None)``; never raises for bad data."""
+    from echopulse.ingest import NO_ECG, IngestError, make_ingest_fn
 
-    def process(row: dict[str, Any]) -> dict[str, Any]:
-        nonlocal ingest_one
-        from echopulse.ingest import NO_ECG, IngestError, make_ingest_fn
+    ingest_one = make_ingest_fn(clip, base_dir=base_dir, salt=salt, options=options)
 
-        if ingest_one is None:
-            ingest_one = make_ingest_fn(clip, base_dir=base_dir, salt=salt, options=options)
-        manifest_row = {k: v for k, v in row.items() if k != "_key"}
+    def process(row: dict[str, Any]) -> tuple[dict[str, Any], pa.Table | None]:
+        manifest_row = {k: v for k, v in row.items() if not k.startswith("_")}
         outcome = {"_key": row["_key"], "echo": str(row.get("echo")), "ecg": str(row.get("ecg")),
                    "clips": 0, "clips_without_ecg": 0, "stage": "", "error": "", "detail": ""}
+        table = None
         try:
             clips = ingest_one(manifest_row)
             if not clips:
                 raise IngestError("clip", "no clip fits inside both the echo and the ECG")
             table = clips_to_table(clips, clip)
-            fs, path = storage.filesystem(storage.join(out, "clips", f"part-{row['_key']}.parquet"))
-            fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-            with fs.open(path, "wb") as f:
-                pq.write_table(table, f)
             outcome["clips"] = len(clips)
             outcome["clips_without_ecg"] = sum(1 for c in clips if c["ecg_source"] == NO_ECG)
         except IngestError as exc:
@@ -171,11 +164,28 @@ def make_process_input_fn(clip: ClipConfig, base_dir: str, out: str, salt: str |
             log.debug("unexpected failure on %s", outcome["echo"], exc_info=True)
             outcome.update(stage="ingest", error=f"{type(exc).__name__}: {exc}",
                            detail=f"{type(exc).__name__}: {exc}")
-        storage.write_text(storage.join(out, "outcomes", f"{row['_key']}.json"),
-                           json.dumps(outcome))
-        return outcome
+        return outcome, table
 
     return process
+
+
+def make_ingest_task_fn(clip: ClipConfig, base_dir: str, out: str, salt: str | None,
+                        options: IngestOptions | None, shards: ShardConfig):
+    """The Ray Data row function: one group of inputs -> sized clip shards + outcome log; counts."""
+
+    def run(group: dict[str, Any]) -> dict[str, Any]:
+        process = make_input_fn(clip, base_dir, salt, options)
+        writer = ChunkWriter(out, "clips", shards)
+        clips = 0
+        rows = json.loads(group["rows"])
+        for row in rows:
+            outcome, table = process(row)
+            writer.add(int(row["_index"]), outcome, table)
+            clips += outcome["clips"]
+        writer.close_chunk()
+        return {"inputs": len(rows), "clips": clips, "files": writer.files}
+
+    return run
 
 
 def quarantine_row(outcome: dict[str, Any]) -> dict[str, str]:
@@ -188,6 +198,20 @@ def quarantine_row(outcome: dict[str, Any]) -> dict[str, str]:
             "error": outcome["error"], "detail": detail}
 
 
+def plan_inputs(manifest: str) -> tuple[list[dict[str, Any]], int]:
+    """The manifest's rows, each input once (``_key``, ``_index``), and how many duplicates were dropped."""
+    rows = read_manifest(manifest)
+    seen: set[str] = set()
+    unique = []
+    for row in rows:
+        key = input_key(row)
+        if key in seen:
+            continue
+        seen.add(key)
+        unique.append({**row, "_key": key, "_index": len(unique)})
+    return unique, len(rows) - len(unique)
+
+
 def run_ingest(
     manifest: str,
     out: str,
@@ -196,6 +220,7 @@ def run_ingest(
     resume: bool = False,
     num_cpus_per_task: float = 1.0,
     options: IngestOptions | None = None,
+    shards: ShardConfig | None = None,
 ) -> IngestSummary:
     """Ingest every manifest row into ``out`` with Ray Data.
 
@@ -203,78 +228,97 @@ def run_ingest(
         manifest: CSV or Parquet with columns echo, ecg (+ optional ecg_offset_s, view, ef, split,
             study, fps, ecg_fs, ecg_leads, ecg_units), or EchoNet-Dynamic's FileList.csv; relative
             paths resolve against the manifest's folder and may not climb out of it unless
-            ``options.allow_roots`` names where they land.
+            ``options.allow_roots`` names where they land. A row repeating an earlier echo/ecg
+            pair is ingested once and counted in ``duplicates``.
         out: output directory or URI.
         clip: clip geometry (frames, size, fps, ECG samples).
         salt: salt for study keys (default: ``ECHOPULSE_STUDY_SALT`` or the built-in one).
-        resume: skip inputs that already have an outcome in ``out``.
-        num_cpus_per_task: CPUs reserved per input task.
+        resume: skip inputs already in ``out``'s outcome log.
+        num_cpus_per_task: CPUs reserved per task.
         options: clip mode, allowed roots, ECG rate default, memory limit.
+        shards: file sizes and inputs per task (:class:`pipelines.shards.ShardConfig`).
 
     Returns:
         The counts also written to ``out/summary.json``.
     """
+    shards = shards or ShardConfig()
+    rows, duplicates = plan_inputs(manifest)
+    base_dir = storage.parent(manifest)
+    storage.makedirs(out)
+    done = prepare_out(out, "clips", resume)
+    todo = [r for r in rows if r["_key"] not in done]
+    if resume:
+        log.info("resume: %d of %d inputs already done", len(rows) - len(todo), len(rows))
+    if todo:
+        task = make_ingest_task_fn(clip, base_dir, out, salt, options, shards)
+        run_groups(todo, task, shards, num_cpus_per_task, remote=storage.is_remote(manifest) or
+                   storage.is_remote(out))
+    summary = finish(out, rows, duplicates)
+    write_dataset_info(out, CLIPS_SCHEMA, {"clip": to_dict(clip), "shards": to_dict(shards)},
+                       summary.as_dict())
+    return summary
+
+
+def prepare_out(out: str, kind: str, resume: bool) -> set[str]:
+    """Clear ``out``'s data, quarantine and outcome log (or, resuming, drop unfinished chunks);
+    the keys of the inputs already done."""
+    if resume:
+        remove_orphans(out, kind)
+        return set(read_outcomes(out, ["_key"]).column("_key").to_pylist())
+    for sub in (kind, "quarantine", OUTCOMES):
+        target = storage.join(out, sub)
+        if storage.exists(target):
+            sfs, spath = storage.filesystem(target)
+            sfs.rm(spath, recursive=True)
+    return set()
+
+
+def run_groups(todo: list[dict[str, Any]], task, shards: ShardConfig, num_cpus_per_task: float,
+               remote: bool, **map_args: Any) -> list[dict[str, Any]]:
+    """Run ``task`` over the fixed groups of ``todo`` as Ray tasks (one block per group)."""
     import ray
 
     from echopulse.runtime import init_ray
 
-    rows = read_manifest(manifest)
-    base_dir = storage.parent(manifest)
-    storage.makedirs(out)
-    for row in rows:
-        row["_key"] = input_key(row)
-    keys = [r["_key"] for r in rows]
-    if len(set(keys)) != len(keys):
-        raise ConfigError(f"{manifest}: the same echo/ecg pair appears more than once")
+    init_ray()
+    by_index = {r["_index"]: r for r in todo}
+    items = [{"rows": json.dumps([by_index[i] for i in g])}
+             for g in groups(sorted(by_index), shards.inputs_per_task)]
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    remote_args: dict[str, Any] = {"num_cpus": num_cpus_per_task, **map_args}
+    env = storage.aws_env()
+    if env and remote:
+        # workers of a cluster started elsewhere do not share this process's environment
+        remote_args["runtime_env"] = {"env_vars": env}
+    return ds.map(task, **remote_args).take_all()  # one small counts row per group
 
-    done: dict[str, dict[str, Any]] = {}
-    if resume:
-        for key in keys:
-            p = storage.join(out, "outcomes", f"{key}.json")
-            if storage.exists(p):
-                done[key] = json.loads(storage.read_text(p))
-        log.info("resume: %d of %d inputs already done", len(done), len(rows))
-    else:
-        for sub in ("clips", "quarantine", "outcomes"):
-            target = storage.join(out, sub)
-            if storage.exists(target):
-                sfs, spath = storage.filesystem(target)
-                sfs.rm(spath, recursive=True)
 
-    todo = [r for r in rows if r["_key"] not in done]
-    outcomes = list(done.values())
-    if todo:
-        init_ray()
-        process = make_process_input_fn(clip, base_dir, out, salt, options)
-        # a few inputs per block: one Ray task per input costs more than a small cine's decode,
-        # and blocks must still outnumber the CPUs for balance
-        cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-        blocks = min(len(todo), MAX_BLOCKS, max(2 * cpus, math.ceil(len(todo) / INPUTS_PER_BLOCK)))
-        ds = ray.data.from_items(todo, override_num_blocks=blocks)
-        remote_args: dict[str, Any] = {"num_cpus": num_cpus_per_task}
-        env = storage.aws_env()
-        if env and (storage.is_remote(manifest) or storage.is_remote(out)):
-            # workers of a cluster started elsewhere do not share this process's environment
-            remote_args["runtime_env"] = {"env_vars": env}
-        outcomes += ds.map(process, **remote_args).take_all()
-
-    by_key = {o["_key"]: o for o in outcomes}
-    ordered = [by_key[k] for k in keys]
+def finish(out: str, rows: list[dict[str, Any]], duplicates: int) -> IngestSummary:
+    """Counts and quarantine from the outcome log of ``out`` (the manifest's inputs only)."""
+    keys = {r["_key"] for r in rows}
+    log_rows = [o for o in read_outcomes(out).to_pylist() if o["_key"] in keys]
+    by_key = {o["_key"]: o for o in log_rows}
+    missing = keys - set(by_key)
+    if missing:
+        raise EchoPulseError(f"{out}: {len(missing)} input(s) have no outcome; rerun with --resume")
+    ordered = sorted(by_key.values(), key=lambda o: o["index"])
     bad = [o for o in ordered if o["clips"] == 0]
     write_quarantine(out, [quarantine_row(o) for o in bad])
-
     summary = IngestSummary(
         inputs=len(ordered),
-        inputs_with_clips=sum(1 for o in ordered if o["clips"] > 0),
+        inputs_with_clips=len(ordered) - len(bad),
         quarantined=len(bad),
         clips=sum(o["clips"] for o in ordered),
         out=out,
-        clips_without_ecg=sum(o.get("clips_without_ecg", 0) for o in ordered),
+        clips_without_ecg=sum(o["clips_without_ecg"] for o in ordered),
+        duplicates=duplicates,
     )
     storage.write_text(storage.join(out, "summary.json"), json.dumps(summary.as_dict(), indent=2))
-    write_dataset_info(out, CLIPS_SCHEMA, {"clip": to_dict(clip)}, summary.as_dict())
-    for o in bad:
+    for o in bad[:20]:
         log.warning("quarantined %s: %s", o["echo"], o["error"])
+    if len(bad) > 20:
+        log.warning("... and %d more quarantined inputs (see %s)", len(bad) - 20,
+                    storage.join(out, "quarantine"))
     return summary
 
 

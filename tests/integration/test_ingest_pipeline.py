@@ -18,6 +18,7 @@ from echopulse.schema import QUARANTINE_COLUMNS
 from echopulse.synth.phantom import HEADER_TEXT, write_corpus
 from jobs.recipes import tiny
 from pipelines.ingest import run_ingest
+from pipelines.shards import ShardConfig
 
 pytestmark = pytest.mark.integration
 
@@ -122,20 +123,42 @@ def test_every_input_is_accounted_for(corpus, tmp_path, ray_session, caplog):
 def test_rerun_is_idempotent_and_resume_skips(corpus, tmp_path, ray_session):
     manifest, good, _, _ = corpus
     out = tmp_path / "clips"
-    run_ingest(str(manifest), str(out), tiny().clip)
+    shards = ShardConfig(inputs_per_task=4, shard_mb=1e-6)  # one input per file: many chunks
+    full = run_ingest(str(manifest), str(out), tiny().clip, shards=shards)
     first = sorted(pq.read_table(out / "clips").column("clip_id").to_pylist())
-    run_ingest(str(manifest), str(out), tiny().clip)
+    names = sorted(p.name for p in (out / "clips").glob("*.parquet"))
+    run_ingest(str(manifest), str(out), tiny().clip, shards=shards)
     second = sorted(pq.read_table(out / "clips").column("clip_id").to_pylist())
     assert first == second and len(set(second)) == len(second)
+    assert sorted(p.name for p in (out / "clips").glob("*.parquet")) == names  # the same files
 
-    # resume: drop one input's outcome and part; only that input is redone
-    outcome = sorted((out / "outcomes").glob("*.json"))[0]
-    key = outcome.stem
-    outcome.unlink()
-    (out / "clips" / f"part-{key}.parquet").unlink(missing_ok=True)
-    before = {p.name: p.stat().st_mtime_ns for p in (out / "clips").glob("*.parquet")}
-    summary = run_ingest(str(manifest), str(out), tiny().clip, resume=True)
+    # a half-done run: drop one finished chunk's outcome (its data file is now an orphan) and
+    # every outcome of the second half; only those inputs are redone, with the same totals
+    outcomes = sorted((out / "outcomes").glob("*.parquet"))
+    half = len(outcomes) // 2
+    for p in [outcomes[0], *outcomes[half:]]:
+        p.unlink()
+    redone = {p.name for p in [outcomes[0], *outcomes[half:]]}
+    before = {p.name: p.stat().st_mtime_ns for p in (out / "clips").glob("*.parquet")
+              if p.name not in redone}
+    summary = run_ingest(str(manifest), str(out), tiny().clip, resume=True, shards=shards)
     after = {p.name: p.stat().st_mtime_ns for p in (out / "clips").glob("*.parquet")}
     assert all(after[name] == mtime for name, mtime in before.items())
+    assert summary.as_dict() == full.as_dict()
     assert summary.inputs == len(manifest.read_text().strip().splitlines()) - 1
     assert sorted(pq.read_table(out / "clips").column("clip_id").to_pylist()) == first
+
+
+def test_duplicate_rows_are_ingested_once_and_counted(corpus, tmp_path, ray_session):
+    manifest, good, _, _ = corpus
+    lines = manifest.read_text().strip().splitlines()
+    dup = tmp_path / "archive" / "manifest.csv"
+    shutil.copytree(manifest.parent, dup.parent)
+    dup.write_text("\n".join([*lines, lines[1], lines[2], lines[1]]) + "\n")
+    out = tmp_path / "clips"
+    summary = run_ingest(str(dup), str(out), tiny().clip)
+    assert summary.duplicates == 3 and summary.inputs == len(lines) - 1
+    ids = pq.read_table(out / "clips").column("clip_id").to_pylist()
+    assert len(ids) == len(set(ids)) == summary.clips
+    # a small manifest fits one task: one clips file and one outcome file in all
+    assert len(list((out / "clips").glob("*.parquet"))) == len(list((out / "outcomes").glob("*"))) == 1

@@ -48,8 +48,9 @@ def test_ingest_from_and_to_s3(s3_server, s3_corpus, ray_session):
     assert "clips/summary.json" in keys and "clips/quarantine/quarantine.parquet" in keys
     body = s3_server.get_object(Bucket=BUCKET, Key="clips/summary.json")["Body"].read()
     assert json.loads(body) == summary.as_dict()
-    parts = sorted(k for k in keys if k.startswith("clips/clips/part-"))
-    assert len(parts) == 2
+    parts = sorted(k for k in keys if k.startswith("clips/clips/shard-"))
+    assert len(parts) == 1  # one task's inputs: one sized shard, one outcome file
+    assert sum(k.startswith("clips/outcomes/") for k in keys) == 1
     table = pa.concat_tables(
         pq.read_table(io.BytesIO(s3_server.get_object(Bucket=BUCKET, Key=k)["Body"].read())) for k in parts)
     assert table.num_rows == summary.clips > 0
