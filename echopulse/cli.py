@@ -76,6 +76,17 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         raise EchoPulseError("--shard-mb must be positive and --inputs-per-task at least 1")
     shards = ShardConfig(shard_mb=args.shard_mb, inputs_per_task=args.inputs_per_task,
                          row_group_mb=min(32.0, args.shard_mb))
+    if args.tokenizer:
+        from pipelines.fused import run_ingest_tokens
+
+        fused = run_ingest_tokens(args.manifest, args.out, clip, args.tokenizer, salt=args.salt,
+                                  resume=args.resume, options=options, shards=shards,
+                                  keep_clips=args.keep_clips, actors=args.actors,
+                                  batch_size=args.batch_size, use_gpu=True if args.gpu else None)
+        _print_json({**fused.as_dict(), "out": fused.out})
+        return EXIT_OK
+    if args.keep_clips:
+        raise EchoPulseError("--keep-clips goes with --tokenizer (without it, --out is the clips)")
     summary = run_ingest(args.manifest, args.out, clip, salt=args.salt, resume=args.resume,
                          options=options, shards=shards)
     _print_json({**summary.as_dict(), "out": summary.out})
@@ -437,6 +448,17 @@ def add_ingest_parser(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("--inputs-per-task", type=int, default=512,
                    help="consecutive manifest inputs per Ray task; each task writes at least one "
                         "file (default: %(default)s)")
+    p.add_argument("--tokenizer", default=None, metavar="CKPT",
+                   help="one pass: encode the clips with this tokenizer on an actor pool and write "
+                        "tokens/v1 to --out (the clips are not kept unless --keep-clips)")
+    p.add_argument("--keep-clips", default=None, metavar="DIR",
+                   help="with --tokenizer: also write the clips/v1 dataset to DIR")
+    p.add_argument("--actors", type=int, default=1,
+                   help="with --tokenizer: tokenizer actors (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=16,
+                   help="with --tokenizer: clips per encode call (default: %(default)s)")
+    p.add_argument("--gpu", action="store_true",
+                   help="with --tokenizer: one GPU per actor (default: when the cluster has GPUs)")
     storage_flags(p)
 
 

@@ -302,8 +302,10 @@ def finish(out: str, rows: list[dict[str, Any]], duplicates: int) -> IngestSumma
     if missing:
         raise EchoPulseError(f"{out}: {len(missing)} input(s) have no outcome; rerun with --resume")
     ordered = sorted(by_key.values(), key=lambda o: o["index"])
-    bad = [o for o in ordered if o["clips"] == 0]
-    write_quarantine(out, [quarantine_row(o) for o in bad])
+    # one-pass runs log the tokens each input got: an input with clips but no tokens is quarantined
+    bad = [o for o in ordered if o["clips"] == 0 or o.get("tokens") == 0]
+    # every failure gets a quarantine row (also an input some of whose clips failed to encode)
+    write_quarantine(out, [quarantine_row(o) for o in ordered if o["stage"] or o in bad])
     summary = IngestSummary(
         inputs=len(ordered),
         inputs_with_clips=len(ordered) - len(bad),

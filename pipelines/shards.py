@@ -42,6 +42,7 @@ OUTCOME_SCHEMA = pa.schema([
     ("stage", pa.string()),
     ("error", pa.string()),
     ("detail", pa.string()),
+    ("tokens", pa.int64()),  # token rows written (one-pass runs); null for clips runs
 ])
 
 
@@ -91,7 +92,8 @@ class ChunkWriter:
         self._file = None
         self.files = 0
 
-    def add(self, index: int, outcome: dict[str, Any], table: pa.Table | None) -> None:
+    def add_rows(self, index: int, table: pa.Table | None) -> None:
+        """Rows for the open chunk (named ``index`` if it is a new one), without an outcome."""
         if self.index is None:
             self.index = index
         if table is not None and table.num_rows:
@@ -99,6 +101,10 @@ class ChunkWriter:
             self._buffered += table.nbytes
             if self._buffered >= self.cfg.row_group_mb * MB:
                 self._flush()
+
+    def add(self, index: int, outcome: dict[str, Any], table: pa.Table | None) -> None:
+        """One input: its rows (or ``None``) and its outcome; closes the chunk at ``shard_mb``."""
+        self.add_rows(index, table)
         self.outcomes.append({**outcome, "index": index})
         if self._written + self._buffered >= self.cfg.shard_mb * MB:
             self.close_chunk()

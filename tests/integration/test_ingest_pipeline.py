@@ -162,3 +162,41 @@ def test_duplicate_rows_are_ingested_once_and_counted(corpus, tmp_path, ray_sess
     assert len(ids) == len(set(ids)) == summary.clips
     # a small manifest fits one task: one clips file and one outcome file in all
     assert len(list((out / "clips").glob("*.parquet"))) == len(list((out / "outcomes").glob("*"))) == 1
+
+
+def test_one_pass_writes_the_tokens_of_the_clips(corpus, tmp_path, ray_session):
+    """`ingest --tokenizer`: the same clips as ingest, each encoded as the two-stage path would."""
+    from bench._common import write_random_tokens
+    from echopulse.models.checkpoint import load_checkpoint
+    from echopulse.schema import read_dataset_info
+    from echopulse.tokenize import ERROR, make_tokenize_fn
+    from pipelines.fused import run_ingest_tokens
+
+    manifest, good, bad, _ = corpus
+    recipe = tiny()
+    tokenizer = write_random_tokens(str(tmp_path / "unused"), recipe, n=2)  # an untrained tokenizer
+    out, kept = tmp_path / "tokens", tmp_path / "clips"
+    summary = run_ingest_tokens(str(manifest), str(out), recipe.clip, tokenizer, keep_clips=str(kept),
+                                batch_size=3)
+    assert (summary.inputs, summary.inputs_with_tokens, summary.quarantined) == (
+        len(good) + len(bad), len(good), len(bad))
+    assert summary.tokens == summary.clips > 0
+    info = read_dataset_info(str(out), "tokens/v1")
+    assert info["counts"]["tokens"] == summary.tokens and sum(info["split_counts"].values()) == summary.tokens
+    assert len(pq.read_table(out / "quarantine").to_pylist()) == len(bad)
+    tokens = pq.read_table(out / "tokens")
+    assert len(list((out / "tokens").glob("*.parquet"))) == 1  # one small task: one shard
+
+    # the kept clips/v1 dataset is a full ingest output; encoding it directly gives the same tokens
+    assert read_dataset_info(str(kept), "clips/v1")["counts"]["clips"] == summary.clips
+    model, _, tok_info = load_checkpoint(tokenizer, expected_kind="tokenizer")
+    fn = make_tokenize_fn(model.eval(), tok_info["model_id"], 4, recipe.clip.ecg_samples)
+    expected = {}
+    for part in sorted((kept / "clips").glob("*.parquet")):
+        for batch in fn({"path": str(part)}):
+            assert not any(batch[ERROR])
+            expected.update(zip(batch["clip_id"], batch["tokens"]))
+    got = dict(zip(tokens.column("clip_id").to_pylist(), tokens.column("tokens").combine_chunks().to_numpy_ndarray()))
+    assert set(got) == set(expected)
+    for cid, toks in got.items():
+        np.testing.assert_array_equal(toks, expected[cid])
