@@ -192,7 +192,7 @@ def run_ingest_tokens(manifest: str, out: str, clip: ClipConfig, tokenizer: str,
                       resume: bool = False, options: IngestOptions | None = None,
                       shards: ShardConfig | None = None, keep_clips: str | None = None, actors: int = 1,
                       batch_size: int = 16, use_gpu: bool | None = None,
-                      encoder_cpus: float = ENCODER_CPUS) -> FusedSummary:
+                      encoder_cpus: float | None = None) -> FusedSummary:
     """Ingest and tokenize in one Ray Data pass: ``manifest`` -> ``out`` (a ``tokens/v1`` dataset).
 
     Args:
@@ -204,9 +204,10 @@ def run_ingest_tokens(manifest: str, out: str, clip: ClipConfig, tokenizer: str,
         keep_clips: also write the ``clips/v1`` dataset here.
         actors: tokenizer actors; batch_size: clips per encode call; use_gpu: a GPU per actor
             (``None``: when the cluster has GPUs).
-        encoder_cpus: CPUs each tokenizer actor reserves (torch's threads on a CPU encoder). It
-            differs from the decode tasks' one CPU on purpose: Ray Data fuses a task map into the
-            next actor map when their resources match, which would put decoding on the encoders.
+        encoder_cpus: CPUs each tokenizer actor reserves (torch's threads on a CPU encoder;
+            default 2, or 0.5 on a cluster of fewer than 4 CPUs, so decoders still fit). It differs
+            from the decode tasks' one CPU on purpose: Ray Data fuses a task map into the next
+            actor map when their resources match, which would put decoding on the encoders.
 
     Raises:
         EchoPulseError: a tokenizer of another clip geometry, or not one input tokenized.
@@ -239,6 +240,8 @@ def run_ingest_tokens(manifest: str, out: str, clip: ClipConfig, tokenizer: str,
         init_ray()
         if use_gpu is None:
             use_gpu = ray.cluster_resources().get("GPU", 0) >= 1
+        if encoder_cpus is None:
+            encoder_cpus = ENCODER_CPUS if ray.cluster_resources().get("CPU", 1) >= 4 else 0.5
         by_index = {r["_index"]: r for r in todo}
         items = [{"rows": json.dumps([by_index[i] for i in g])}
                  for g in groups(sorted(by_index), shards.inputs_per_task)]

@@ -1,0 +1,233 @@
+"""Archive-scale ingest: one streaming pass (manifest -> token shards) at two sizes, local and S3.
+
+Inputs are tiny phantom studies (the ``tiny`` recipe's geometry): a few real DICOM + WFDB pairs
+written once and hard-linked under distinct names, so every manifest row is a distinct input that
+is decoded in full, without spending minutes writing thousands of phantoms.
+
+For each size (1,000 and 4,000 inputs; ``--quick`` scales both down) the one-pass ingest runs on
+local disk while a sampler thread records the driver's peak RSS and the Ray object store's peak
+use. At the smaller size it also runs ingest-then-tokenize (the two-stage path) for the fused
+speedup, and the one pass against a moto S3 server (loopback), counting the requests it serves.
+
+    .venv/bin/python bench/scale.py --quick --json bench_scale.json
+
+Prints a table and writes ``{"inputs_per_s_per_core", "driver_rss_ratio_4k_vs_1k",
+"object_store_ratio_4k_vs_1k", "files_per_1k_inputs", "s3_requests_per_input", "fused_speedup",
+...}`` (the raw figures per run too).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import csv
+import json
+import logging
+import os
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+log = logging.getLogger("bench.scale")
+BUCKET = "scale"
+
+
+def make_manifest(root: Path, inputs: int, base: int = 8) -> Path:
+    """``inputs`` distinct manifest rows over ``base`` phantom studies (hard links, distinct names)."""
+    from echopulse.synth.phantom import write_corpus
+
+    src = root / "base"
+    if not (src / "manifest.csv").exists():
+        write_corpus(src, studies=base, seed=5, duration_s=2.5)
+    rows = list(csv.DictReader(open(src / "manifest.csv", newline="")))
+    (root / "echo").mkdir(exist_ok=True)
+    (root / "ecg").mkdir(exist_ok=True)
+    out = []
+    for i in range(inputs):
+        r = rows[i % len(rows)]
+        echo, hea = Path(r["echo"]), Path(r["ecg"])
+        names = {"echo": f"echo/in_{i:06d}.dcm", "ecg": f"ecg/in_{i:06d}.hea"}
+        for rel, dst in ((echo, names["echo"]), (hea.with_suffix(".dat"), f"ecg/in_{i:06d}.dat")):
+            if not (root / dst).exists():
+                os.link(src / rel, root / dst)
+        # the WFDB header names its .dat record: each copy gets its own header text
+        if not (root / names["ecg"]).exists():
+            (root / names["ecg"]).write_text((src / hea).read_text().replace(hea.stem, f"in_{i:06d}"))
+        out.append({**r, **names})
+    manifest = root / f"manifest_{inputs}.csv"
+    with open(manifest, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(out[0]))
+        writer.writeheader()
+        writer.writerows(out)
+    return manifest
+
+
+class Peaks:
+    """Samples the driver's RSS and the Ray object store's used bytes every ``period`` seconds."""
+
+    def __init__(self, period: float = 0.2) -> None:
+        import psutil
+
+        self.proc, self.period = psutil.Process(), period
+        self.rss = self.store = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        import ray
+
+        while not self._stop.is_set():
+            self.rss = max(self.rss, self.proc.memory_info().rss)
+            try:
+                total = ray.cluster_resources().get("object_store_memory", 0)
+                free = ray.available_resources().get("object_store_memory", total)
+                self.store = max(self.store, int(total - free))
+            except Exception:  # Ray not up yet
+                pass
+            self._stop.wait(self.period)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def count_files(out: str) -> int:
+    from echopulse import storage
+
+    fs, path = storage.filesystem(out)
+    return sum(1 for p in fs.find(path))
+
+
+def s3_server():
+    """A moto S3 server on loopback that counts the requests it serves (a WSGI wrapper)."""
+    from moto.server import DomainDispatcherApplication, create_backend_app
+    from werkzeug.serving import make_server
+
+    app = DomainDispatcherApplication(create_backend_app)
+    counts: collections.Counter = collections.Counter()
+
+    def counting(environ, start_response):
+        counts[environ["REQUEST_METHOD"]] += 1
+        return app(environ, start_response)
+
+    server = make_server("127.0.0.1", 0, counting, threaded=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    host, port = server.server_address[:2]
+    os.environ.update({"AWS_ENDPOINT_URL_S3": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "testing",
+                       "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"})
+    return server, counts
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", type=int, nargs=2, default=(1000, 4000), metavar=("SMALL", "LARGE"))
+    parser.add_argument("--quick", action="store_true", help="sizes 100 and 400 (a shared machine)")
+    parser.add_argument("--cpus", type=int, default=2, help="Ray CPUs (default: %(default)s)")
+    parser.add_argument("--no-s3", action="store_true", help="skip the moto S3 run")
+    parser.add_argument("--json", default=None, help="write the figures here")
+    parser.add_argument("--workdir", default=None)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    small, large = (100, 400) if args.quick else args.sizes
+
+    import ray
+
+    from bench._common import write_random_tokens
+    from jobs.recipes import tiny
+    from pipelines.fused import run_ingest_tokens
+    from pipelines.ingest import run_ingest
+    from pipelines.tokenize import run_tokenize
+
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_scale_"))
+    work.mkdir(parents=True, exist_ok=True)
+    recipe = tiny()
+    tokenizer = write_random_tokens(str(work / "unused"), recipe, n=2)
+    ray.init(num_cpus=args.cpus, object_store_memory=512 << 20, include_dashboard=False,
+             log_to_driver=False, logging_level=logging.WARNING)
+    from ray.data import DataContext
+
+    DataContext.get_current().enable_progress_bars = False
+    cores = args.cpus
+    results: dict[str, dict] = {}
+
+    def fused(name: str, manifest: Path, out: str) -> dict:
+        with Peaks() as peaks:
+            t0 = time.perf_counter()
+            summary = run_ingest_tokens(str(manifest), out, recipe.clip, tokenizer)
+            wall = time.perf_counter() - t0
+        r = {"inputs": summary.inputs, "tokens": summary.tokens, "wall_s": round(wall, 2),
+             "inputs_per_s": round(summary.inputs / wall, 2), "driver_rss_mb": round(peaks.rss / 2**20, 1),
+             "object_store_peak_mb": round(peaks.store / 2**20, 1), "files": count_files(out)}
+        results[name] = r
+        log.info("%s: %s", name, r)
+        return r
+
+    # warm-up (workers, imports) so the first timed run does not pay for them
+    fused("warm", make_manifest(work, 16), str(work / "out_warm"))
+    a = fused(f"fused_{small}", make_manifest(work, small), str(work / f"out_{small}"))
+    b = fused(f"fused_{large}", make_manifest(work, large), str(work / f"out_{large}"))
+
+    t0 = time.perf_counter()
+    run_ingest(str(work / f"manifest_{small}.csv"), str(work / "two_clips"), recipe.clip)
+    tok = run_tokenize(str(work / "two_clips"), tokenizer, str(work / "two_tokens"))
+    wall = time.perf_counter() - t0
+    results["two_stage"] = {"inputs": small, "tokens": tok.tokens, "wall_s": round(wall, 2),
+                            "inputs_per_s": round(small / wall, 2)}
+    log.info("two_stage: %s", results["two_stage"])
+
+    s3_per_input = None
+    if not args.no_s3:
+        import boto3
+
+        server, counts = s3_server()
+        client = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL_S3"])
+        client.create_bucket(Bucket=BUCKET)
+        manifest = work / f"manifest_{small}.csv"
+        rows = list(csv.DictReader(open(manifest, newline="")))
+        for r in rows:
+            for rel in (r["echo"], r["ecg"], r["ecg"].replace(".hea", ".dat")):
+                client.upload_file(str(work / rel), BUCKET, f"in/{rel}")
+        client.upload_file(str(manifest), BUCKET, "in/manifest.csv")
+        counts.clear()
+        t0 = time.perf_counter()
+        summary = run_ingest_tokens(f"s3://{BUCKET}/in/manifest.csv", f"s3://{BUCKET}/out", recipe.clip,
+                                    tokenizer)
+        wall = time.perf_counter() - t0
+        total = sum(counts.values())
+        s3_per_input = round(total / summary.inputs, 2)
+        results["s3"] = {"inputs": summary.inputs, "wall_s": round(wall, 2), "requests": dict(counts),
+                         "requests_per_input": s3_per_input}
+        log.info("s3: %s", results["s3"])
+        server.shutdown()
+
+    figures = {
+        "inputs_per_s_per_core": round(b["inputs_per_s"] / cores, 2),
+        "driver_rss_ratio_4k_vs_1k": round(b["driver_rss_mb"] / a["driver_rss_mb"], 3),
+        "object_store_ratio_4k_vs_1k": round(b["object_store_peak_mb"] / max(a["object_store_peak_mb"], 1e-9), 3),
+        "files_per_1k_inputs": round(1000 * b["files"] / b["inputs"], 2),
+        "s3_requests_per_input": s3_per_input,
+        "fused_speedup": round(a["inputs_per_s"] / results["two_stage"]["inputs_per_s"], 2),
+        "sizes": [small, large], "ray_cpus": cores, "runs": results,
+        "load_avg": os.getloadavg(),
+    }
+    print(f"\n{'run':<14}{'inputs':>8}{'wall s':>9}{'inputs/s':>10}{'driver MB':>11}{'store MB':>10}{'files':>7}")
+    for name, r in results.items():
+        print(f"{name:<14}{r['inputs']:>8}{r['wall_s']:>9}{r['inputs_per_s'] if 'inputs_per_s' in r else '':>10}"
+              f"{r.get('driver_rss_mb', ''):>11}{r.get('object_store_peak_mb', ''):>10}{r.get('files', ''):>7}")
+    print(json.dumps({k: v for k, v in figures.items() if k != "runs"}, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps(figures, indent=2))
+    ray.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
