@@ -35,7 +35,7 @@ from echopulse.config import ClipConfig, to_dict
 from echopulse.errors import EchoPulseError
 from echopulse.ingest import IngestOptions
 from echopulse.schema import TOKENS_SCHEMA, write_dataset_info
-from pipelines.shards import MB, ChunkWriter, ShardConfig, write_outcomes
+from pipelines.shards import MB, ChunkWriter, ShardConfig, run_or_explain, write_outcomes
 
 log = logging.getLogger(__name__)
 
@@ -256,8 +256,8 @@ def run_ingest_tokens(manifest: str, out: str, clip: ClipConfig, tokenizer: str,
             "tokenizer_uri": tokenizer, "out": out, "shards": shards, "batch_size": batch_size,
             "use_gpu": bool(use_gpu), "ecg_samples": clip.ecg_samples}, compute=ActorPoolStrategy(size=actors),
             num_gpus=1 if use_gpu else 0, num_cpus=encoder_cpus, **remote_args)
-        for _ in ds.iter_rows():  # streams: one small counts row per chunk
-            pass
+        # streams: one small counts row per chunk
+        run_or_explain(out, lambda: sum(1 for _ in ds.iter_rows()))
     summary = finish(out, rows, duplicates)
     log_tokens = _tokens_and_splits(out)
     fused = FusedSummary(inputs=summary.inputs, inputs_with_tokens=summary.inputs_with_clips,

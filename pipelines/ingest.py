@@ -37,7 +37,8 @@ from echopulse.config import ClipConfig, to_dict
 from echopulse.errors import ConfigError, EchoPulseError
 from echopulse.ingest import IngestOptions
 from echopulse.schema import CLIPS_SCHEMA, clip_schema, write_dataset_info, write_quarantine
-from pipelines.shards import OUTCOMES, ChunkWriter, ShardConfig, groups, read_outcomes, remove_orphans
+from pipelines.shards import (OUTCOMES, ChunkWriter, ShardConfig, groups, read_outcomes, remove_orphans,
+                             run_or_explain)
 
 log = logging.getLogger(__name__)
 
@@ -251,8 +252,8 @@ def run_ingest(
         log.info("resume: %d of %d inputs already done", len(rows) - len(todo), len(rows))
     if todo:
         task = make_ingest_task_fn(clip, base_dir, out, salt, options, shards)
-        run_groups(todo, task, shards, num_cpus_per_task, remote=storage.is_remote(manifest) or
-                   storage.is_remote(out))
+        run_groups(todo, task, shards, num_cpus_per_task,
+                   remote=storage.is_remote(manifest) or storage.is_remote(out), out=out)
     summary = finish(out, rows, duplicates)
     write_dataset_info(out, CLIPS_SCHEMA, {"clip": to_dict(clip), "shards": to_dict(shards)},
                        summary.as_dict())
@@ -274,7 +275,7 @@ def prepare_out(out: str, kind: str, resume: bool) -> set[str]:
 
 
 def run_groups(todo: list[dict[str, Any]], task, shards: ShardConfig, num_cpus_per_task: float,
-               remote: bool, **map_args: Any) -> list[dict[str, Any]]:
+               remote: bool, out: str) -> list[dict[str, Any]]:
     """Run ``task`` over the fixed groups of ``todo`` as Ray tasks (one block per group)."""
     import ray
 
@@ -285,12 +286,13 @@ def run_groups(todo: list[dict[str, Any]], task, shards: ShardConfig, num_cpus_p
     items = [{"rows": json.dumps([by_index[i] for i in g])}
              for g in groups(sorted(by_index), shards.inputs_per_task)]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
-    remote_args: dict[str, Any] = {"num_cpus": num_cpus_per_task, **map_args}
+    remote_args: dict[str, Any] = {"num_cpus": num_cpus_per_task}
     env = storage.aws_env()
     if env and remote:
         # workers of a cluster started elsewhere do not share this process's environment
         remote_args["runtime_env"] = {"env_vars": env}
-    return ds.map(task, **remote_args).take_all()  # one small counts row per group
+    # one small counts row per group
+    return run_or_explain(out, ds.map(task, **remote_args).take_all)
 
 
 def finish(out: str, rows: list[dict[str, Any]], duplicates: int) -> IngestSummary:

@@ -135,6 +135,19 @@ class ChunkWriter:
         self.index, self.outcomes, self._writer, self._file, self._written = None, [], None, None, 0
 
 
+def run_or_explain(out: str, execute):
+    """Run a Ray Data execution; a failure (a bucket that refuses writes, a lost node) becomes one
+    clear error saying that ``--resume`` continues from the outcome log."""
+    try:
+        return execute()
+    except Exception as exc:
+        from echopulse.errors import EchoPulseError
+
+        cause = str(exc).strip().splitlines()[-1][:300] if str(exc).strip() else type(exc).__name__
+        raise EchoPulseError(f"{out}: the run stopped ({type(exc).__name__}: {cause}); finished inputs are "
+                             f"in {out}/outcomes, rerun with --resume to do the rest") from exc
+
+
 def write_outcomes(out: str, index: int, outcomes: list[dict[str, Any]]) -> None:
     table = pa.Table.from_pylist([{k: o.get(k) for k in OUTCOME_SCHEMA.names} for o in outcomes],
                                  schema=OUTCOME_SCHEMA)

@@ -200,3 +200,20 @@ def test_one_pass_writes_the_tokens_of_the_clips(corpus, tmp_path, ray_session):
     assert set(got) == set(expected)
     for cid, toks in got.items():
         np.testing.assert_array_equal(toks, expected[cid])
+
+
+def test_storage_refusing_writes_stops_with_one_error_and_resume_continues(corpus, tmp_path, ray_session):
+    from echopulse.errors import EchoPulseError
+
+    manifest, good, bad, _ = corpus
+    out = tmp_path / "clips"
+    out.mkdir()
+    (out / "clips").write_text("a file where the shard folder goes: every shard write fails")
+    shards = ShardConfig(inputs_per_task=4)
+    with pytest.raises(EchoPulseError, match="rerun with --resume"):
+        run_ingest(str(manifest), str(out), tiny().clip, resume=True, shards=shards)
+    (out / "clips").unlink()
+    summary = run_ingest(str(manifest), str(out), tiny().clip, resume=True, shards=shards)
+    assert (summary.inputs, summary.inputs_with_clips, summary.quarantined) == (
+        len(good) + len(bad), len(good), len(bad))
+    assert pq.read_table(out / "clips").num_rows == summary.clips
