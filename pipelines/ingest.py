@@ -272,7 +272,8 @@ def run_ingest(
         clips_without_ecg=sum(o.get("clips_without_ecg", 0) for o in ordered),
     )
     storage.write_text(storage.join(out, "summary.json"), json.dumps(summary.as_dict(), indent=2))
-    write_dataset_info(out, CLIPS_SCHEMA, {"clip": to_dict(clip)}, summary.as_dict())
+    write_dataset_info(out, CLIPS_SCHEMA, {"clip": to_dict(clip)}, summary.as_dict(),
+                       manifest=manifest)  # lineage: the manifest these clips came from
     for o in bad:
         log.warning("quarantined %s: %s", o["echo"], o["error"])
     return summary
