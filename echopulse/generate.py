@@ -126,7 +126,7 @@ class EchoGenerator:
         import torch
 
         from echopulse.models.checkpoint import load_checkpoint
-        from echopulse.registry import local_checkpoint
+        from echopulse.model_uri import local_checkpoint
 
         with tempfile.TemporaryDirectory() as tmp:
             local = local_checkpoint(checkpoint, tmp, tracking_uri)

@@ -8,7 +8,7 @@ weights with safetensors. A ``python_model`` object would instead be a cloudpick
 
 Every command that takes ``--checkpoint`` accepts, besides a directory or URI of a checkpoint,
 ``models:/NAME@alias``, ``models:/NAME/VERSION`` and ``runs:/RUN_ID/model``:
-:func:`local_checkpoint` is the one resolver.
+:func:`echopulse.model_uri.local_checkpoint` is the one resolver.
 """
 
 from __future__ import annotations
@@ -17,80 +17,23 @@ import logging
 import os
 import tempfile
 import warnings
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from echopulse import storage
 from echopulse.errors import EchoPulseError
+from echopulse.model_uri import checkpoint_in, is_model_uri, local_checkpoint, mlflow_error
+
+__all__ = ["checkpoint_in", "is_model_uri", "local_checkpoint", "log_generator_model", "register_model",
+           "set_alias", "register_checkpoint", "publish_training_run"]
 
 log = logging.getLogger(__name__)
 
 MODEL_ARTIFACT = "model"  # where a generator model is logged in its run
-MODEL_SCHEMES = ("models:/", "runs:/")
 DEFAULT_ECG_FS = 500.0
 # what a logged model needs to load and run; pinned to the versions it was logged with
 MODEL_REQUIREMENTS = ("mlflow", "torch", "numpy", "scipy", "safetensors", "einops", "pydicom",
                       "wfdb", "pillow", "imageio", "imageio-ffmpeg")
-
-
-def is_model_uri(uri: Any) -> bool:
-    """Whether ``uri`` names an MLflow model (``models:/…``, ``runs:/…``) rather than a checkpoint."""
-    return isinstance(uri, str) and uri.startswith(MODEL_SCHEMES)
-
-
-def _mlflow_error(uri: str, exc: Exception) -> EchoPulseError:
-    message = getattr(exc, "message", None) or str(exc)
-    return EchoPulseError(f"{uri}: {message.strip().splitlines()[0] if message.strip() else type(exc).__name__}")
-
-
-def checkpoint_in(local: str | os.PathLike, uri: str) -> str:
-    """The checkpoint directory inside a downloaded MLflow model (or the directory itself)."""
-    local = Path(local)
-    if (local / "MLmodel").is_file():
-        from mlflow.models import Model
-
-        flavor = Model.load(str(local)).flavors.get("python_function", {})
-        if flavor.get("loader_module") != __name__ or "data" not in flavor:
-            raise EchoPulseError(f"{uri}: not an EchoPulse generator model (its pyfunc loader is "
-                                 f"{flavor.get('loader_module')!r})")
-        return str(local / flavor["data"])
-    if (local / "config.json").is_file():
-        return str(local)
-    raise EchoPulseError(f"{uri}: neither an MLflow model (no MLmodel) nor a checkpoint (no config.json)")
-
-
-def local_checkpoint(checkpoint: str, dest: str, tracking_uri: str | None = None) -> str:
-    """A local directory holding the checkpoint ``checkpoint`` names (downloaded into ``dest``).
-
-    Args:
-        checkpoint: a checkpoint directory or URI (``s3://…``), an MLflow model URI
-            (``models:/NAME@alias``, ``models:/NAME/VERSION``, ``runs:/RUN_ID/model``), or the
-            ``runs:/`` URI of a checkpoint logged as a plain artifact.
-        dest: an existing directory to download into.
-        tracking_uri: MLflow tracking/registry URI (default: ``MLFLOW_TRACKING_URI``, else
-            ``./mlflow.db``).
-
-    Raises:
-        EchoPulseError: an unknown model, alias or run, or something that is not a generator.
-    """
-    if not is_model_uri(checkpoint):
-        return storage.local_copy(checkpoint, dest)
-    from mlflow.artifacts import download_artifacts
-    from mlflow.exceptions import MlflowException
-
-    from echopulse.tracking import resolve_tracking_uri
-
-    uri = resolve_tracking_uri(None, tracking_uri)
-    try:
-        local = download_artifacts(artifact_uri=checkpoint, dst_path=dest, tracking_uri=uri,
-                                   registry_uri=uri)
-    except MlflowException as exc:
-        raise _mlflow_error(checkpoint, exc) from None
-    except OSError as exc:  # e.g. a runs:/ path that the run does not have
-        raise EchoPulseError(f"{checkpoint}: cannot download ({exc})") from None
-    return checkpoint_in(local, checkpoint)
 
 
 # ---- the pyfunc model ----------------------------------------------------------------------
@@ -231,7 +174,7 @@ def register_model(tracking_uri: str, run_id: str, name: str,
         version = client.create_model_version(name, source, run_id=run_id, description=description,
                                               tags={"echopulse.model_uri": f"runs:/{run_id}/{artifact_path}"})
     except MlflowException as exc:
-        raise _mlflow_error(f"models:/{name}", exc) from None
+        raise mlflow_error(f"models:/{name}", exc) from None
     log.info("registered %s version %s from run %s", name, version.version, run_id)
     return str(version.version)
 
@@ -247,7 +190,7 @@ def set_alias(tracking_uri: str, name: str, version: str, alias: str) -> None:
         client.get_model_version(name, str(version))
         client.set_registered_model_alias(name, alias, str(version))
     except MlflowException as exc:
-        raise _mlflow_error(f"models:/{name}/{version}", exc) from None
+        raise mlflow_error(f"models:/{name}/{version}", exc) from None
 
 
 def register_checkpoint(checkpoint: str, name: str, tracking_uri: str, run_id: str | None = None,
