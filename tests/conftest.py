@@ -76,7 +76,7 @@ def mlflow_server(tmp_path_factory):
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:  # a loaded machine: its workers may not stop in time
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:  # its uvicorn workers may not stop in time
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=30)
