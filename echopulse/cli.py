@@ -32,6 +32,9 @@ The chain, each stage reading the previous one's output:
   echopulse generate   --checkpoint generator/checkpoint --ecg synth/ecg/study_0000.hea --out echo.gif
   echopulse evaluate   --checkpoint generator/checkpoint --clips clips --n 16 --out evaluation
   echopulse generate-batch --manifest ecgs.csv --checkpoint generator/checkpoint --out generated
+  echopulse register   generator/checkpoint echo-gen --alias candidate
+  echopulse alias      echo-gen 1 champion
+  echopulse serve      --checkpoint models:/echo-gen@champion --port 8000
 Or all at once:   echopulse quickstart --workdir demo --recipe demo
 
 Exit status: 0 ok, 1 the run failed, 2 bad input or configuration.
@@ -116,7 +119,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                           freeze=args.freeze_ecg or ecg.freeze)
             recipe = replace(recipe, generator=replace(recipe.generator, ecg=ecg))
         result = train_generator(args.tokens, args.tokenizer, args.out, recipe, _tracking(args),
-                                 workers=args.workers, use_gpu=use_gpu)
+                                 workers=args.workers, use_gpu=use_gpu, register=args.register)
     _print_json(summarize(args.model, result))
     return EXIT_OK
 
@@ -224,6 +227,53 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_register(args: argparse.Namespace) -> int:
+    from echopulse.registry import register_checkpoint
+
+    _print_json(register_checkpoint(args.checkpoint, args.name, _tracking(args), run_id=args.run_id,
+                                    alias=args.alias))
+    return EXIT_OK
+
+
+def cmd_alias(args: argparse.Namespace) -> int:
+    from echopulse.registry import set_alias
+
+    set_alias(_tracking(args), args.name, args.version, args.alias)
+    print(f"models:/{args.name}@{args.alias} -> version {args.version}")
+    return EXIT_OK
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from echopulse.models.checkpoint import read_checkpoint_info
+    from echopulse.registry import is_model_uri, local_checkpoint
+
+    if args.max_batch_size < 1 or args.replicas < 1 or args.max_upload_mb <= 0:
+        raise EchoPulseError("--max-batch-size and --replicas must be at least 1, --max-upload-mb positive")
+    tracking = _tracking(args) if is_model_uri(args.checkpoint) else None
+    with tempfile.TemporaryDirectory() as tmp:  # fail here, not in every replica, on a bad checkpoint
+        info = read_checkpoint_info(local_checkpoint(args.checkpoint, tmp, tracking))
+    if info["kind"] != "generator":
+        raise EchoPulseError(f"{args.checkpoint}: a {info['kind']} checkpoint, not a generator")
+    from pipelines.serve import ServeConfig, start
+
+    start(ServeConfig(checkpoint=args.checkpoint, tracking_uri=tracking, host=args.host,
+                      port=args.port, replicas=args.replicas, cpus_per_replica=args.cpus_per_replica,
+                      gpus_per_replica=args.gpus_per_replica, max_batch_size=args.max_batch_size,
+                      batch_wait_s=args.batch_wait_s, max_upload_mb=args.max_upload_mb))
+    return EXIT_OK
+
+
+def _export_model_store(args: argparse.Namespace) -> None:
+    """A ``models:/`` or ``runs:/`` checkpoint is resolved against this command's MLflow store, in
+    this process and in every Ray worker or replica that loads it (they inherit the variable)."""
+    from echopulse.registry import is_model_uri
+
+    if is_model_uri(getattr(args, "checkpoint", None)):
+        os.environ["MLFLOW_TRACKING_URI"] = _tracking(args)
+
+
 def _remote_commands() -> tuple[str, ...]:
     return ("synth", "ingest", "train", "tokenize", "tune", "generate", "quickstart")
 
@@ -310,6 +360,8 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 
 
 RECIPE_HELP = "recipe: tiny, demo, paper or a recipe .json (default: %(default)s)"
+CHECKPOINT_HELP = ("generator checkpoint directory or URI, or an MLflow model: models:/NAME@ALIAS, "
+                   "models:/NAME/VERSION, runs:/RUN_ID/model")
 GUIDANCE_HELP = ("classifier-free guidance weight g: logits = cond + g * (cond - uncond); 0 is "
                  "the plain ECG-conditioned model, larger follows the ECG more strongly")
 ADDRESS_HELP = ("Ray job server (dashboard) address (default: RAY_API_SERVER_ADDRESS, an http:// "
@@ -480,6 +532,9 @@ def add_train_parser(sub, common: argparse.ArgumentParser) -> None:
                                 "encoder must have its size: dim 384, depth 12, heads 6 for ViT-S)")
             p.add_argument("--freeze-ecg", action="store_true",
                            help="keep the ECG encoder's weights fixed while the rest trains")
+            p.add_argument("--register", default=None, metavar="NAME",
+                           help="register the trained model (logged as runs:/RUN_ID/model) as a new "
+                                "version of NAME in the MLflow Model Registry")
         p.add_argument("--out", required=True,
                        help="output directory or URI (s3://bucket/prefix: Ray Train's checkpoints "
                             "go under OUT/ray/, the same command again resumes from there)")
@@ -531,7 +586,7 @@ def add_generate_parser(sub, common: argparse.ArgumentParser) -> None:
     p = _command(sub, common, "generate", cmd_generate,
                  "Generate an echo video from an ECG file (WFDB, DICOM 12-lead ECG, or any format "
                  "ingestion reads).")
-    p.add_argument("--checkpoint", required=True, help="generator checkpoint directory")
+    p.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
     p.add_argument("--ecg", required=True,
                    help="ECG file (any format ingestion accepts: WFDB .hea, DICOM 12-lead ECG, ...)")
     p.add_argument("--first-frame", default=None,
@@ -548,7 +603,7 @@ def add_evaluate_parser(sub, common: argparse.ArgumentParser) -> None:
     p = _command(sub, common, "evaluate", cmd_evaluate,
                  "Evaluate a generator on clips/v1: tokenizer reconstruction, generation vs real, "
                  "ECG control, EF error, FID/FVD (with weights files); report.json/.md + MLflow.")
-    p.add_argument("--checkpoint", required=True, help="generator checkpoint directory")
+    p.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
     p.add_argument("--clips", required=True, help="clips/v1 dataset (ingest output) or URI")
     p.add_argument("--n", type=int, default=16, help="clips to evaluate, held-out first (default: %(default)s)")
     p.add_argument("--out", default=None, help="report directory (default: evaluation)")
@@ -567,7 +622,7 @@ def add_generate_batch_parser(sub, common: argparse.ArgumentParser) -> None:
                  "writes OUT/videos/ and a Parquet index OUT/index/.")
     p.add_argument("--manifest", required=True,
                    help="CSV with column ecg, optional id, first_frame, seconds, fps, seed")
-    p.add_argument("--checkpoint", required=True, help="generator checkpoint directory")
+    p.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--format", default="mp4", choices=("mp4", "gif", "dcm"),
                    help="video format (default: %(default)s)")
@@ -588,6 +643,51 @@ def add_quickstart_parser(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("--recipe", default="demo", help=RECIPE_HELP)
     p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
 
+
+
+def add_serve_parser(sub, common: argparse.ArgumentParser) -> None:
+    p = _command(sub, common, "serve", cmd_serve,
+                 "Serve a generator over HTTP with Ray Serve: POST /generate (an ECG file or JSON "
+                 "array -> MP4/GIF/DICOM), GET /health. Loopback only unless --host says otherwise.")
+    p.epilog = ("example: curl -F ecg=@ecg.hea -F ecg=@ecg.dat -F seconds=2 -F format=gif "
+                "http://127.0.0.1:8000/generate -o echo.gif")
+    p.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default: %(default)s, this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port (default: %(default)s)")
+    p.add_argument("--replicas", type=int, default=1, help="model replicas (default: %(default)s)")
+    p.add_argument("--cpus-per-replica", type=float, default=1.0,
+                   help="CPUs reserved per replica (default: %(default)s)")
+    p.add_argument("--gpus-per-replica", type=float, default=0.0,
+                   help="GPUs per replica, fractions allowed (default: %(default)s)")
+    p.add_argument("--max-batch-size", type=int, default=8,
+                   help="requests that may share one sampler forward (default: %(default)s; 1 "
+                        "makes every video identical to `echopulse generate` with its seed)")
+    p.add_argument("--batch-wait-s", type=float, default=0.05,
+                   help="how long a request waits for others to batch with (default: %(default)s)")
+    p.add_argument("--max-upload-mb", type=float, default=20.0,
+                   help="largest accepted request body (default: %(default)s)")
+
+
+def add_register_parser(sub, common: argparse.ArgumentParser) -> None:
+    p = _command(sub, common, "register", cmd_register,
+                 "Log a generator checkpoint (tokenizer bundled) as an MLflow pyfunc model and "
+                 "register a version of NAME in the MLflow Model Registry.")
+    p.add_argument("checkpoint", help="generator checkpoint directory or URI (or runs:/RUN_ID/model)")
+    p.add_argument("name", help="registered model name")
+    p.add_argument("--alias", default=None, help="also point this alias (e.g. candidate) at the new version")
+    p.add_argument("--run-id", default=None,
+                   help="log the model into this run (e.g. the training run, for lineage); default: "
+                        "a new run")
+
+
+def add_alias_parser(sub, common: argparse.ArgumentParser) -> None:
+    p = _command(sub, common, "alias", cmd_alias,
+                 "Point an alias (champion, candidate, ...) of a registered model at a version: "
+                 "models:/NAME@ALIAS then loads it.")
+    p.add_argument("name", help="registered model name")
+    p.add_argument("version", help="model version")
+    p.add_argument("alias", help="alias, e.g. champion or candidate")
 
 def add_submit_parser(sub, common: argparse.ArgumentParser) -> None:
     p = _command(sub, common, "submit", cmd_submit,
@@ -655,8 +755,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add_parser in (add_synth_parser, add_manifest_parser, add_ingest_parser, add_train_parser,
                        add_tokenize_parser, add_tune_parser, add_generate_parser, add_evaluate_parser,
-                       add_generate_batch_parser, add_quickstart_parser, add_submit_parser,
-                       add_jobs_parser):
+                       add_generate_batch_parser, add_register_parser, add_alias_parser,
+                       add_serve_parser, add_quickstart_parser, add_submit_parser, add_jobs_parser):
         add_parser(sub, common)
     return parser
 
@@ -682,6 +782,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # before Ray starts: local workers inherit it and Ray Train's S3 filesystem is built from it
         os.environ["AWS_ENDPOINT_URL_S3"] = args.s3_endpoint
     try:
+        _export_model_store(args)
         return args.fn(args)
     except (EchoPulseError, FileNotFoundError, ValueError) as exc:  # bad input or config
         if args.debug:

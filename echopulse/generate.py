@@ -19,7 +19,6 @@ from typing import Any, Callable
 
 import numpy as np
 
-from echopulse import storage
 from echopulse.config import ECG_FS, ClipConfig, SamplingConfig, from_dict
 from echopulse.errors import EchoPulseError
 
@@ -114,19 +113,23 @@ class EchoGenerator:
     device: Any = field(default=None)
 
     @classmethod
-    def from_checkpoint(cls, checkpoint: str, device: str | None = None) -> "EchoGenerator":
+    def from_checkpoint(cls, checkpoint: str, device: str | None = None,
+                        tracking_uri: str | None = None) -> "EchoGenerator":
         """Load a generator checkpoint directory written by ``echopulse train generator``.
 
         Args:
-            checkpoint: local directory or URI.
+            checkpoint: local directory or URI, or an MLflow model URI (``models:/NAME@alias``,
+                ``models:/NAME/VERSION``, ``runs:/RUN_ID/model``).
             device: torch device (default: CPU).
+            tracking_uri: MLflow tracking URI for model URIs (default: ``MLFLOW_TRACKING_URI``).
         """
         import torch
 
         from echopulse.models.checkpoint import load_checkpoint
+        from echopulse.model_uri import local_checkpoint
 
         with tempfile.TemporaryDirectory() as tmp:
-            local = storage.local_copy(checkpoint, tmp)
+            local = local_checkpoint(checkpoint, tmp, tracking_uri)
             try:
                 generator, _, info = load_checkpoint(local, expected_kind="generator")
             except ValueError as exc:
@@ -266,8 +269,10 @@ def _ecg_array(ecg: Any) -> np.ndarray:
     return ecg
 
 
-def load_ecg_file(path: str):
+def load_ecg_file(path: str, fs: float | None = None):
     """Read any supported ECG file and prepare it (250 Hz, 12 leads, filtered, standardized).
+
+    ``fs`` is the rate of a CSV/NPY file without a time column (other formats carry their own).
 
     Raises:
         EchoPulseError: missing, unreadable, flat or beat-less ECG (the message names the file).
@@ -278,7 +283,7 @@ def load_ecg_file(path: str):
     if not os.path.exists(path) and not os.path.exists(str(Path(path).with_suffix(".hea"))):
         raise EchoPulseError(f"{path}: ECG file not found")
     try:
-        signal, meta = read_ecg(path)
+        signal, meta = read_ecg(path, fs=fs)
     except ECGReadError as exc:
         raise EchoPulseError(str(exc)) from None
     except Exception as exc:  # a reader that fails in its own way is still an unreadable file

@@ -52,6 +52,17 @@ def _client(tracking_uri: str):
     return MlflowClient(tracking_uri=tracking_uri)
 
 
+def client_for(tracking_uri: str):
+    """An ``MlflowClient`` bound to ``tracking_uri`` (and to it as the registry URI)."""
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+
+def end_run(tracking_uri: str, run_id: str, status: str = "FINISHED") -> None:
+    _client(tracking_uri).set_terminated(run_id, status=status)
+
+
 def create_run(
     tracking_uri: str,
     run_name: str,
@@ -139,3 +150,147 @@ def _is_number(v: Any) -> bool:
     except (TypeError, ValueError):
         return False
     return True
+
+
+# ---- what a training run records besides metrics: system metrics, figures, lineage ----------
+
+SYSTEM_METRICS_INTERVAL_S = float(os.environ.get("ECHOPULSE_SYSTEM_METRICS_S", "5"))
+
+
+@contextlib.contextmanager
+def system_metrics(tracking_uri: str | None, run_id: str | None,
+                   interval_s: float = SYSTEM_METRICS_INTERVAL_S) -> Iterator[None]:
+    """MLflow's system metrics (``system/cpu_utilization_percentage``, memory, disk, network, and
+    GPU utilisation/memory when ``pynvml`` finds a GPU) logged to ``run_id`` while the body runs.
+
+    They describe the machine this process runs on (the driver; on one node, the whole job).
+    Needs psutil; a monitor that cannot start is a warning, never a failed run.
+    """
+    monitor = None
+    if tracking_uri and run_id:
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            monitor = SystemMetricsMonitor(run_id, sampling_interval=interval_s,
+                                           tracking_uri=tracking_uri)
+            monitor.start()
+        except Exception as exc:  # psutil missing, ...
+            log.warning("no system metrics for run %s: %s", run_id, exc)
+            monitor = None
+    try:
+        yield
+    finally:
+        if monitor is not None:
+            monitor.finish()
+
+
+def log_training_figure(tracking_uri: str, run_id: str, history, name: str = "training") -> str | None:
+    """Loss and validation curves against the step as ``figures/NAME.png`` (``log_figure``).
+
+    Args:
+        history: the rows Ray Train reported (``Result.metrics_dataframe``), a pandas DataFrame.
+    """
+    if history is None or len(history) == 0:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x_name = "step" if "step" in history.columns else "training_iteration"
+    curves = [c for c in history.columns
+              if c == "loss" or (c.startswith("val_") and not c.startswith("val_acc"))]
+    curves = [c for c in curves if history[c].notna().any()]
+    if not curves or x_name not in history.columns:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for column in curves:
+        rows = history[[x_name, column]].dropna()
+        ax.plot(rows[x_name], rows[column], label=column, marker="." if len(rows) < 30 else None)
+    ax.set_xlabel(x_name)
+    ax.set_ylabel("cross-entropy / loss")
+    ax.set_title(name)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = f"figures/{name}.png"
+    _client(tracking_uri).log_figure(run_id, fig, path)
+    plt.close(fig)
+    return path
+
+
+def dataset_digest(uri: str) -> str:
+    """A dataset's digest: the first 16 hex digits of the sha256 of its ``dataset.json``."""
+    import hashlib
+
+    from echopulse import storage
+    from echopulse.schema import DATASET_INFO_FILE
+
+    text = storage.read_text(storage.join(uri, DATASET_INFO_FILE))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def log_dataset_inputs(tracking_uri: str | None, run_id: str | None, uri: str,
+                       context: str = "training") -> list[str]:
+    """Record a dataset and, following ``dataset.json``, the datasets it was made from, as inputs
+    of ``run_id``: tokens/v1 (``context``) -> clips/v1 (``source``) -> the manifest (``source``).
+
+    Each input carries the path, the ``dataset.json`` digest, its schema and counts, so a model
+    version (whose run holds these) traces back to the manifest its clips came from.
+
+    Returns:
+        The URIs recorded.
+    """
+    import json
+
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    from echopulse import storage
+    from echopulse.schema import DATASET_INFO_FILE
+
+    if not (tracking_uri and run_id):
+        return []
+    inputs, seen = [], []
+    current, ctx = uri, context
+    while current and current not in seen and len(seen) < 4:
+        seen.append(current)
+        info_path = storage.join(current, DATASET_INFO_FILE)
+        if not storage.exists(info_path):  # the manifest (a file): recorded by path and digest
+            digest = _file_digest(current)
+            inputs.append(DatasetInput(
+                Dataset(name="manifest", digest=digest or "unknown", source_type=_source_type(current),
+                        source=json.dumps({"uri": current}), schema=None, profile=None),
+                tags=[InputTag("mlflow.data.context", ctx)]))
+            break
+        info = json.loads(storage.read_text(info_path))
+        profile = {k: info[k] for k in ("counts", "split_counts", "tokenizer_id", "token_grid",
+                                        "codebook_size", "created_unix", "echopulse_version")
+                   if k in info}
+        parent = info.get("clips") or info.get("manifest")
+        if parent:
+            profile["made_from"] = parent
+        inputs.append(DatasetInput(
+            Dataset(name=str(info.get("schema", "dataset")), digest=dataset_digest(current),
+                    source_type=_source_type(current), source=json.dumps({"uri": current}),
+                    schema=json.dumps({"echopulse_schema": info.get("schema")}),
+                    profile=json.dumps(profile, default=str)[:5000]),
+            tags=[InputTag("mlflow.data.context", ctx)]))
+        current, ctx = parent, "source"
+    _client(tracking_uri).log_inputs(run_id, datasets=inputs)
+    return seen
+
+
+def _source_type(uri: str) -> str:
+    return uri.split("://", 1)[0] if "://" in uri else "local"
+
+
+def _file_digest(uri: str) -> str | None:
+    import hashlib
+
+    from echopulse import storage
+
+    try:
+        fs, path = storage.filesystem(uri)
+        with fs.open(path, "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest()[:16]
+    except (OSError, ValueError):
+        return None

@@ -215,7 +215,7 @@ def bundle_tokenizer(tokenizer: str):
 
 def train_generator(tokens: str, tokenizer: str, out: str, recipe: Recipe, tracking_uri: str,
                     workers: int | None = None, use_gpu: bool | None = None,
-                    parent_run_id: str | None = None) -> TrainResult:
+                    parent_run_id: str | None = None, register: str | None = None) -> TrainResult:
     """Train the generator on ``tokens`` and write ``OUT/checkpoint`` (tokenizer bundled).
 
     Args:
@@ -227,9 +227,11 @@ def train_generator(tokens: str, tokenizer: str, out: str, recipe: Recipe, track
         workers: Ray Train workers (default: the recipe's).
         use_gpu: one GPU per worker (default: when CUDA is available).
         parent_run_id: nest the MLflow run under this one.
+        register: also register the run's model (``runs:/RUN_ID/model``) as a version of this name.
     """
+    from echopulse.registry import publish_training_run
     from echopulse.runtime import init_ray
-    from echopulse.tracking import RunLogger, create_run
+    from echopulse.tracking import RunLogger, create_run, log_dataset_inputs, system_metrics
 
     preflight.generator_job(tokens, tokenizer, out, recipe)  # empty/other tokens, unwritable out
     tok_info = check_tokenizer(check_tokens_info(tokens, recipe), tokenizer)
@@ -248,12 +250,15 @@ def train_generator(tokens: str, tokenizer: str, out: str, recipe: Recipe, track
     trainer = build_generator_trainer(datasets, recipe, tok_info["model_id"], tracking_uri, run_id,
                                       name, out, workers, use_gpu, resume_from=resume_from,
                                       tokenizer_path=tokenizer)
+    log_dataset_inputs(tracking_uri, run_id, tokens)  # lineage: tokens -> clips -> manifest
     try:
-        result = trainer.fit()
+        with system_metrics(tracking_uri, run_id):
+            result = trainer.fit()
         checkpoint = export_checkpoint(result, out, add=bundle_tokenizer(tokenizer))
     except BaseException:
         logger.finish("FAILED")
         raise
     log_outcome(logger, checkpoint, result, SCORE)
+    publish_training_run(tracking_uri, run_id, result, checkpoint, register=register)
     logger.finish()
     return TrainResult(checkpoint=checkpoint, metrics=dict(result.metrics or {}), run_id=run_id)

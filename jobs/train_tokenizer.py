@@ -129,7 +129,8 @@ def train_tokenizer(clips: str, out: str, recipe: Recipe, tracking_uri: str,
     from ray.train.torch import TorchTrainer
 
     from echopulse.runtime import init_ray
-    from echopulse.tracking import RunLogger, create_run
+    from echopulse.registry import publish_training_run
+    from echopulse.tracking import RunLogger, create_run, log_dataset_inputs, system_metrics
 
     if recipe.clip.frames != recipe.tokenizer.frames or recipe.clip.size != recipe.tokenizer.image_size:
         raise EchoPulseError("recipe mismatch: clip geometry differs from the tokenizer's input")
@@ -155,18 +156,16 @@ def train_tokenizer(clips: str, out: str, recipe: Recipe, tracking_uri: str,
         run_config=run_config(name, out, recipe.tokenizer_train, score=SCORE),
         datasets=datasets,
     )
+    log_dataset_inputs(tracking_uri, run_id, clips)  # lineage: clips -> manifest
     try:
-        result = trainer.fit()
+        with system_metrics(tracking_uri, run_id):
+            result = trainer.fit()
         checkpoint = export_checkpoint(result, out)
     except BaseException:
         logger.finish("FAILED")
         raise
     log_outcome(logger, checkpoint, result, SCORE)
-    _log_checkpoint_files(logger, checkpoint)
+    publish_training_run(tracking_uri, run_id, result, checkpoint, kind="tokenizer")
     logger.finish()
     return TrainResult(checkpoint=checkpoint, metrics=dict(result.metrics or {}), run_id=run_id)
 
-
-def _log_checkpoint_files(logger, checkpoint: str) -> None:
-    if not storage.is_remote(checkpoint):
-        logger.log_artifact(storage.join(checkpoint, "config.json"), "checkpoint")

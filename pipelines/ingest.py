@@ -256,7 +256,7 @@ def run_ingest(
                    remote=storage.is_remote(manifest) or storage.is_remote(out), out=out)
     summary = finish(out, rows, duplicates)
     write_dataset_info(out, CLIPS_SCHEMA, {"clip": to_dict(clip), "shards": to_dict(shards)},
-                       summary.as_dict())
+                       summary.as_dict(), manifest=manifest)  # lineage: the manifest behind the clips
     return summary
 
 

@@ -27,6 +27,7 @@ from echopulse import storage
 from echopulse.errors import EchoPulseError
 from echopulse.schema import CLIPS_SCHEMA, TOKENS_SCHEMA, read_dataset_info, write_dataset_info, write_quarantine
 from echopulse.tokenize import ERROR, SOURCE, STAGE, check_parts, make_tokenize_fn, part_files, tensor_shape
+from echopulse.tracking import dataset_digest
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +119,8 @@ def run_tokenize(clips: str, tokenizer: str, out: str, actors: int = 1, batch_si
     storage.write_text(storage.join(out, "summary.json"), json.dumps(counts, indent=2))
     write_dataset_info(out, TOKENS_SCHEMA, {"tokenizer": tokenizer, "batch_size": batch_size}, counts,
                        tokenizer_id=tok_info["model_id"], token_grid=list(tok_cfg.token_grid),
-                       codebook_size=tok_cfg.codebook_size, split_counts=split_counts)
+                       codebook_size=tok_cfg.codebook_size, split_counts=split_counts,
+                       clips=clips, clips_digest=dataset_digest(clips))  # lineage
     for q in quarantine[:20]:
         log.warning("quarantined %s (%s): %s", q["clip_id"] or q["source_uri"], q["stage"], q["error"])
     if n_tokens == 0:

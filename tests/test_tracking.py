@@ -46,3 +46,43 @@ def test_a_run_in_one_store_does_not_redirect_later_default_runs(tmp_path, monke
     import os
 
     assert "MLFLOW_TRACKING_URI" not in os.environ
+
+
+def test_lineage_figure_and_system_metrics_land_in_the_run(tmp_path):
+    import json
+
+    import pandas as pd
+    from mlflow import MlflowClient
+
+    from echopulse.tracking import dataset_digest, log_dataset_inputs, log_training_figure, system_metrics
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text("echo,ecg\na.dcm,a.hea\n")
+    clips, tokens = tmp_path / "clips", tmp_path / "tokens"
+    clips.mkdir(), tokens.mkdir()
+    (clips / "dataset.json").write_text(json.dumps({"schema": "clips/v1", "counts": {"clips": 7},
+                                                    "manifest": str(manifest)}))
+    (tokens / "dataset.json").write_text(json.dumps({"schema": "tokens/v1", "counts": {"tokens": 7},
+                                                     "split_counts": {"train": 5, "val": 2},
+                                                     "clips": str(clips)}))
+    run_id = create_run(uri, "train")
+    assert log_dataset_inputs(uri, run_id, str(tokens)) == [str(tokens), str(clips), str(manifest)]
+    history = pd.DataFrame({"step": [1, 2, 3], "loss": [3.0, 2.0, 1.5], "val_ce": [None, 2.5, 2.0]})
+    assert log_training_figure(uri, run_id, history, "generator") == "figures/generator.png"
+    with system_metrics(uri, run_id, interval_s=0.2):
+        import time
+
+        time.sleep(1.5)
+    client = MlflowClient(tracking_uri=uri)
+    run = client.get_run(run_id)
+    inputs = {d.dataset.name: d for d in run.inputs.dataset_inputs}
+    assert set(inputs) == {"tokens/v1", "clips/v1", "manifest"}
+    assert inputs["tokens/v1"].dataset.digest == dataset_digest(str(tokens))
+    assert json.loads(inputs["tokens/v1"].dataset.profile)["split_counts"] == {"train": 5, "val": 2}
+    assert json.loads(inputs["clips/v1"].dataset.source)["uri"] == str(clips)
+    assert [t.value for t in inputs["tokens/v1"].tags] == ["training"]
+    assert [t.value for t in inputs["manifest"].tags] == ["source"]
+    assert "figures/generator.png" in [a.path for a in client.list_artifacts(run_id, "figures")]
+    assert any(k.startswith("system/cpu_utilization") for k in run.data.metrics)
+    assert any(k.startswith("system/system_memory") for k in run.data.metrics)

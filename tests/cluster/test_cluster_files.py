@@ -33,7 +33,8 @@ def _env(container: dict) -> dict:
 
 
 CHECKED = {"README.md", "local.sh", "runtime_env.yaml", "aws.yaml", "Dockerfile",
-           "kuberay/raycluster.yaml", "kuberay/rayjob.yaml", "mlflow/start.sh", "mlflow/mlflow.env"}
+           "kuberay/raycluster.yaml", "kuberay/rayjob.yaml", "kuberay/rayservice.yaml", "mlflow/start.sh",
+           "mlflow/mlflow.env"}
 
 
 def test_every_cluster_file_is_checked_here():
@@ -147,6 +148,22 @@ def test_kuberay_rayjob_runs_a_valid_echopulse_command():
     submitter = _env(_containers(spec["submitterPodTemplate"])[0])
     assert "RAY_AUTH_TOKEN" in submitter
     _check_ray_cluster_spec(spec["rayClusterSpec"])
+
+
+def test_kuberay_rayservice_deploys_the_serve_app_of_echopulse_serve():
+    from pipelines.serve import build_app
+
+    cfg = _load("kuberay/rayservice.yaml")
+    assert cfg["apiVersion"] == "ray.io/v1" and cfg["kind"] == "RayService"
+    serve_config = yaml.safe_load(cfg["spec"]["serveConfigV2"])
+    (app,) = serve_config["applications"]
+    assert app["import_path"] == "pipelines.serve:build_app"
+    assert app["args"]["checkpoint"].startswith("models:/")
+    bound = build_app(app["args"])  # the args are ones the app accepts (binding loads no model)
+    assert bound is not None
+    with pytest.raises(ValueError, match="unknown serve args"):
+        build_app({**app["args"], "replica": 3})
+    _check_ray_cluster_spec(cfg["spec"]["rayClusterConfig"])
 
 
 def test_mlflow_server_settings_are_postgres_s3_loopback():
