@@ -500,10 +500,25 @@ def write_study_wfdb(study: Study, record_dir: str | Path, record_name: str) -> 
     return record_dir / f"{record_name}.hea"
 
 
+HR_RANGE_BPM = (40.0, 150.0)  # what the corpus covers: bradycardia to exercise tachycardia
+
+
+def corpus_heart_rate(i: int, seed: int) -> float:
+    """Heart rate of corpus study ``i``: a golden-ratio (low-discrepancy) sequence over
+    :data:`HR_RANGE_BPM` from a seed-dependent offset, so any first ``n`` studies cover the range
+    evenly (a uniform draw leaves gaps a few-study corpus never fills) and study ``i`` does not
+    depend on how many studies there are."""
+    lo, hi = HR_RANGE_BPM
+    offset = np.random.default_rng([seed, 2**21]).uniform()
+    u = (offset + i * 0.6180339887498949) % 1.0
+    return float(np.round(lo + (hi - lo) * u, 1))
+
+
 def write_corpus(out_dir: str | Path, studies: int, seed: int, duration_s: float = 4.0) -> Path:
     """Write a paired corpus: DICOM echoes, WFDB ECGs, ``manifest.csv`` and ``truth.json``.
 
-    Views, heart rates (55-100 bpm) and EFs (0.35-0.70) vary per study from ``seed``. The manifest
+    Views and EFs (0.35-0.70) vary per study from ``seed``; heart rates cover 40-150 bpm evenly
+    (:func:`corpus_heart_rate`). The manifest
     has columns ``echo,ecg,view,ef,heart_rate_bpm,split`` with paths relative to ``out_dir``
     (``echo/study_0000.dcm``, ``ecg/study_0000.hea``); about a fifth of the studies (at least one
     when there are three or more) are ``val``.
@@ -527,7 +542,7 @@ def write_corpus(out_dir: str | Path, studies: int, seed: int, duration_s: float
         rng = np.random.default_rng([seed, i])  # study i does not depend on how many studies there are
         name = f"study_{i:04d}"
         view = str(VIEWS[int(rng.integers(len(VIEWS)))])
-        hr = float(np.round(rng.uniform(55, 100), 1))
+        hr = corpus_heart_rate(i, seed)
         ef = float(np.round(rng.uniform(0.35, 0.70), 3))
         study_seed = int(rng.integers(2**31 - 1))
         study = make_study(study_seed, view=view, heart_rate_bpm=hr, ef=ef, duration_s=duration_s)

@@ -155,7 +155,7 @@ def test_corpus(tmp_path):
         assert not r["echo"].startswith("/") and (tmp_path / "a" / r["echo"]).is_file()
         assert (tmp_path / "a" / r["ecg"]).is_file() and r["ecg"].endswith(".hea")
         assert r["view"] in ("A4C", "A2C") and 0.35 <= float(r["ef"]) <= 0.7
-        assert 55 <= float(r["heart_rate_bpm"]) <= 100
+        assert 40 <= float(r["heart_rate_bpm"]) <= 150
     truth = json.loads((tmp_path / "a" / "truth.json").read_text())["studies"]
     assert [t["echo"] for t in truth] == [r["echo"] for r in rows]
     assert all(t["ed_frames"] and t["r_peaks_s"] and t["fps"] == 30.0 for t in truth)
@@ -163,3 +163,14 @@ def test_corpus(tmp_path):
     write_corpus(tmp_path / "b", studies=1, seed=4, duration_s=2.5)
     for rel in ("echo/study_0000.dcm", "ecg/study_0000.dat", "ecg/study_0000.hea"):
         assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes()
+
+
+def test_corpus_heart_rates_cover_40_to_150_evenly():
+    from echopulse.synth.phantom import corpus_heart_rate
+
+    for seed in (0, 4):
+        rates = np.array([corpus_heart_rate(i, seed) for i in range(10)])
+        assert rates.min() >= 40 and rates.max() <= 150
+        # every 22-bpm band of the range holds some of any ten studies (a uniform draw often misses one)
+        counts = np.histogram(rates, bins=5, range=(40, 150))[0]
+        assert counts.min() >= 1 and counts.max() <= 3, counts
