@@ -299,7 +299,7 @@ class EchoGenerator:
                 frames[:, background] = np.round(anchor[background]).astype(np.uint8)
             video = np.concatenate([video, frames[window.overlap:]])
             log.debug("window %d/%d: frames %d-%d", i + 1, len(windows), window.start,
-                      window.start + frames_per_window - 1)
+                      window.start + self.clip.frames - 1)
         return video
 
 
