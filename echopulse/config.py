@@ -119,7 +119,7 @@ class ECGEncoderConfig:
 
     With ``dim = heads * 64`` and ``samples = 2250`` (patch 75) the layout matches an ST-MEM
     encoder, so :func:`echopulse.models.ecg_encoder.load_stmem_checkpoint` can load one
-    (ST-MEM ViT-S: dim 384, depth 12, heads 6).
+    (the released ST-MEM encoder is ViT-B/75: dim 768, depth 12, heads 12; ViT-S is 384/12/6).
 
     Attributes:
         checkpoint: path of an ST-MEM ``encoder.pth`` that training loads before the first step;
