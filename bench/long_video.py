@@ -128,6 +128,8 @@ def main(argv=None) -> int:
     parser.add_argument("--seconds", type=float, default=8.0, help="video length (default: %(default)s)")
     parser.add_argument("--rates", type=int, default=5, help="phantom ECG rates in 50-130 bpm (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (default: %(default)s; more spin-wait on a shared machine)")
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -136,7 +138,7 @@ def main(argv=None) -> int:
     from echopulse.generate import EchoGenerator
     from jobs.recipes import get_recipe
 
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    torch.set_num_threads(args.threads)
     started = time.perf_counter()
     recipe_name = "tiny" if args.quick else args.recipe
     steps = (150, 150) if args.quick else (args.tokenizer_steps, args.generator_steps)
