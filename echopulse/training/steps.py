@@ -242,8 +242,8 @@ def generator_train_step(
         model: :class:`~echopulse.models.generator.MaskGIT` (or a DDP wrapper of one).
         batch: ``{"tokens": int (b, t', h', w') or (b, n), "ecg": float (b, 12, L)}`` plus, for a
             view/EF-conditioned model, ``"view"`` and ``"ef"`` (see :func:`generator_conditions`),
-            and optionally ``"lead_mask"``; or a list of such micro-batches (accumulated; each micro-batch's loss is its masked-token mean,
-            weighted by its sample count).
+            and optionally ``"lead_mask"``; or a list of such micro-batches (accumulated; each
+            micro-batch's loss is its masked-token mean, weighted by its sample count).
         optimizer: e.g. from :func:`make_optimizer`.
         grad_clip: max global grad norm; ``None``/0 disables clipping.
         lr: if given, set on every param group before stepping.
