@@ -238,6 +238,16 @@ def sync_scores(videos: np.ndarray, ecg: np.ndarray, fps: np.ndarray, hr: np.nda
     return np.asarray([ecg_sync_score(v, e, f, heart_rate_bpm=h) for v, e, f, h in zip(videos, ecg, fps, hr)])
 
 
+def pixel_scores(videos: np.ndarray, ecg: np.ndarray, fps: np.ndarray) -> np.ndarray:
+    """The phantom-free ECG-control score (``echopulse.metrics.pixel_ecg_control``) per clip:
+    heart rate and beat phase from the pixels' motion alone. A one-window clip (about a beat)
+    often shows too little motion period for a rate, so many clips score 0 here; the long-video
+    bench (bench/long_video.py) is where this score has room."""
+    from echopulse.metrics import pixel_ecg_control
+
+    return np.asarray([pixel_ecg_control(v, f, e)["score"] for v, e, f in zip(videos, ecg, fps)])
+
+
 def nanmean(values) -> float:
     values = np.asarray(values, dtype=np.float64)
     return float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
@@ -262,6 +272,7 @@ def print_table(result: dict) -> None:
         ok = result["goals_reached"][key]
         print(f"{key:<22}{v:>10.3f}  {op + ' ' + str(bound):<10}{'yes' if ok else 'no':>8}")
     for key in ("ecg_sync_swapped", "ecg_sync_chance", "ecg_sync_real", "ecg_sync_reconstructed",
+                "pixel_ecg_control_matched", "pixel_ecg_control_shuffled",
                 "generated_psnr_db", "generated_ssim"):
         print(f"{key:<22}{result[key]:>10.3f}")
     s = result["seconds"]
@@ -439,6 +450,9 @@ def main(argv=None) -> int:
         "ecg_sync_chance": sync_scores(matched, other_ecg, fps, other_hr),
         "ecg_sync_real": sync_scores(held["frames"], own_ecg, fps, own_hr),
         "ecg_sync_reconstructed": sync_scores(recon, own_ecg, fps, own_hr),
+        # phantom-free: rate and phase from the pixels' motion, no volume model
+        "pixel_ecg_control_matched": pixel_scores(matched, own_ecg, fps),
+        "pixel_ecg_control_shuffled": pixel_scores(swapped, own_ecg, fps),
     }
     first = 0 if args.no_prime else 1  # a primed first frame is given, not generated
     gen_psnr = nanmean([psnr(g[first:], x[first:]) for g, x in zip(matched, held["frames"])])

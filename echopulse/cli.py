@@ -175,7 +175,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     _print_json(generate_to_file(args.checkpoint, args.ecg, args.out, seed=args.seed,
                                  steps=args.steps, guidance=args.guidance,
                                  first_frame=args.first_frame, seconds=args.seconds, fps=args.fps,
-                                 panel=args.panel))
+                                 panel=args.panel, view=args.view, ef=args.ef))
     return EXIT_OK
 
 
@@ -595,6 +595,11 @@ def add_generate_parser(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True,
                    help="output: .mp4, .gif, or .dcm (Ultrasound Multi-frame, DERIVED, marked "
                         "synthetic, no patient data)")
+    p.add_argument("--view", default=None,
+                   help="echo view (A4C, A2C, ...) for a view-conditioned model (default: unknown)")
+    p.add_argument("--ef", type=float, default=None,
+                   help="ejection fraction as a fraction (e.g. 0.55) for an EF-conditioned model "
+                        "(default: unknown)")
     video_flags(p)
     sampling_flags(p)
 

@@ -16,6 +16,16 @@ T = TypeVar("T")
 
 ECG_FS = 250  # Hz: the rate every ECG is resampled to (what ST-MEM expects)
 ECG_LEADS = ("I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6")
+# echo views a view-conditioned generator knows, by id (GeneratorConfig.num_views takes a prefix);
+# any other view name is "unknown" (id -1: no view embedding)
+ECHO_VIEWS = ("A4C", "A2C", "A3C", "A5C", "PLAX", "PSAX", "SUBCOSTAL", "OTHER")
+
+
+def view_id(name: object, num_views: int = len(ECHO_VIEWS)) -> int:
+    """The id of an echo view name (case-insensitive) among the first ``num_views`` of
+    :data:`ECHO_VIEWS`, or -1 (unknown) for anything else, empty or missing."""
+    key = str(name or "").strip().upper()
+    return ECHO_VIEWS.index(key) if key in ECHO_VIEWS[:num_views] else -1
 
 
 @dataclass(frozen=True)
@@ -109,7 +119,7 @@ class ECGEncoderConfig:
 
     With ``dim = heads * 64`` and ``samples = 2250`` (patch 75) the layout matches an ST-MEM
     encoder, so :func:`echopulse.models.ecg_encoder.load_stmem_checkpoint` can load one
-    (ST-MEM ViT-S: dim 384, depth 12, heads 6).
+    (the released ST-MEM encoder is ViT-B/75: dim 768, depth 12, heads 12; ViT-S is 384/12/6).
 
     Attributes:
         checkpoint: path of an ST-MEM ``encoder.pth`` that training loads before the first step;
@@ -137,8 +147,17 @@ class GeneratorConfig:
             ``ECG_FS`` Hz). Cross-attention alone has to learn which ECG patch belongs to which
             frame; this gives the alignment directly (see docs/architecture.md).
         fps: the clip's frame rate (``ClipConfig.fps``): where each token frame lies on the ECG.
-        prime_prob: fraction of training samples whose first token frame is left unmasked, the
-            way generation primed with a first frame sees it.
+        prime_prob: fraction of training samples whose leading token frames are left unmasked:
+            half of them the first token frame alone (generation primed with a first frame), half
+            :attr:`chain_prime_token_frames` of them (what each chained window of a long video is
+            primed with).
+        lead_dropout: fraction of training samples whose ECG loses leads: half of those keep a
+            single lead (I or II, the leads a watch or a monitor records), the others a random
+            subset. The lead mask is a model input (:meth:`MaskGIT.encode_ecg`), so a single-lead
+            ECG is a condition the model was trained on, not eleven unexplained zero leads.
+        lead_mask_input: feed the lead mask to the model (a learned "lead missing" token in place
+            of each absent lead's ECG tokens, and the mask beside the raw ECG in the frame
+            embedding).
     """
 
     vocab_size: int = 125
@@ -156,6 +175,13 @@ class GeneratorConfig:
     ecg_frame_embedding: bool = True
     fps: float = 5.0
     prime_prob: float = 0.3
+    lead_dropout: float = 0.3
+    lead_mask_input: bool = True
+
+    @property
+    def chain_prime_token_frames(self) -> int:
+        """Token frames each chained window of a long video is primed with: a third of the window."""
+        return max(1, self.token_grid[0] // 3)
 
     @property
     def seq_len(self) -> int:

@@ -1,9 +1,14 @@
 """ECG in, echo video out: load a generator checkpoint (tokenizer bundled) and sample.
 
-A video longer than the model's window is made of chained windows: each new window starts on the
-last frames already made, re-encoded into its leading token frames (first-frame priming generalised
-to several frames), and takes the ECG from its own start time. Any frame rate is resampled from
-the model's frames, so duration and rate follow the request.
+A video longer than the model's window is made of chained windows: each new window is primed
+with the ``GeneratorConfig.chain_prime_token_frames`` leading token frames that overlap the
+previous window -- its first token frame re-encoded from the one frame it starts on (a first-frame
+prime, as training shows), the rest the previous window's own generated token ids, not pixels
+re-encoded -- and takes the ECG from its own start time. Training primes rows with exactly that
+many token frames. Pixels that were background (black) throughout the first window are re-anchored
+to the first window's value in every later window, so tokenizer artefacts cannot accumulate
+outside the sector. Any frame rate is resampled from the model's frames, so duration and rate
+follow the request.
 """
 
 from __future__ import annotations
@@ -153,12 +158,46 @@ class EchoGenerator:
         return self.clip.size
 
     def prime_token_frames(self) -> int:
-        """Token frames a chained window is primed with: about a third of the window."""
-        return max(1, self.tokenizer.cfg.token_grid[0] // 3)
+        """Token frames a chained window is primed with (the generator's training used the same)."""
+        return self.generator.cfg.chain_prime_token_frames
+
+    def conditions(self, view: str | None = None, ef: float | None = None) -> dict[str, Any]:
+        """The ``view``/``ef`` keyword arguments for this generator: ids and fractions as (1,)
+        tensors; a condition left out is "unknown" (-1 / NaN), one the model lacks is refused.
+
+        Raises:
+            EchoPulseError: a view name this model does not know, an EF outside [0, 1], or a
+                condition the model was not trained with.
+        """
+        import torch
+
+        from echopulse.config import ECHO_VIEWS, view_id
+
+        cfg = self.generator.cfg
+        out: dict[str, Any] = {}
+        if cfg.num_views > 0:
+            vid = -1 if view is None else view_id(view, cfg.num_views)
+            if view is not None and vid < 0:
+                raise EchoPulseError(f"unknown view {view!r}; this model knows "
+                                     f"{', '.join(ECHO_VIEWS[:cfg.num_views])}")
+            out["view"] = torch.tensor([vid], device=self.device)
+        elif view is not None:
+            raise EchoPulseError("this model is not view-conditioned (trained with num_views = 0); "
+                                 "leave out --view")
+        if cfg.ef_conditioning:
+            if ef is not None and not 0.0 <= float(ef) <= 1.0:
+                raise EchoPulseError(f"--ef must be a fraction in [0, 1] (e.g. 0.55), got {ef}")
+            out["ef"] = torch.tensor([float("nan") if ef is None else float(ef)], device=self.device)
+        elif ef is not None:
+            raise EchoPulseError("this model is not EF-conditioned (trained without ef_conditioning); "
+                                 "leave out --ef")
+        return out
 
     def generate(self, ecg: Any, first_frame: Any = None, seconds: float | None = None,
                  fps: float | None = None, seed: int = 0, steps: int | None = None,
-                 guidance: float | None = None, temperature: float | None = None) -> np.ndarray:
+                 guidance: float | None = None, temperature: float | None = None,
+                 view: str | None = None, ef: float | None = None,
+                 anchor_background: bool = True) -> np.ndarray:
         """Generate an echo video from an ECG.
 
         Args:
@@ -173,16 +212,22 @@ class EchoGenerator:
             seed: sampling seed (same seed, same video).
             steps, guidance, temperature: override the checkpoint's sampling settings;
                 guidance g gives logits ``cond + g * (cond - uncond)`` (0: conditional only).
+            view: echo view name (``A4C``, ...) for a view-conditioned model (default unknown).
+            ef: ejection fraction in [0, 1] for an EF-conditioned model (default unknown).
+            anchor_background: keep pixels that were black throughout the first window at the
+                first window's value in later windows (see the module docstring).
 
         Returns:
             uint8 frames (round(seconds * fps), H, W).
         """
-        signal = _ecg_array(ecg)
+        signal, lead_mask = _ecg_array(ecg)
+        conditions = self.conditions(view, ef)
         first = None if first_frame is None else load_first_frame(first_frame, self.size)
         model_frames, out_fps, n_out = self._frame_plan(seconds, fps, signal.shape[1])
         windows = plan_windows(model_frames, self.clip, signal.shape[1],
                                self.tokenizer.cfg.temporal_patch, self.prime_token_frames())
-        video = self._sample_windows(signal, windows, first, seed, steps, guidance, temperature)
+        video = self._sample_windows(signal, windows, first, seed, steps, guidance, temperature,
+                                     {**conditions, "lead_mask": lead_mask}, anchor_background)
         video = video[:model_frames]
         if out_fps == self.clip.fps:
             return video[:n_out]
@@ -211,27 +256,27 @@ class EchoGenerator:
 
     def _sample_windows(self, signal: np.ndarray, windows: list[Window], first: np.ndarray | None,
                         seed: int, steps: int | None, guidance: float | None,
-                        temperature: float | None) -> np.ndarray:
+                        temperature: float | None, conditions: dict[str, Any] | None = None,
+                        anchor_background: bool = True) -> np.ndarray:
         import torch
 
         s = self.sampling
         tok = self.tokenizer
-        frames_per_window, need = self.clip.frames, self.clip.ecg_samples
+        patch = tok.cfg.temporal_patch
+        need = self.clip.ecg_samples
+        conditions = dict(conditions or {})
+        if conditions.get("lead_mask") is not None:
+            conditions["lead_mask"] = torch.as_tensor(conditions["lead_mask"], device=self.device)[None]
         video = np.zeros((0, self.size, self.size), dtype=np.uint8)
+        previous: tuple[Window, Any] | None = None  # the last window and its token ids
+        background = None  # (H, W) bool: black throughout the first window
         for i, window in enumerate(windows):
             ecg = torch.as_tensor(np.ascontiguousarray(signal[:, window.ecg_start:window.ecg_start + need]),
                                   dtype=torch.float32, device=self.device)[None]
             with torch.inference_mode():
                 prime = None
                 if window.overlap:
-                    # the frames already made, padded to a window; the tokenizer is causal in time,
-                    # so the leading token frames depend on those frames only
-                    count, k = prime_frames(window.overlap, tok.cfg.temporal_patch)
-                    context = video[window.start:window.start + count]
-                    padded = np.concatenate(
-                        [context, np.repeat(context[-1:], frames_per_window - count, axis=0)])
-                    clip = torch.as_tensor(padded, device=self.device)[None].float() / 255.0
-                    prime = tok.encode(clip)[:, :k]  # (1, k, h', w')
+                    prime = self._chain_prime(video, window, previous, patch)
                 elif first is not None:
                     image = torch.tensor(first, device=self.device)[None].float() / 255.0
                     prime = tok.encode_first_frame(image)  # (1, h', w')
@@ -243,30 +288,71 @@ class EchoGenerator:
                     schedule=s.schedule,
                     seed=seed + i,
                     prime_tokens=prime,
+                    **{k: v for k, v in conditions.items() if v is not None},
                 )
                 decoded = tok.decode_from_indices(tokens)[0]  # (t, h, w) in [0, 1]
+            previous = (window, tokens)
             frames = (decoded.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
             if i == 0 and first is not None:
                 frames[0] = first  # the given frame itself, not its reconstruction
+            if i == 0:
+                background = frames.max(axis=0) <= BACKGROUND_LEVEL
+                anchor = frames.mean(axis=0)
+            elif anchor_background and background is not None:
+                frames[:, background] = np.round(anchor[background]).astype(np.uint8)
             video = np.concatenate([video, frames[window.overlap:]])
             log.debug("window %d/%d: frames %d-%d", i + 1, len(windows), window.start,
-                      window.start + frames_per_window - 1)
+                      window.start + self.clip.frames - 1)
         return video
 
 
-def _ecg_array(ecg: Any) -> np.ndarray:
+    def _chain_prime(self, video: np.ndarray, window: Window, previous: tuple[Window, Any] | None,
+                     patch: int) -> Any:
+        """The leading token frames of a chained window: ``(1, k, h', w')``.
+
+        Token frame 0 is the window's first frame alone, encoded as a first frame. Token frame
+        ``j >= 1`` holds frames ``2j - 1, 2j``; when the hop from the previous window is even
+        those frames were token frame ``j + hop / 2`` of the previous window, whose generated ids
+        are reused. An odd hop (only the last window of some lengths) re-encodes the frames.
+        """
+        import torch
+
+        tok = self.tokenizer
+        count, k = prime_frames(window.overlap, patch)
+        first = torch.as_tensor(video[window.start], device=self.device)[None].float() / 255.0
+        head = tok.encode_first_frame(first)[:, None]  # (1, 1, h', w')
+        if k == 1:
+            return head
+        prev_window, prev_tokens = previous
+        hop = window.start - prev_window.start
+        if hop % patch == 0:
+            j0 = hop // patch
+            return torch.cat([head, prev_tokens[:, j0 + 1:j0 + k]], dim=1)  # (1, k, h', w')
+        context = video[window.start:window.start + count]
+        padded = np.concatenate([context, np.repeat(context[-1:], self.clip.frames - count, axis=0)])
+        clip = torch.as_tensor(padded, device=self.device)[None].float() / 255.0
+        return tok.encode(clip)[:, :k]
+
+
+BACKGROUND_LEVEL = 4  # grey level (0-255) at or below which a pixel counts as black background
+
+
+def _ecg_array(ecg: Any) -> tuple[np.ndarray, np.ndarray | None]:
+    """``(prepared (12, L) float32 ECG, its lead mask or None)``."""
     from echopulse.transforms.ecg import PreparedECG
 
+    lead_mask = None
     if isinstance(ecg, (str, os.PathLike)):
         ecg = load_ecg_file(str(ecg))
     if isinstance(ecg, PreparedECG):
+        lead_mask = np.asarray(ecg.lead_mask, dtype=bool)
         ecg = ecg.ecg
     ecg = np.asarray(ecg, dtype=np.float32)
     if ecg.ndim != 2 or ecg.shape[0] != 12:
         raise ValueError(f"expected a prepared ECG of shape (12, L), got {ecg.shape}")
     if not np.all(np.isfinite(ecg)):
         raise EchoPulseError("the ECG contains NaN or infinite values")
-    return ecg
+    return ecg, lead_mask
 
 
 def load_ecg_file(path: str, fs: float | None = None):
@@ -380,7 +466,8 @@ def render_video(frames: np.ndarray, fps: float, out: str, ecg: np.ndarray | Non
 def generate_to_file(checkpoint: str | EchoGenerator, ecg_path: str, out: str, seed: int = 0,
                      steps: int | None = None, guidance: float | None = None,
                      first_frame: str | None = None, seconds: float | None = None,
-                     fps: float | None = None, panel: bool = False) -> dict[str, Any]:
+                     fps: float | None = None, panel: bool = False, view: str | None = None,
+                     ef: float | None = None) -> dict[str, Any]:
     """``echopulse generate``: an ECG file in, a .gif/.mp4/.dcm out. Returns a small report.
 
     Every input is checked before the model runs; the output appears whole or not at all.
@@ -390,15 +477,16 @@ def generate_to_file(checkpoint: str | EchoGenerator, ecg_path: str, out: str, s
     check_video_path(out)
     prepared = load_ecg_file(ecg_path)
     model = checkpoint if isinstance(checkpoint, EchoGenerator) else EchoGenerator.from_checkpoint(checkpoint)
+    model.conditions(view, ef)  # checked before anything runs
     first = None if first_frame is None else load_first_frame(first_frame, model.size)
     out_fps = float(fps) if fps is not None else model.clip.fps
     frames = model.generate(prepared, first_frame=first, seconds=seconds, fps=out_fps, seed=seed,
-                            steps=steps, guidance=guidance)
+                            steps=steps, guidance=guidance, view=view, ef=ef)
     path = render_video(frames, out_fps, out, prepared.ecg, prepared.lead_mask, panel)
     return {"out": str(path), "frames": int(frames.shape[0]), "fps": out_fps,
             "seconds": round(frames.shape[0] / out_fps, 6), "size": list(frames.shape[1:]),
             "upscale": display_upscale(frames.shape[-1], Path(out).suffix), "panel": panel,
-            "first_frame": first_frame is not None, "seed": seed,
+            "first_frame": first_frame is not None, "seed": seed, "view": view, "ef": ef,
             "guidance": model.sampling.guidance if guidance is None else guidance,
             "steps": steps or model.sampling.steps}
 

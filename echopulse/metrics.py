@@ -246,3 +246,121 @@ def frechet_distance(features_a: np.ndarray, features_b: np.ndarray) -> float:
     covmean = np.real(covmean)
     diff = mu_a - mu_b
     return float(max(0.0, diff @ diff + np.trace(cov_a) + np.trace(cov_b) - 2 * np.trace(covmean)))
+
+
+# ---- phantom-free ECG control: the motion's rate and phase from pixels alone ------------------
+
+PIXEL_HR_RANGE_BPM = (35.0, 190.0)  # heart rates the autocorrelation looks for
+PIXEL_HR_MIN_PEAK = 0.3  # autocorrelation a beat must reach to be believed
+
+
+def motion_component(video: np.ndarray) -> np.ndarray:
+    """The motion's first principal component over time, ``(T,)``: the projection of each frame
+    (pixels inside the sector -- those bright at some time -- minus their mean frame) on the
+    leading right-singular vector. Nothing about hearts or phantoms is assumed."""
+    from scipy import ndimage
+
+    v = _as_unit(video)
+    sector = ndimage.binary_fill_holes(v.max(axis=0) > 0.08)
+    if not sector.any() or len(v) < 3:
+        return np.zeros(len(v))
+    x = v[:, sector]
+    x = x - x.mean(axis=0)
+    u, s, _ = np.linalg.svd(x, full_matrices=False)
+    return u[:, 0] * s[0]
+
+
+def pixel_heart_rate(video: np.ndarray, fps: float) -> tuple[float, float]:
+    """Heart rate (bpm) of a video from its pixels: autocorrelation of :func:`motion_component`.
+
+    The beat period is the shortest autocorrelation peak (within :data:`PIXEL_HR_RANGE_BPM`)
+    reaching 0.8 of the highest one, refined by a parabola through its neighbours.
+
+    Returns:
+        ``(bpm, peak)``: ``peak`` is the normalised autocorrelation at the period; ``bpm`` is
+        ``nan`` (rejected) when no peak reaches :data:`PIXEL_HR_MIN_PEAK` -- a still, noisy or
+        aperiodic video has no heart rate. Needs about two beats of video.
+    """
+    m = motion_component(video)
+    n = len(m)
+    if n < 4 or not np.any(m):
+        return float("nan"), 0.0
+    m = m - np.polyval(np.polyfit(np.arange(n), m, 1), np.arange(n))  # drift is not a beat
+    full = np.correlate(m, m, mode="full")[n - 1:]
+    if full[0] <= 0:
+        return float("nan"), 0.0
+    # unbiased: each lag normalised by its overlap, so long lags are not penalised
+    ac = full / full[0] * n / (n - np.arange(n))
+    lo = max(1, int(np.floor(fps * 60.0 / PIXEL_HR_RANGE_BPM[1])))
+    hi = min(n - 2, int(np.ceil(fps * 60.0 / PIXEL_HR_RANGE_BPM[0])), (2 * n) // 3)
+    peaks = [k for k in range(max(lo, 1), hi + 1) if ac[k] >= ac[k - 1] and ac[k] >= ac[k + 1]]
+    if not peaks:
+        return float("nan"), 0.0
+    best = max(ac[k] for k in peaks)
+    if best < PIXEL_HR_MIN_PEAK:
+        return float("nan"), float(best)
+    k = next(k for k in peaks if ac[k] >= 0.8 * best)
+    denom = ac[k - 1] - 2 * ac[k] + ac[k + 1]
+    shift = 0.5 * (ac[k - 1] - ac[k + 1]) / denom if denom < 0 else 0.0
+    return float(60.0 * fps / (k + float(np.clip(shift, -0.5, 0.5)))), float(ac[k])
+
+
+def beat_phase_locking(video: np.ndarray, fps: float, r_peaks_s: np.ndarray, bins: int = 5) -> float:
+    """How much of the motion is explained by where each frame falls in the ECG's cardiac cycle.
+
+    Each frame gets its phase in the R-R interval it lies in (0 at an R-peak); the motion
+    component is binned by phase and the share of its variance the bin means explain (eta
+    squared) is rescaled so that chance (``(bins - 1) / (frames - 1)``) is 0 and a motion that
+    repeats exactly with every beat is 1. Frames before the first or after the last R-peak are
+    left out. ``nan`` with fewer than two R-peaks or too few frames in the beats.
+    """
+    peaks = np.sort(np.asarray(r_peaks_s, dtype=np.float64))
+    m = motion_component(video)
+    t = np.arange(len(m)) / fps
+    if len(peaks) < 2:
+        return float("nan")
+    inside = (t >= peaks[0]) & (t < peaks[-1])
+    if inside.sum() < 2 * bins:
+        return float("nan")
+    k = np.searchsorted(peaks, t[inside], side="right") - 1
+    phase = (t[inside] - peaks[k]) / (peaks[k + 1] - peaks[k])
+    which = np.minimum((phase * bins).astype(int), bins - 1)
+    x = m[inside] - m[inside].mean()
+    total = float((x**2).sum())
+    if total <= 1e-12:
+        return 0.0
+    explained = sum(float(x[which == b].sum() ** 2 / (which == b).sum()) for b in range(bins) if (which == b).any())
+    eta2 = explained / total
+    chance = (bins - 1) / (len(x) - 1)
+    return float(np.clip((eta2 - chance) / (1 - chance), 0.0, 1.0))
+
+
+def pixel_ecg_control(video: np.ndarray, fps: float, ecg: np.ndarray, fs: int = ECG_FS,
+                      tolerance_bpm: float = 5.0) -> dict[str, float]:
+    """ECG control measured from pixels alone (no phantom model): does the video beat at the
+    ECG's rate, in step with its R-peaks?
+
+    Args:
+        video: (T, H, W) frames; frame ``i`` at ``i / fps`` s after the ECG's first sample.
+        ecg: (12, L) ECG at ``fs`` Hz, aligned with the video.
+        fps: frame rate of ``video``.
+        fs: ECG rate.
+        tolerance_bpm: how close the rates must be for ``hr_match``.
+
+    Returns:
+        ``hr_video`` (:func:`pixel_heart_rate`, nan when no beat is found), ``hr_ecg`` (from the
+        R-peaks), ``hr_match`` (1.0 when within ``tolerance_bpm``, else 0.0), ``phase_locking``
+        (:func:`beat_phase_locking`) and ``score`` = ``hr_match * phase_locking``.
+    """
+    from echopulse.transforms.ecg import detect_r_peaks
+
+    try:
+        peaks = detect_r_peaks(np.asarray(ecg, dtype=np.float64), fs) / fs
+    except ValueError:
+        peaks = np.array([])
+    hr_ecg = float(60.0 / np.median(np.diff(peaks))) if len(peaks) >= 2 else float("nan")
+    hr_video, _ = pixel_heart_rate(video, fps)
+    match = float(np.isfinite(hr_video) and np.isfinite(hr_ecg) and abs(hr_video - hr_ecg) <= tolerance_bpm)
+    locking = beat_phase_locking(video, fps, peaks)
+    return {"hr_video": hr_video, "hr_ecg": hr_ecg, "hr_match": match, "phase_locking": locking,
+            "score": match * (0.0 if not np.isfinite(locking) else locking)}

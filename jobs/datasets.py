@@ -13,6 +13,7 @@ from echopulse import storage
 from echopulse.config import Recipe
 from echopulse.errors import EchoPulseError
 from echopulse.schema import TOKENS_SCHEMA, read_dataset_info
+from echopulse.training.steps import make_condition_columns_fn
 
 log = logging.getLogger(__name__)
 
@@ -112,11 +113,18 @@ def tokens_datasets(tokens: str, recipe: Recipe,
     else:
         has_val = bool(info["split_counts"].get("val"))
     ds = read_parquet_dir(storage.join(tokens, "tokens"))
-    ds = ds.select_columns(["tokens", "ecg", "split", *[c for c in _flag_columns(ds) if c != "ecg"]])
+    # view / EF conditioning: the tokens/v1 columns, as ids and fractions (unknown: -1 / NaN)
+    gen = recipe.generator
+    conditions = [c for c, on in (("view", gen.num_views > 0), ("ef", gen.ef_conditioning)) if on]
+    columns = ["tokens", "ecg", *conditions]
+    flags = [c for c in _flag_columns(ds) if c != "ecg"]
+    ds = ds.select_columns(["tokens", "ecg", "split", *conditions, *flags])
     ds = ds.map_batches(_with_ecg, batch_format="numpy")
-    train = ds.filter(lambda r: r["split"] == "train").select_columns(["tokens", "ecg"])
+    if conditions:
+        ds = ds.map_batches(make_condition_columns_fn(gen.num_views, gen.ef_conditioning), batch_format="numpy")
+    train = ds.filter(lambda r: r["split"] == "train").select_columns(columns)
     if has_val:
-        val = ds.filter(lambda r: r["split"] == "val").select_columns(["tokens", "ecg"])
+        val = ds.filter(lambda r: r["split"] == "val").select_columns(columns)
     else:
         log.warning("%s: no val clips with an ECG; validating on train rows", tokens)
         val = train

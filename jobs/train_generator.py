@@ -89,6 +89,7 @@ def make_sample(model, config: dict[str, Any], recipe: Recipe, val_batches) -> C
     def sample(step: int, directory: str) -> list[str]:
         """Generations from the first val clips' ECGs, decoded by the tokenizer (rank 0)."""
         from echopulse.models.checkpoint import load_checkpoint
+        from echopulse.training.steps import generator_conditions
 
         if not config.get("tokenizer_path"):
             return []
@@ -105,9 +106,11 @@ def make_sample(model, config: dict[str, Any], recipe: Recipe, val_batches) -> C
         bare.eval()
         try:
             with torch.no_grad():
-                generated = bare.generate(batch["ecg"][:SAMPLE_CLIPS].float(), steps=s.steps,
+                first = {k: v[:SAMPLE_CLIPS] for k, v in batch.items()}
+                generated = bare.generate(first["ecg"].float(), steps=s.steps,
                                           guidance=s.guidance, temperature=s.temperature,
-                                          schedule=s.schedule, seed=step)
+                                          schedule=s.schedule, seed=step,
+                                          **generator_conditions(bare, first, first["ecg"].device))
         finally:
             bare.train()
         grid = tuple(recipe.generator.token_grid)

@@ -7,7 +7,11 @@ patches is framed by a learned SEP token on either side, so attention can tell w
 and the next begins. All leads' tokens go through pre-norm transformer blocks together.
 
 The output keeps the per-patch tokens (SEP tokens dropped) instead of pooling them to one vector:
-the generator cross-attends to them, so it can see the timing of each beat.
+the generator cross-attends to them, so it can see the timing of each beat. ST-MEM applies its
+final LayerNorm to the mean-pooled vector; here the same norm (same weights, loaded from a
+checkpoint) is applied to every per-patch token. A LayerNorm acts on each vector alone, so this is
+the pretrained norm applied where the tokens are used; the pooled vector ST-MEM normalised is not
+formed, and the generator's ``ecg_proj`` (trained) adapts to per-token statistics.
 
 The layout is that of ST-MEM (Na et al., ICLR 2024), so :func:`load_stmem_checkpoint` can load an
 encoder checkpoint the user supplies. ST-MEM's code and weights are CC BY-NC: nothing of them is
@@ -197,7 +201,7 @@ def load_stmem_checkpoint(
 
     The file is read with ``torch.load(weights_only=True)`` (no pickled code runs); it may be the
     state dict itself or a dict holding it under ``"model"`` (how ST-MEM saves it). The encoder's
-    config must match the checkpoint: ST-MEM ViT-S is ``dim=384, depth=12, heads=6``,
+    config must match the checkpoint: the released ST-MEM ViT-B is ``dim=768, depth=12, heads=12``,
     ``samples=2250, patch=75``, 12 leads.
 
     Args:
@@ -222,6 +226,16 @@ def load_stmem_checkpoint(
         loaded = loaded["model"]
     if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
         raise ValueError(f"ST-MEM checkpoint {path}: expected a state dict (or {{'model': state dict}})")
+    load_stmem_state(loaded, model, str(path))
+    if freeze:
+        model.freeze()
+    logger.info("loaded ST-MEM encoder weights from %s%s", path, " (frozen)" if freeze else "")
+    return model
+
+
+def load_stmem_state(loaded: dict[str, torch.Tensor], model: ECGEncoder, path: str = "state dict") -> None:
+    """Load an ST-MEM encoder state dict (its own key names) into ``model``, checking every key and
+    shape (``path`` names the source in errors). Works on the meta device too (a shape check)."""
     sources: dict[str, str] = {}
     state = stmem_state_to_ours(loaded, model.cfg.leads, sources)
     expected = model.state_dict()
@@ -237,8 +251,4 @@ def load_stmem_checkpoint(
         if tuple(state[key].shape) != tuple(tensor.shape):
             raise ValueError(f"ST-MEM checkpoint {path}: {sources[key]} (our {key}): expected shape "
                              f"{tuple(tensor.shape)}, given {tuple(state[key].shape)}")
-    model.load_state_dict(state)
-    if freeze:
-        model.freeze()
-    logger.info("loaded ST-MEM encoder weights from %s%s", path, " (frozen)" if freeze else "")
-    return model
+    model.load_state_dict(state, assign=next(iter(expected.values())).is_meta)

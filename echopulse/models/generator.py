@@ -15,7 +15,20 @@ the rest of the condition.
 Optional extra conditions (``GeneratorConfig.num_views``, ``ef_conditioning``): a learned embedding
 of the echo view id and an MLP of the ejection fraction are added to every ECG context token (each
 token then carries them, as a position embedding would); condition dropout drops them together
-with the ECG.
+with the ECG. A view id of -1 or an EF of NaN means "not known": that condition adds nothing, so
+training can use clips without a view or EF label, and generation may leave either out.
+
+Lead mask (``GeneratorConfig.lead_mask_input``): which of the 12 leads were recorded, ``(b, 12)``
+bool, by default read off the ECG (a lead that is all zeros is absent, which is how
+``prepare_ecg`` writes one). Absent leads' ECG tokens are replaced by a learned per-lead "missing"
+token, and the mask is fed beside the raw ECG to the frame embedding. Training drops leads at
+random (``lead_dropout``: single lead I or II, or a random subset), so a one-lead watch ECG is a
+condition the model has seen.
+
+Priming (``prime_prob``): some training rows keep their leading token frames unmasked, either the
+first alone (a given first frame) or ``chain_prime_token_frames`` of them (how every chained
+window of a long video starts, see ``echopulse/generate.py``), so training shows both patterns
+generation uses.
 """
 
 from __future__ import annotations
@@ -60,13 +73,19 @@ class MaskGIT(nn.Module):
         self.null_cond = nn.Parameter(torch.randn(cfg.dim) * 0.02)
         if not 0.0 <= cfg.prime_prob <= 1.0:
             raise ValueError(f"prime_prob must be in [0, 1], got {cfg.prime_prob}")
+        if not 0.0 <= cfg.lead_dropout <= 1.0:
+            raise ValueError(f"lead_dropout must be in [0, 1], got {cfg.lead_dropout}")
         self.frame_window = 2 * cfg.ecg_samples_per_frame  # ECG samples seen by one token frame
+        # the frame embedding sees each lead's window and, with the lead mask input, the mask
+        frame_in = cfg.ecg.leads * (self.frame_window + int(cfg.lead_mask_input))
         self.ecg_frame_embed = (
-            nn.Sequential(nn.LayerNorm(cfg.ecg.leads * self.frame_window),
-                          nn.Linear(cfg.ecg.leads * self.frame_window, cfg.dim), nn.GELU(),
+            nn.Sequential(nn.LayerNorm(frame_in), nn.Linear(frame_in, cfg.dim), nn.GELU(),
                           nn.Linear(cfg.dim, cfg.dim))
             if cfg.ecg_frame_embedding else None
         )
+        # stands in for each absent lead's ECG tokens
+        self.missing_lead = (nn.Parameter(torch.randn(cfg.ecg.leads, cfg.dim) * 0.02)
+                             if cfg.lead_mask_input else None)
         self.view_embed = nn.Embedding(cfg.num_views, cfg.dim) if cfg.num_views > 0 else None
         self.ef_mlp = (nn.Sequential(nn.Linear(1, cfg.dim), nn.GELU(), nn.Linear(cfg.dim, cfg.dim))
                        if cfg.ef_conditioning else None)
@@ -102,11 +121,52 @@ class MaskGIT(nn.Module):
             )
         return tokens
 
-    def encode_ecg(self, ecg: torch.Tensor) -> torch.Tensor:
-        """ECG ``(b, 12, L)`` -> context tokens ``(b, m, dim)`` for cross-attention."""
-        return self.ecg_proj(self.ecg_encoder(ecg))
+    def lead_mask(self, ecg: torch.Tensor, lead_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``(b, leads)`` bool: the given mask (checked), else the leads of ``ecg`` not all zero."""
+        b, leads = ecg.shape[0], self.cfg.ecg.leads
+        if lead_mask is None:
+            return ecg.detach().abs().amax(-1) > 0
+        lead_mask = torch.as_tensor(lead_mask, device=ecg.device).bool()
+        if lead_mask.ndim == 1 and b == 1:
+            lead_mask = lead_mask[None]
+        if tuple(lead_mask.shape) != (b, leads):
+            raise ValueError(f"expected lead_mask ({b}, {leads}) [b, leads], got {tuple(lead_mask.shape)}")
+        return lead_mask
 
-    def encode_ecg_frames(self, ecg: torch.Tensor) -> torch.Tensor | None:
+    def encode_ecg(self, ecg: torch.Tensor, lead_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """ECG ``(b, 12, L)`` -> context tokens ``(b, m, dim)`` for cross-attention.
+
+        With the lead mask input, each absent lead's tokens (``lead_mask`` False; default: the
+        all-zero leads) are the learned missing-lead token of that lead.
+        """
+        tokens = self.ecg_proj(self.ecg_encoder(ecg))  # (b, l * n, d), lead-major
+        if self.missing_lead is None:
+            return tokens
+        present = self.lead_mask(ecg, lead_mask)  # (b, l)
+        per_token = present.repeat_interleave(self.ecg_encoder.num_patches, dim=1)  # (b, l * n)
+        missing = self.missing_lead.repeat_interleave(self.ecg_encoder.num_patches, dim=0)  # (l * n, d)
+        return torch.where(per_token[..., None], tokens, missing.to(tokens.dtype))
+
+    def drop_leads(self, ecg: torch.Tensor, lead_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Training-time lead dropout: ``(ecg with dropped leads zeroed, new lead mask)``.
+
+        A ``lead_dropout`` share of the rows loses leads: half of those keep lead I or II alone,
+        the others a random subset (at least one lead). A row keeps its recorded leads when the
+        draw would leave none of them. Uses the global torch RNG.
+        """
+        present = self.lead_mask(ecg, lead_mask)
+        b, leads = present.shape
+        device = ecg.device
+        dropped = torch.rand(b, device=device) < self.cfg.lead_dropout
+        single_lead = torch.where(torch.rand(b, device=device) < 0.5, 0, min(1, leads - 1))  # I or II
+        single = F.one_hot(single_lead, leads).bool()
+        subset = torch.rand(b, leads, device=device) < torch.rand(b, 1, device=device)
+        keep = torch.where((torch.rand(b, device=device) < 0.5)[:, None], single, subset)
+        keep = torch.where(dropped[:, None], keep & present, present)
+        keep = torch.where(keep.any(-1, keepdim=True), keep, present)
+        return ecg * keep[..., None].to(ecg.dtype), keep
+
+    def encode_ecg_frames(self, ecg: torch.Tensor, lead_mask: torch.Tensor | None = None) -> torch.Tensor | None:
         """ECG ``(b, 12, L)`` -> one embedding per token frame ``(b, t', dim)``, or ``None`` when
         the config has no ECG frame embedding.
 
@@ -128,6 +188,9 @@ class MaskGIT(nn.Module):
         padded = F.pad(ecg.float(), (window, window))  # (b, l, L + 2 window)
         index = starts[:, None] + torch.arange(window, device=ecg.device)  # (t', window)
         windows = padded[:, :, index]  # (b, l, t', window)
+        if cfg.lead_mask_input:
+            present = self.lead_mask(ecg, lead_mask).to(windows.dtype)  # (b, l)
+            windows = torch.cat([windows, repeat(present, "b l -> b l t 1", t=t)], dim=-1)
         return self.ecg_frame_embed(rearrange(windows, "b l t s -> b t (l s)"))  # (b, t', d)
 
     def _frame_bias(self, frames: torch.Tensor | None, cond_mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -150,8 +213,10 @@ class MaskGIT(nn.Module):
 
         Args:
             context: ``(b, m, dim)`` from :meth:`encode_ecg`.
-            view: ``(b,)`` view ids in ``[0, num_views)``; required iff ``num_views > 0``.
-            ef: ``(b,)`` ejection fractions in ``[0, 1]``; required iff ``ef_conditioning``.
+            view: ``(b,)`` view ids in ``[0, num_views)`` (-1: unknown, no embedding); required iff
+                ``num_views > 0``.
+            ef: ``(b,)`` ejection fractions in ``[0, 1]`` (NaN: unknown, no embedding); required
+                iff ``ef_conditioning``.
 
         Returns:
             ``(b, m, dim)``; unchanged when the config has neither condition.
@@ -168,10 +233,11 @@ class MaskGIT(nn.Module):
             view = torch.as_tensor(view, device=context.device).long().reshape(-1)
             if view.shape[0] != b:
                 raise ValueError(f"expected view ids (b,) = ({b},), got {tuple(view.shape)}")
-            if int(view.min()) < 0 or int(view.max()) >= self.cfg.num_views:
-                raise ValueError(f"view ids must lie in [0, {self.cfg.num_views}), "
+            if int(view.min()) < -1 or int(view.max()) >= self.cfg.num_views:
+                raise ValueError(f"view ids must lie in [0, {self.cfg.num_views}) (-1: unknown), "
                                  f"got [{int(view.min())}, {int(view.max())}]")
-            extra.append(self.view_embed(view))  # (b, d)
+            known = rearrange(view >= 0, "b -> b 1").to(context.dtype)
+            extra.append(self.view_embed(view.clamp(min=0)) * known)  # (b, d); unknown adds nothing
         if self.ef_mlp is None:
             if ef is not None:
                 raise ValueError("ef given, but this generator has no EF conditioning (ef_conditioning = False)")
@@ -181,10 +247,13 @@ class MaskGIT(nn.Module):
             ef = torch.as_tensor(ef, device=context.device).to(context.dtype).reshape(-1)
             if ef.shape[0] != b:
                 raise ValueError(f"expected ef (b,) = ({b},), got {tuple(ef.shape)}")
-            if not bool(((ef >= 0) & (ef <= 1)).all()):
-                raise ValueError(f"ef must be a fraction in [0, 1], got [{float(ef.min())}, {float(ef.max())}]")
+            known = ~torch.isnan(ef)
+            if not bool(((ef[known] >= 0) & (ef[known] <= 1)).all()):
+                raise ValueError(f"ef must be a fraction in [0, 1] (NaN: unknown), "
+                                 f"got [{float(ef[known].min())}, {float(ef[known].max())}]")
             # centred on a typical EF and scaled, so the MLP starts in its useful range
-            extra.append(self.ef_mlp(rearrange((ef - 0.55) / 0.15, "b -> b 1")))  # (b, d)
+            embedded = self.ef_mlp(rearrange((torch.nan_to_num(ef, nan=0.55) - 0.55) / 0.15, "b -> b 1"))
+            extra.append(embedded * rearrange(known, "b -> b 1").to(context.dtype))  # (b, d)
         if not extra:
             return context
         return context + rearrange(sum(extra), "b d -> b 1 d").to(context.dtype)
@@ -234,15 +303,18 @@ class MaskGIT(nn.Module):
         ecg: torch.Tensor,
         view: torch.Tensor | None = None,
         ef: torch.Tensor | None = None,
+        lead_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, float]]:
         """Masked-token loss with a schedule-drawn mask ratio per sample.
 
-        Uses the global torch RNG (seed it for reproducibility).
+        Uses the global torch RNG (seed it for reproducibility). In training mode it also drops
+        leads (``lead_dropout``) and primes rows (``prime_prob``), see the module docstring.
 
         Args:
             tokens: ``(b, t', h', w')`` or ``(b, n)`` ids.
             ecg: ``(b, 12, L)`` float.
             view, ef: ``(b,)`` echo view ids / ejection fractions, when the config conditions on them.
+            lead_mask: ``(b, 12)`` bool, the recorded leads (default: the non-zero ones).
 
         Returns:
             ``(loss, {"loss", "masked_acc", "mask_ratio"})``: cross-entropy over masked positions only.
@@ -256,29 +328,42 @@ class MaskGIT(nn.Module):
         num_masked = (ratio * n).floor().long().clamp(1, n)  # (b,), at least one target
         mask = _random_subset(b, n, num_masked, device)  # (b, n) bool
         if self.training and self.cfg.prime_prob > 0:
-            # the primed case of generation: the whole first token frame is given
-            hw = self.cfg.token_grid[1] * self.cfg.token_grid[2]
-            primed = torch.rand(b, device=device) < self.cfg.prime_prob  # (b,)
-            first = torch.zeros(b, n, dtype=torch.bool, device=device)
-            first[:, :hw] = True
-            mask = mask & ~(first & rearrange(primed, "b -> b 1"))
-            # keep at least one target: a row left with none gets its first later position masked
-            empty = ~mask.any(-1)
-            mask[empty, hw if hw < n else 0] = True
+            mask = self._prime_rows(mask)
+        if self.training and self.cfg.lead_dropout > 0:
+            ecg, lead_mask = self.drop_leads(ecg, lead_mask)
 
         cond_mask = None
         if self.training:
             # always built in training (all True when cond_dropout = 0) so null_cond is in the graph
             # every step and DDP needs no find_unused_parameters
             cond_mask = torch.rand(b, device=device) >= self.cfg.cond_dropout
-        logits = self.logits(tokens.masked_fill(mask, self.mask_id), self.encode_ecg(ecg), cond_mask,
-                             view=view, ef=ef, frames=self.encode_ecg_frames(ecg))
+        logits = self.logits(tokens.masked_fill(mask, self.mask_id), self.encode_ecg(ecg, lead_mask), cond_mask,
+                             view=view, ef=ef, frames=self.encode_ecg_frames(ecg, lead_mask))
 
         loss = F.cross_entropy(logits[mask], tokens[mask])
         with torch.no_grad():
             acc = (logits[mask].argmax(-1) == tokens[mask]).float().mean().item()
         metrics = {"loss": loss.item(), "masked_acc": acc, "mask_ratio": mask.float().mean().item()}
         return loss, metrics
+
+    def _prime_rows(self, mask: torch.Tensor) -> torch.Tensor:
+        """Unmask the leading token frames of a ``prime_prob`` share of the rows: half of them the
+        first token frame (a given first frame), half ``chain_prime_token_frames`` (a chained
+        window's start). Every row keeps at least one masked target."""
+        b, n = mask.shape
+        device = mask.device
+        hw = self.cfg.token_grid[1] * self.cfg.token_grid[2]
+        primed = torch.rand(b, device=device) < self.cfg.prime_prob  # (b,)
+        chained = torch.rand(b, device=device) < 0.5
+        frames = torch.where(chained, self.cfg.chain_prime_token_frames, 1) * primed  # (b,)
+        given = torch.arange(n, device=device)[None] < rearrange(frames * hw, "b -> b 1")  # (b, n)
+        mask = mask & ~given
+        # keep at least one target: a row left with none gets its first unprimed position masked
+        empty = ~mask.any(-1)
+        if bool(empty.any()):
+            first_free = (frames * hw).clamp(max=n - 1)
+            mask[empty, first_free[empty]] = True
+        return mask
 
     @torch.no_grad()
     def masked_eval(
@@ -289,6 +374,7 @@ class MaskGIT(nn.Module):
         generator: torch.Generator | None = None,
         view: torch.Tensor | None = None,
         ef: torch.Tensor | None = None,
+        lead_mask: torch.Tensor | None = None,
     ) -> dict[str, float]:
         """Cross-entropy and accuracy on a fixed fraction of masked tokens, conditioned, eval mode.
 
@@ -310,8 +396,8 @@ class MaskGIT(nn.Module):
             k = min(max(1, int(math.floor(mask_ratio * n))), n)
             num_masked = torch.full((b,), k, dtype=torch.long, device=tokens.device)
             mask = _random_subset(b, n, num_masked, tokens.device, generator)
-            logits = self.logits(tokens.masked_fill(mask, self.mask_id), self.encode_ecg(ecg),
-                                 view=view, ef=ef, frames=self.encode_ecg_frames(ecg))
+            logits = self.logits(tokens.masked_fill(mask, self.mask_id), self.encode_ecg(ecg, lead_mask),
+                                 view=view, ef=ef, frames=self.encode_ecg_frames(ecg, lead_mask))
             ce = F.cross_entropy(logits[mask], tokens[mask]).item()
             acc = (logits[mask].argmax(-1) == tokens[mask]).float().mean().item()
         finally:

@@ -45,8 +45,8 @@ class Decodable(Protocol):
     def parameters(self) -> Iterator[torch.nn.Parameter]: ...
     def eval(self) -> Any: ...
     def train(self, mode: bool = True) -> Any: ...
-    def encode_ecg(self, ecg: torch.Tensor) -> torch.Tensor: ...
-    def encode_ecg_frames(self, ecg: torch.Tensor) -> torch.Tensor | None: ...
+    def encode_ecg(self, ecg: torch.Tensor, lead_mask: torch.Tensor | None = None) -> torch.Tensor: ...
+    def encode_ecg_frames(self, ecg: torch.Tensor, lead_mask: torch.Tensor | None = None) -> torch.Tensor | None: ...
     def with_extra_conditions(self, context: torch.Tensor, view: torch.Tensor | None,
                               ef: torch.Tensor | None) -> torch.Tensor: ...
     def null_context(self, batch: int, num_tokens: int) -> torch.Tensor: ...
@@ -99,6 +99,7 @@ def sample(
     view: torch.Tensor | None = None,
     ef: torch.Tensor | None = None,
     cached: bool = True,
+    lead_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Generate token ids for each ECG.
 
@@ -114,6 +115,7 @@ def sample(
         prime_tokens: known leading token frames, ``(b, h', w')`` (the first frame's tokens),
             ``(b, k, h', w')`` or ``(b, k * h' * w')``; batch 1 broadcasts. Returned unchanged.
         view, ef: ``(b,)`` echo view ids / ejection fractions, when the model conditions on them.
+        lead_mask: ``(b, 12)`` bool, the recorded leads (default: the ECG's non-zero leads).
         cached: the fast path (module docstring); ``False`` is the straightforward one, for tests.
 
     Returns:
@@ -129,13 +131,14 @@ def sample(
     try:
         with torch.inference_mode():
             ids = _decode(model, ecg, steps, guidance, temperature, schedule_fn, seed, prime_tokens,
-                          view, ef, cached)
+                          view, ef, cached, lead_mask)
     finally:
         model.train(was_training)
     return ids.clone()  # an ordinary tensor: inference tensors cannot enter autograd later
 
 
-def _decode(model, ecg, steps, guidance, temperature, schedule_fn, seed, prime_tokens, view, ef, cached):
+def _decode(model, ecg, steps, guidance, temperature, schedule_fn, seed, prime_tokens, view, ef, cached,
+            lead_mask=None):
     grid = tuple(model.cfg.token_grid)
     n, mask_id = model.seq_len, model.mask_id
     device = next(model.parameters()).device
@@ -155,8 +158,8 @@ def _decode(model, ecg, steps, guidance, temperature, schedule_fn, seed, prime_t
 
     guided = guidance != 0
     # (b, m, d): once, outside the loop
-    context = model.with_extra_conditions(model.encode_ecg(ecg), view, ef)
-    frames = model.encode_ecg_frames(ecg)  # (b, t', d) or None
+    context = model.with_extra_conditions(model.encode_ecg(ecg, lead_mask), view, ef)
+    frames = model.encode_ecg_frames(ecg, lead_mask)  # (b, t', d) or None
     if cached:
         cache = model.sampling_cache(context, guided, frames)
     elif guided:

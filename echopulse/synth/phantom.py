@@ -18,7 +18,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +39,38 @@ PHANTOM_ECG_FS = 500  # Hz: the rate the phantom writes its ECG files at (ingest
 
 # reflectivities (linear amplitude, before log compression)
 _BLOOD, _BACKGROUND, _MYOCARDIUM, _PERICARDIUM, _VALVE = 0.012, 0.085, 0.55, 1.0, 0.85
+
+
+@dataclass(frozen=True)
+class Appearance:
+    """How a study looks (not how its heart moves): the variety real echo has between machines,
+    probes and patients. The defaults are the plain phantom.
+
+    Attributes:
+        sector_half_angle_deg: half the fan's opening angle.
+        attenuation: depth gain loss, ``exp(-attenuation * depth / radius)``.
+        gain_db: display gain added before log compression (brighter or darker picture).
+        blur_px: Gaussian blur of the echo envelope (soft, low-resolution tissue).
+        speckle_psf: (axial, lateral) px width of the speckle grain.
+        chamber_scale: (lateral, long) scale of every chamber ellipse (rounder or longer hearts).
+    """
+
+    sector_half_angle_deg: float = SECTOR_HALF_ANGLE_DEG
+    attenuation: float = 1.1
+    gain_db: float = 0.0
+    blur_px: float = 0.0
+    speckle_psf: tuple[float, float] = (0.9, 1.2)
+    chamber_scale: tuple[float, float] = (1.0, 1.0)
+
+    @classmethod
+    def draw(cls, rng: np.random.Generator) -> "Appearance":
+        """A random appearance: sector 30-45 degrees half angle, attenuation 0.5-2, gain -6..+6 dB,
+        blur 0-1.5 px, speckle grain 0.7-1.8x, chambers 0.85-1.15x in each axis."""
+        grain = rng.uniform(0.7, 1.8)
+        return cls(sector_half_angle_deg=float(rng.uniform(30, 45)), attenuation=float(rng.uniform(0.5, 2.0)),
+                   gain_db=float(rng.uniform(-6, 6)), blur_px=float(rng.uniform(0, 1.5)),
+                   speckle_psf=(0.9 * grain, 1.2 * grain),
+                   chamber_scale=(float(rng.uniform(0.85, 1.15)), float(rng.uniform(0.85, 1.15))))
 
 
 @dataclass(frozen=True)
@@ -131,14 +163,16 @@ def volume_waveform(t: np.ndarray, beat_r_s: np.ndarray, beat_t_end_s: np.ndarra
 class _Renderer:
     """Maps pixels to the reference frame and renders B-mode for one view and image geometry."""
 
-    def __init__(self, view: str, rows: int, cols: int, seed: int):
+    def __init__(self, view: str, rows: int, cols: int, seed: int, appearance: Appearance | None = None):
         self.view = view
-        self.chambers = _LAYOUTS[view]
+        self.look = look = appearance or Appearance()
+        sx, sy = look.chamber_scale
+        self.chambers = tuple(replace(c, axes=(c.axes[0] * sx, c.axes[1] * sy)) for c in _LAYOUTS[view])
         rng = np.random.default_rng(seed)
         self.rows, self.cols = rows, cols
         self.region = (0, HEADER_ROWS, cols - 1, rows - 1)
         img_h = rows - HEADER_ROWS
-        half = np.deg2rad(SECTOR_HALF_ANGLE_DEG)
+        half = np.deg2rad(look.sector_half_angle_deg)
         self.radius = min(img_h - 1.5, (cols / 2 - 1.5) / np.sin(half))  # px
         self.apex = (cols / 2 - 0.5, HEADER_ROWS + 0.5)  # (x, y) px
         yy, xx = np.mgrid[0:rows, 0:cols].astype(float)
@@ -157,7 +191,7 @@ class _Renderer:
         self.margin = 24
         shape = (rows + 2 * self.margin, cols + 2 * self.margin)
         field = rng.standard_normal(shape) + 1j * rng.standard_normal(shape)
-        psf = (0.9, 1.2)  # (axial, lateral) px
+        psf = look.speckle_psf  # (axial, lateral) px
         field = ndimage.gaussian_filter(field.real, psf) + 1j * ndimage.gaussian_filter(field.imag, psf)
         self.speckle = field / np.sqrt(np.mean(np.abs(field) ** 2))
         # slow tissue-texture variation (fibre direction, inhomogeneity) on top of speckle
@@ -299,11 +333,14 @@ class _Renderer:
         ref_u, ref_d = self.backward_map(scales)
         envelope = self.reflectivity(ref_u, ref_d, valves_open) * self.speckle_at(ref_u, ref_d)
         # depth-dependent gain (attenuation not fully compensated) and weak electronic noise
-        beam_angle = np.arctan2(self.u, self.d) / np.deg2rad(SECTOR_HALF_ANGLE_DEG)  # -1..1 across the sector
-        envelope *= np.exp(-1.1 * self.depth) * (1 - 0.35 * beam_angle**4)
+        look = self.look
+        beam_angle = np.arctan2(self.u, self.d) / np.deg2rad(look.sector_half_angle_deg)  # -1..1 across the sector
+        envelope *= np.exp(-look.attenuation * self.depth) * (1 - 0.35 * beam_angle**4)
+        if look.blur_px > 0:  # soft tissue: a wider point-spread function
+            envelope = ndimage.gaussian_filter(envelope, look.blur_px)
         envelope += 0.004 * np.abs(self.noise_rng.standard_normal(envelope.shape))
         # log compression over a 42 dB display range
-        db = 20 * np.log10(np.maximum(envelope, 1e-6))
+        db = 20 * np.log10(np.maximum(envelope, 1e-6)) + look.gain_db
         img = np.clip((db + 45.0) / 45.0, 0, 1) ** 1.6 * 255 * self.sector
         area = float(self.cavity_mask("LV", ref_u, ref_d)[self.sector > 0].sum())
         return np.round(img).astype(np.uint8), area
@@ -366,6 +403,7 @@ def make_study(
     fps: float = 30.0,
     rows: int = 128,
     cols: int = 160,
+    appearance: Appearance | None = None,
 ) -> Study:
     """Render one phantom study: an apical cine paired with its 12-lead ECG.
 
@@ -378,6 +416,7 @@ def make_study(
         fps: frame rate.
         rows: image height in pixels, header band included.
         cols: image width in pixels.
+        appearance: how the study looks (:class:`Appearance`; default the plain phantom).
     """
     if view not in _LAYOUTS:
         raise ValueError(f"unknown view {view!r}; expected one of {VIEWS}")
@@ -386,7 +425,7 @@ def make_study(
     if rows < HEADER_ROWS + 40 or cols < 48:
         raise ValueError(f"image too small ({rows}x{cols}); need at least {HEADER_ROWS + 40}x48")
     ecg = simulate_ecg(duration_s, heart_rate_bpm, fs=PHANTOM_ECG_FS, seed=seed)
-    renderer = _Renderer(view, rows, cols, seed)
+    renderer = _Renderer(view, rows, cols, seed, appearance)
     s_es = _calibrate_es_scale(renderer, ef)
     n_frames = int(round(duration_s * fps))
     t = np.arange(n_frames) / fps
@@ -500,10 +539,26 @@ def write_study_wfdb(study: Study, record_dir: str | Path, record_name: str) -> 
     return record_dir / f"{record_name}.hea"
 
 
-def write_corpus(out_dir: str | Path, studies: int, seed: int, duration_s: float = 4.0) -> Path:
+HR_RANGE_BPM = (40.0, 150.0)  # what the corpus covers: bradycardia to exercise tachycardia
+
+
+def corpus_heart_rate(i: int, seed: int) -> float:
+    """Heart rate of corpus study ``i``: a golden-ratio (low-discrepancy) sequence over
+    :data:`HR_RANGE_BPM` from a seed-dependent offset, so any first ``n`` studies cover the range
+    evenly (a uniform draw leaves gaps a few-study corpus never fills) and study ``i`` does not
+    depend on how many studies there are."""
+    lo, hi = HR_RANGE_BPM
+    offset = np.random.default_rng([seed, 2**21]).uniform()
+    u = (offset + i * 0.6180339887498949) % 1.0
+    return float(np.round(lo + (hi - lo) * u, 1))
+
+
+def write_corpus(out_dir: str | Path, studies: int, seed: int, duration_s: float = 4.0,
+                 variety: bool = False) -> Path:
     """Write a paired corpus: DICOM echoes, WFDB ECGs, ``manifest.csv`` and ``truth.json``.
 
-    Views, heart rates (55-100 bpm) and EFs (0.35-0.70) vary per study from ``seed``. The manifest
+    Views and EFs (0.35-0.70) vary per study from ``seed``; heart rates cover 40-150 bpm evenly
+    (:func:`corpus_heart_rate`). The manifest
     has columns ``echo,ecg,view,ef,heart_rate_bpm,split`` with paths relative to ``out_dir``
     (``echo/study_0000.dcm``, ``ecg/study_0000.hea``); about a fifth of the studies (at least one
     when there are three or more) are ``val``.
@@ -513,6 +568,8 @@ def write_corpus(out_dir: str | Path, studies: int, seed: int, duration_s: float
         studies: number of studies.
         seed: corpus seed; the same seed writes identical files.
         duration_s: seconds per study.
+        variety: give each study its own :meth:`Appearance.draw` (sector, depth gain, display
+            gain, blur, speckle, chamber shapes) so a tokenizer sees more than one look.
 
     Returns:
         The path of ``manifest.csv``.
@@ -527,10 +584,12 @@ def write_corpus(out_dir: str | Path, studies: int, seed: int, duration_s: float
         rng = np.random.default_rng([seed, i])  # study i does not depend on how many studies there are
         name = f"study_{i:04d}"
         view = str(VIEWS[int(rng.integers(len(VIEWS)))])
-        hr = float(np.round(rng.uniform(55, 100), 1))
+        hr = corpus_heart_rate(i, seed)
         ef = float(np.round(rng.uniform(0.35, 0.70), 3))
         study_seed = int(rng.integers(2**31 - 1))
-        study = make_study(study_seed, view=view, heart_rate_bpm=hr, ef=ef, duration_s=duration_s)
+        look = Appearance.draw(np.random.default_rng([seed, i, 3])) if variety else None
+        study = make_study(study_seed, view=view, heart_rate_bpm=hr, ef=ef, duration_s=duration_s,
+                           appearance=look)
         echo_rel, ecg_rel = f"echo/{name}.dcm", f"ecg/{name}.hea"
         write_study_dicom(study, out_dir / echo_rel, seed=study_seed)
         write_study_wfdb(study, out_dir / "ecg", name)

@@ -176,6 +176,58 @@ def _generator_inputs(batch: dict[str, Any], device: torch.device) -> tuple[torc
     return tokens, ecg
 
 
+def generator_conditions(model: nn.Module, batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """The extra conditions the generator's config asks for, from a batch: ``view`` (int ids, -1
+    unknown; or view names, see :func:`echopulse.config.view_id`), ``ef`` (fractions, NaN
+    unknown) and an optional ``lead_mask`` (b, 12) bool.
+
+    A batch without a column the model needs gives "unknown" for every row (so a tokens dataset
+    from before the column existed still trains), never an error mid-run.
+    """
+    from echopulse.config import view_id
+
+    cfg = unwrap(model).cfg
+    b = _batch_size(batch)
+    out: dict[str, Any] = {}
+    if cfg.num_views > 0:
+        view = batch.get("view")
+        if view is None:
+            view = torch.full((b,), -1, dtype=torch.long)
+        elif not isinstance(view, torch.Tensor) and len(view) and isinstance(view[0], (str, bytes)):
+            view = torch.tensor([view_id(v, cfg.num_views) for v in view], dtype=torch.long)
+        out["view"] = torch.as_tensor(view).to(device, dtype=torch.long)
+    if cfg.ef_conditioning:
+        ef = batch.get("ef")
+        out["ef"] = (torch.full((b,), float("nan")) if ef is None else torch.as_tensor(ef)).to(
+            device, dtype=torch.float32)
+    if batch.get("lead_mask") is not None:
+        out["lead_mask"] = torch.as_tensor(batch["lead_mask"]).to(device, dtype=torch.bool)
+    return out
+
+
+def make_condition_columns_fn(num_views: int, ef_conditioning: bool) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    """A numpy-batch transform for a ``tokens/v1`` dataset: ``view`` names become int64 ids
+    (-1 unknown, :func:`echopulse.config.view_id`) and ``ef`` float32 (missing: NaN), so the
+    batches reach torch; columns the model does not condition on are dropped."""
+    import numpy as np
+
+    from echopulse.config import view_id
+
+    def fn(batch: dict[str, Any]) -> dict[str, Any]:
+        out = {k: v for k, v in batch.items() if k not in ("view", "ef")}
+        n = len(next(iter(batch.values())))
+        if num_views > 0:
+            names = batch.get("view", [None] * n)
+            out["view"] = np.asarray([view_id(v, num_views) for v in names], dtype=np.int64)
+        if ef_conditioning:
+            ef = batch.get("ef")
+            out["ef"] = (np.full(n, np.nan, dtype=np.float32) if ef is None
+                         else np.asarray([np.nan if v is None else v for v in ef], dtype=np.float32))
+        return out
+
+    return fn
+
+
 def generator_train_step(
     model: nn.Module,
     batch: dict[str, Any] | list[dict[str, Any]],
@@ -188,9 +240,10 @@ def generator_train_step(
 
     Args:
         model: :class:`~echopulse.models.generator.MaskGIT` (or a DDP wrapper of one).
-        batch: ``{"tokens": int (b, t', h', w') or (b, n), "ecg": float (b, 12, L)}``, or a list
-            of such micro-batches (accumulated; each micro-batch's loss is its masked-token mean,
-            weighted by its sample count).
+        batch: ``{"tokens": int (b, t', h', w') or (b, n), "ecg": float (b, 12, L)}`` plus, for a
+            view/EF-conditioned model, ``"view"`` and ``"ef"`` (see :func:`generator_conditions`),
+            and optionally ``"lead_mask"``; or a list of such micro-batches (accumulated; each
+            micro-batch's loss is its masked-token mean, weighted by its sample count).
         optimizer: e.g. from :func:`make_optimizer`.
         grad_clip: max global grad norm; ``None``/0 disables clipping.
         lr: if given, set on every param group before stepping.
@@ -204,8 +257,9 @@ def generator_train_step(
 
     def forward(b: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
         tokens, ecg = _generator_inputs(b, device)
+        conditions = generator_conditions(model, b, device)
         with _autocast(device, amp_dtype):
-            loss, metrics = model(tokens, ecg)
+            loss, metrics = model(tokens, ecg, **conditions)
         return loss, _numeric(metrics)
 
     return _accumulate(model, batch, optimizer, grad_clip, lr, forward)
@@ -225,7 +279,8 @@ def generator_eval_step(
     """
     bare = unwrap(model)
     tokens, ecg = _generator_inputs(batch, _device(bare))
-    return bare.masked_eval(tokens, ecg, mask_ratio=mask_ratio, generator=generator)
+    return bare.masked_eval(tokens, ecg, mask_ratio=mask_ratio, generator=generator,
+                            **generator_conditions(bare, batch, _device(bare)))
 
 
 def make_optimizer(

@@ -27,7 +27,8 @@ class PreparedECG:
     """A 12-lead ECG ready for clips.
 
     Attributes:
-        ecg: float32 (12, N) at ``config.ECG_FS``, band-passed and standardized per real lead.
+        ecg: float32 (12, N) at ``config.ECG_FS``, band-passed and standardized jointly over the
+            real leads and time (:func:`standardize`).
         lead_mask: bool (12,), True where the lead is real (present and not flat).
         r_peaks: int (n,) R-peak sample indices at ``config.ECG_FS``.
         heart_rate_bpm: 60 / median RR.
@@ -78,7 +79,11 @@ def bandpass(sig: np.ndarray, fs: float, low: float = 0.67, high: float = 40.0) 
 
 
 def standardize(sig: np.ndarray, lead_mask: np.ndarray) -> np.ndarray:
-    """Per-lead zero mean, unit std for real leads; absent (masked-out) leads are all zero.
+    """Zero mean, unit std jointly over the real leads and time (how ST-MEM was pre-trained);
+    absent (masked-out) leads are all zero.
+
+    One mean and one std for the whole recording keep the leads' relative amplitudes (a small
+    aVR stays small next to a tall V3), which a per-lead scaling would erase.
 
     Args:
         sig: (12, N) signal.
@@ -86,10 +91,12 @@ def standardize(sig: np.ndarray, lead_mask: np.ndarray) -> np.ndarray:
     """
     sig = np.asarray(sig, dtype=np.float64)
     out = np.zeros_like(sig)
-    for i in np.flatnonzero(lead_mask):
-        std = sig[i].std()
+    real = np.flatnonzero(lead_mask)
+    if real.size:
+        values = sig[real]
+        std = values.std()
         if std > 1e-8:
-            out[i] = (sig[i] - sig[i].mean()) / std
+            out[real] = (values - values.mean()) / std
     return out.astype(np.float32)
 
 

@@ -178,3 +178,54 @@ def test_bad_input_is_one_line_exit_2_and_no_output(tiny_checkpoint, ecg_file, t
     assert err.startswith("error:") and needle in err, err
     assert len(err.splitlines()) == 1 and "Traceback" not in err
     assert not out_dir.exists() or list(out_dir.iterdir()) == []
+
+
+def test_chained_windows_start_from_the_models_own_tokens():
+    """A window is primed with its first frame (encoded alone) plus the previous window's own
+    generated token frames that cover the same frames -- not pixels re-encoded."""
+    import torch
+
+    from echopulse.config import ECGEncoderConfig, GeneratorConfig, SamplingConfig, TokenizerConfig
+    from echopulse.generate import EchoGenerator
+    from echopulse.models.generator import MaskGIT
+    from echopulse.models.tokenizer import VideoTokenizer
+
+    torch.manual_seed(0)
+    clip = ClipConfig(frames=11, size=32, fps=5.0, ecg_samples=600)
+    tokenizer = VideoTokenizer(TokenizerConfig(frames=11, image_size=32, dim=32, spatial_depth=1,
+                                               temporal_depth=1, heads=2)).eval()
+    cfg = GeneratorConfig(token_grid=(6, 4, 4), dim=32, depth=1, heads=2, fps=5.0,
+                          ecg=ECGEncoderConfig(samples=600, dim=32, depth=1, heads=2))
+    generator = MaskGIT(cfg).eval()
+    calls = []
+    plain = generator.generate
+
+    def recorded(ecg, **kwargs):
+        out = plain(ecg, **kwargs)
+        calls.append((kwargs.get("prime_tokens"), out))
+        return out
+
+    generator.generate = recorded
+    model = EchoGenerator(generator, tokenizer, clip, SamplingConfig(steps=2, guidance=0.0), {}, None)
+    ecg = np.random.default_rng(0).standard_normal((12, 250 * 10)).astype(np.float32)
+    model.generate(ecg, seconds=7.0)
+    frames_needed = model._frame_plan(7.0, None, ecg.shape[1])[0]
+    windows = plan_windows(frames_needed, clip, ecg.shape[1], 2, cfg.chain_prime_token_frames)
+    assert len(calls) == len(windows) >= 3
+    checked = 0
+    for (prime, _), (_, previous), (w, w_prev) in zip(calls[1:], calls[:-1], zip(windows[1:], windows[:-1])):
+        hop = w.start - w_prev.start
+        assert prime.shape[1] == cfg.chain_prime_token_frames == 2
+        if hop % 2 == 0:
+            assert torch.equal(prime[:, 1:], previous[:, hop // 2 + 1:hop // 2 + 2])
+            checked += 1
+    assert checked >= 2
+
+
+def test_long_video_keeps_the_first_windows_black_background(model, ecg_file):
+    video = model.generate(ecg_file, seconds=3.0, seed=1)  # 4 windows
+    first = video[: model.clip.frames]
+    black = first.max(axis=0) <= 4
+    assert black.any()
+    anchor = np.round(first.mean(axis=0)[black])
+    assert (video[model.clip.frames:, black] == anchor).all()

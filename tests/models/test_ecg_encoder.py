@@ -168,3 +168,44 @@ def test_freeze_from_config_reaches_the_generator():
     assert all(p.requires_grad for name, p in model.named_parameters() if not name.startswith("ecg_encoder."))
     optimized = {id(p) for group in make_optimizer(model, lr=1e-3).param_groups for p in group["params"]}
     assert not optimized & {id(p) for p in model.ecg_encoder.parameters()}
+
+
+def test_paper_recipe_takes_the_released_stmem_vit_b75():
+    """ST-MEM's released encoder is ``st_mem_vit_base``: width 768, depth 12, 12 heads of 64, MLP
+    3072, 2250 samples in patches of 75, 12 leads, qkv with bias. Its key names and shapes, written
+    out here from that definition (meta tensors: no memory), load into the paper recipe's encoder."""
+    from echopulse.models.ecg_encoder import load_stmem_state
+    from jobs.recipes import paper
+
+    width, mlp, leads, patch, n = 768, 3072, 12, 75, 2250 // 75
+    with torch.device("meta"):
+        state = {
+            "to_patch_embedding.1.weight": torch.empty(patch), "to_patch_embedding.1.bias": torch.empty(patch),
+            "to_patch_embedding.2.weight": torch.empty(width, patch),
+            "to_patch_embedding.2.bias": torch.empty(width),
+            "to_patch_embedding.3.weight": torch.empty(width), "to_patch_embedding.3.bias": torch.empty(width),
+            "pos_embedding": torch.empty(1, n + 2, width), "sep_embedding": torch.empty(width),
+            "norm.weight": torch.empty(width), "norm.bias": torch.empty(width),
+            **{f"lead_embeddings.{i}": torch.empty(width) for i in range(leads)},
+        }
+        for i in range(12):
+            state.update({
+                f"block{i}.attn.norm.weight": torch.empty(width), f"block{i}.attn.norm.bias": torch.empty(width),
+                f"block{i}.attn.fn.to_qkv.weight": torch.empty(3 * 12 * 64, width),
+                f"block{i}.attn.fn.to_qkv.bias": torch.empty(3 * 12 * 64),
+                f"block{i}.attn.fn.to_out.0.weight": torch.empty(width, 12 * 64),
+                f"block{i}.attn.fn.to_out.0.bias": torch.empty(width),
+                f"block{i}.ff.norm.weight": torch.empty(width), f"block{i}.ff.norm.bias": torch.empty(width),
+                f"block{i}.ff.fn.net.0.weight": torch.empty(mlp, width), f"block{i}.ff.fn.net.0.bias": torch.empty(mlp),
+                f"block{i}.ff.fn.net.3.weight": torch.empty(width, mlp), f"block{i}.ff.fn.net.3.bias": torch.empty(width),
+            })
+        state["head.weight"] = torch.empty(5, width)  # a fine-tuned classifier head is ignored
+        encoder = ECGEncoder(paper().generator.ecg)
+    load_stmem_state(state, encoder)  # every key placed, every shape equal
+    assert encoder.lead_embed.shape == (12, 768) and len(encoder.blocks) == 12
+    assert encoder.blocks[0].heads == 12
+    # a ViT-S checkpoint is refused by name and shape
+    small = {k: v for k, v in state.items() if k != "head.weight"}
+    small["block0.attn.fn.to_qkv.weight"] = torch.empty(3 * 384, 384, device="meta")
+    with pytest.raises(ValueError, match="to_qkv"):
+        load_stmem_state(small, encoder)

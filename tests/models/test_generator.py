@@ -200,3 +200,65 @@ def test_primed_training_rows_never_mask_the_first_frame():
     assert unprimed(batch["tokens"], batch["ecg"])[1]["mask_ratio"] > (cfg.seq_len - hw) / cfg.seq_len + 0.1
     with pytest.raises(ValueError, match="prime_prob"):
         MaskGIT(GeneratorConfig(prime_prob=1.5))
+
+
+def test_training_primes_with_first_frame_or_a_chained_windows_prefix():
+    torch.manual_seed(0)
+    cfg = GeneratorConfig(token_grid=(6, 4, 4), prime_prob=1.0)
+    assert cfg.chain_prime_token_frames == 2  # what generate.py primes each chained window with
+    model = MaskGIT(cfg).train()
+    hw = 16
+    mask = model._prime_rows(torch.ones(400, cfg.seq_len, dtype=torch.bool))
+    visible = (~mask).sum(-1)
+    # every row is primed with 1 token frame (a first frame) or 2 (a chained window), both often
+    assert set(visible.tolist()) == {hw, 2 * hw}
+    assert 0.35 < (visible == 2 * hw).float().mean() < 0.65
+    assert not (~mask[:, hw * 2:]).any()  # only leading frames are given
+
+
+def test_lead_mask_is_a_model_input():
+    torch.manual_seed(0)
+    model = MaskGIT(GeneratorConfig()).eval()
+    ecg = torch.zeros(2, 12, 300)
+    ecg[:, 0] = torch.randn(2, 300)  # lead I only, like a watch
+    one = torch.zeros(2, 12, dtype=torch.bool)
+    one[:, 0] = True
+    tokens_in = torch.full((2, model.seq_len), model.mask_id)
+    with torch.no_grad():
+        derived = model.logits(tokens_in, model.encode_ecg(ecg), frames=model.encode_ecg_frames(ecg))
+        given = model.logits(tokens_in, model.encode_ecg(ecg, one), frames=model.encode_ecg_frames(ecg, one))
+        claimed = model.logits(tokens_in, model.encode_ecg(ecg, torch.ones_like(one)),
+                               frames=model.encode_ecg_frames(ecg, torch.ones_like(one)))
+    assert torch.allclose(derived, given)  # the default mask is read off the all-zero leads
+    assert (derived - claimed).abs().max() > 1e-3  # the same signal with another mask is another input
+
+
+def test_lead_dropout_keeps_single_leads_and_subsets():
+    torch.manual_seed(0)
+    model = MaskGIT(GeneratorConfig(lead_dropout=1.0)).train()
+    ecg = torch.randn(400, 12, 300)
+    dropped, keep = model.drop_leads(ecg)
+    assert keep.any(-1).all()  # never no lead at all
+    assert torch.equal(dropped.abs().amax(-1) > 0, keep)  # dropped leads are zero, kept ones untouched
+    assert torch.equal(dropped[keep], ecg[keep])
+    single = keep.sum(-1) == 1
+    lead_i_or_ii = single & (keep[:, 0] | keep[:, 1])
+    assert 0.4 < lead_i_or_ii.float().mean() < 0.7  # half the rows: lead I or II alone, like a watch
+    assert (keep.sum(-1) > 1).float().mean() > 0.3  # the others: random subsets
+
+
+def test_lead_dropout_teaches_the_generator_single_lead_ecgs(trained_generator, lead_dropout_generator):
+    # lead II alone: the model trained with lead dropout still tells the 4 sequences apart; the
+    # same model trained on full 12-lead ECGs only does much worse
+    def gap(model, batch):
+        only_ii = torch.zeros_like(batch["ecg"])
+        only_ii[:, 1] = batch["ecg"][:, 1]
+        rng = torch.Generator().manual_seed(0)
+        matched = model.masked_eval(batch["tokens"], only_ii, mask_ratio=1.0, generator=rng)["acc"]
+        swapped = model.masked_eval(batch["tokens"], only_ii.roll(1, dims=0), mask_ratio=1.0, generator=rng)["acc"]
+        return matched, swapped
+
+    matched, swapped = gap(*lead_dropout_generator)
+    assert matched > 0.9 and swapped < 0.2, (matched, swapped)
+    plain_matched, plain_swapped = gap(*trained_generator)
+    assert plain_matched - plain_swapped < matched - swapped - 0.2, (plain_matched, plain_swapped)

@@ -155,7 +155,7 @@ def test_corpus(tmp_path):
         assert not r["echo"].startswith("/") and (tmp_path / "a" / r["echo"]).is_file()
         assert (tmp_path / "a" / r["ecg"]).is_file() and r["ecg"].endswith(".hea")
         assert r["view"] in ("A4C", "A2C") and 0.35 <= float(r["ef"]) <= 0.7
-        assert 55 <= float(r["heart_rate_bpm"]) <= 100
+        assert 40 <= float(r["heart_rate_bpm"]) <= 150
     truth = json.loads((tmp_path / "a" / "truth.json").read_text())["studies"]
     assert [t["echo"] for t in truth] == [r["echo"] for r in rows]
     assert all(t["ed_frames"] and t["r_peaks_s"] and t["fps"] == 30.0 for t in truth)
@@ -163,3 +163,35 @@ def test_corpus(tmp_path):
     write_corpus(tmp_path / "b", studies=1, seed=4, duration_s=2.5)
     for rel in ("echo/study_0000.dcm", "ecg/study_0000.dat", "ecg/study_0000.hea"):
         assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes()
+
+
+def test_corpus_heart_rates_cover_40_to_150_evenly():
+    from echopulse.synth.phantom import corpus_heart_rate
+
+    for seed in (0, 4):
+        rates = np.array([corpus_heart_rate(i, seed) for i in range(10)])
+        assert rates.min() >= 40 and rates.max() <= 150
+        # every 22-bpm band of the range holds some of any ten studies (a uniform draw often misses one)
+        counts = np.histogram(rates, bins=5, range=(40, 150))[0]
+        assert counts.min() >= 1 and counts.max() <= 3, counts
+
+
+def test_appearance_varies_the_look_not_the_heart():
+    from echopulse.synth.phantom import Appearance
+
+    plain = make_study(7, view="A4C", heart_rate_bpm=80, ef=0.55, **SMALL)
+    assert np.array_equal(plain.frames, make_study(7, view="A4C", heart_rate_bpm=80, ef=0.55,
+                                                   appearance=Appearance(), **SMALL).frames)
+    looks = [Appearance.draw(np.random.default_rng(i)) for i in range(3)]
+    assert len({a.sector_half_angle_deg for a in looks}) == 3
+    soft = make_study(7, view="A4C", heart_rate_bpm=80, ef=0.55, **SMALL,
+                      appearance=Appearance(blur_px=1.5, sector_half_angle_deg=32, gain_db=-6))
+    body = slice(20, None)
+    f0, f1 = plain.frames[0, body].astype(float), soft.frames[0, body].astype(float)
+    # narrower fan: more black columns; darker gain; blur: smaller pixel-to-pixel differences
+    assert (f1 == 0).mean() > (f0 == 0).mean() + 0.05
+    inside = (f0 > 0) & (f1 > 0)
+    assert f1[inside].mean() < f0[inside].mean()
+    assert np.abs(np.diff(f1, axis=1))[inside[:, 1:]].mean() < np.abs(np.diff(f0, axis=1))[inside[:, 1:]].mean()
+    # the heart is the same heart: EF and rate are the study's
+    assert soft.ef == plain.ef and soft.ed_frames == plain.ed_frames

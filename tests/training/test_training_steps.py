@@ -131,3 +131,18 @@ def test_mixed_precision_steps_run():
                                make_optimizer(generator, 1e-3), amp_dtype=torch.bfloat16)
     assert all(math.isfinite(v) for v in [*tok.values(), *gen.values()])
     assert all(p.dtype == torch.float32 for p in generator.parameters())
+
+
+def test_condition_columns_turn_tokens_v1_views_and_ef_into_model_inputs():
+    import numpy as np
+
+    from echopulse.training.steps import make_condition_columns_fn
+
+    batch = {"tokens": np.zeros((4, 3)), "view": np.array(["A4C", "a2c", "", "PLAX"], dtype=object),
+             "ef": np.array([0.55, np.nan, 0.3, 0.6], dtype=np.float32)}
+    out = make_condition_columns_fn(num_views=2, ef_conditioning=True)(batch)
+    # A4C and A2C are the first two known views; an empty or (for 2 views) unknown one is -1
+    assert out["view"].tolist() == [0, 1, -1, -1] and out["view"].dtype == np.int64
+    assert np.isnan(out["ef"][1]) and out["ef"][0] == np.float32(0.55)
+    dropped = make_condition_columns_fn(num_views=0, ef_conditioning=False)(batch)
+    assert set(dropped) == {"tokens"}
