@@ -180,13 +180,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from echopulse.evaluate import evaluate, format_markdown
+    from echopulse.evaluate import EvalOptions, evaluate
 
     out = args.out or "evaluation"
-    report = evaluate(args.checkpoint, args.clips, out, n=args.n, seed=args.seed, steps=args.steps,
-                      guidance=args.guidance, fid_weights=args.fid_weights,
-                      fvd_weights=args.fvd_weights, tracking_uri=_tracking(args))
-    print(format_markdown(report))
+    options = EvalOptions(n=args.n, seed=args.seed, samples_per_clip=args.samples_per_clip,
+                          steps=args.steps, guidance=args.guidance, fid_weights=args.fid_weights,
+                          fvd_weights=args.fvd_weights, ef_model=args.ef_model, protocol=args.protocol,
+                          min_fvd_clips=args.min_fvd_clips, fvd_frames=args.fvd_frames,
+                          train_clips=args.train_clips, memorization_space=args.memorization_space)
+    report = evaluate(args.checkpoint, args.clips, out, options, tracking_uri=_tracking(args),
+                      device=args.device)
     print(f"reports: {os.path.join(out, 'report.json')}, {os.path.join(out, 'report.md')}")
     if report.get("mlflow_run_id"):
         print(f"MLflow run: {report['mlflow_run_id']}")
@@ -614,10 +617,31 @@ def add_evaluate_parser(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, help="report directory (default: evaluation)")
     p.add_argument("--fid-weights", default=None,
                    help="TorchScript Inception-v3 for FID (the standard inception-2015-12-05.pt of "
-                        "StyleGAN3/clean-fid); without it FID is reported as not computed")
+                        "StyleGAN3/StyleGAN-V); without it FID is reported as not computed")
     p.add_argument("--fvd-weights", default=None,
                    help="TorchScript I3D for FVD (the standard i3d_torchscript.pt of StyleGAN-V); "
                         "without it FVD is reported as not computed")
+    p.add_argument("--protocol", default="stylegan-v", choices=("stylegan-v", "echopulse-paper"),
+                   help="FID/FVD protocol: stylegan-v (fvd2048_16f, comparable with EchoDiffusion / "
+                        "EchoNet-Synthetic) or echopulse-paper (the paper's per-pair Inception "
+                        "computation, for side-by-side tables; default: %(default)s)")
+    p.add_argument("--min-fvd-clips", type=int, default=256,
+                   help="refuse FID/FVD from fewer real clips than this (default: %(default)s)")
+    p.add_argument("--fvd-frames", type=int, default=16,
+                   help="consecutive frames per clip for FVD (default: %(default)s, as fvd2048_16f)")
+    p.add_argument("--samples-per-clip", type=int, default=1,
+                   help="generated samples per real clip (FID/FVD, EF best-of-3, memorization use all; "
+                        "default: %(default)s)")
+    p.add_argument("--ef-model", default=None,
+                   help="TorchScript EF regressor video -> EF percent (e.g. an exported EchoNet-Dynamic "
+                        "R(2+1)D), called on float (N, 3, T, H, W) in [0, 1]; without it the phantom "
+                        "cavity-area estimator is used and labelled as such")
+    p.add_argument("--train-clips", default=None,
+                   help="clips/v1 dataset whose train split is the memorization reference "
+                        "(default: --clips' own train split)")
+    p.add_argument("--memorization-space", default="pixel", choices=("pixel", "latent"),
+                   help="distance space of the memorization check (default: %(default)s)")
+    p.add_argument("--device", default=None, help="torch device (default: cpu)")
     sampling_flags(p)
 
 

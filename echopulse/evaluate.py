@@ -1,21 +1,23 @@
-"""``echopulse evaluate``: how good is a generator checkpoint, in the literature's terms.
+"""The evaluation core: how good is a generator, in the literature's terms, with one meaning per term.
 
-For ``n`` held-out clips of a ``clips/v1`` dataset it measures
+``echopulse evaluate`` (:func:`evaluate`), the masking sweep (``jobs/tune_masking.py``) and
+``bench/quality.py`` all score with the functions here (no Ray); :data:`TERMS` defines every word
+the reports use and is written into each report.
 
-- tokenizer reconstruction: MSE, MAE, PSNR, SSIM of decode(encode(clip)) against the clip;
-- generation: the clip generated from the real clip's ECG and first frame against the real clip
-  (SSIM, PSNR, MSE over the frames after the given first frame);
-- ECG control (:func:`echopulse.metrics.ecg_sync_score`): the generated clip against the ECG it was
-  given ("matched") and against another clip's ECG ("shuffled", the chance level); a generation
-  conditioned on another clip's ECG scored against that ECG ("swapped": does motion follow the
-  ECG even when the first frame disagrees); and the real clips against their ECG (the metric's
-  ceiling on this data);
-- EF error where the clip's EF is known (cavity-area EF, :func:`echopulse.metrics.ef_from_video`),
-  with the same estimator on the real clip as its floor;
-- FID / FVD only from the standard feature networks in files the user gives; otherwise the report
-  says "not computed".
+For ``n`` held-out clips of a ``clips/v1`` dataset :func:`evaluate` measures
 
-It writes ``report.json`` and ``report.md`` and logs both (and the numbers) to MLflow.
+- tokenizer reconstruction and generation fidelity (:func:`fidelity`): MSE, MAE, PSNR, SSIM
+  inside the ultrasound sector (from the clip's own mask) and over the full frame, batched on the
+  model's device;
+- ECG control (:func:`ecg_control`): matched, shuffled, swapped, chance, real, reconstructed;
+- EF: a user-supplied TorchScript regressor (R², MAE, RMSE in EF points; mean over samples and best
+  of 3), else the phantom cavity-area estimator, labelled as such;
+- FID / FVD (:mod:`echopulse.frechet`) by the StyleGAN-V protocol, or ECHOPulse's per-pair one;
+- memorization (:mod:`echopulse.memorization`) against training clips;
+
+all per view (plus ``all``) with the count of clips used and dropped for every metric. It writes
+``report.json``, ``report.md`` and ``figures/`` (real vs generated strips per view with the ECG)
+and logs them and every metric to MLflow.
 """
 
 from __future__ import annotations
@@ -23,35 +25,119 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from echopulse import metrics, storage
+from echopulse import fidelity as fid_px
+from echopulse import frechet, metrics, storage
 from echopulse.errors import EchoPulseError
 from echopulse.schema import CLIPS_SCHEMA, read_dataset_info, tensor_column_to_numpy
 
 log = logging.getLogger(__name__)
 
 NOT_COMPUTED = "not computed"
+ALL = "all"
 FID_HELP = ("TorchScript Inception-v3 feature network for FID (the standard "
-            "'inception-2015-12-05.pt' used by StyleGAN3 / clean-fid): called as "
+            "'inception-2015-12-05.pt' of StyleGAN3 / StyleGAN-V): called as "
             "net(uint8 images (N, 3, H, W), return_features=True) -> (N, 2048)")
 FVD_HELP = ("TorchScript I3D feature network for FVD (the standard 'i3d_torchscript.pt' of "
-            "StyleGAN-V / fvd-comparison): called as net(videos (N, 3, T, H, W) in [-1, 1], "
-            "rescale=False, resize=True, return_features=True) -> (N, 400)")
+            "StyleGAN-V): called as net(uint8 videos (N, 3, T, H, W), rescale=True, resize=True, "
+            "return_features=True) -> (N, 400)")
+EF_HELP = ("TorchScript EF regressor (e.g. an exported EchoNet-Dynamic R(2+1)D): called as "
+           "net(float videos (N, 3, T, H, W) in [0, 1]) -> (N,) EF in percent")
+
+# One definition of each term; written into every report (report.json "terms", report.md).
+TERMS = {
+    "in-sector": "a metric over the pixels inside the ultrasound sector only: the real clip's own mask "
+                 "(pixels non-zero in some frame, as ingest keeps them, holes filled); the generated clip "
+                 "is scored inside the same mask",
+    "full-frame": "the same metric over every pixel of the frame, black background included (what "
+                  "papers report; inflated by the background)",
+    "reconstruction": "decode(encode(clip)) by the bundled tokenizer, against the clip",
+    "generation": "the clip generated from the real clip's ECG and first frame, against the real clip, "
+                  "over the frames after the given first frame; averaged over samples",
+    "partner": "for each clip, a clip of another study (the same position in the next study, cyclic); "
+               "the next clip when every clip is of one study",
+    "matched": "ECG-sync of the clip generated from its own ECG, scored against that ECG",
+    "shuffled": "ECG-sync of the clip generated from the partner's ECG (same first frame), scored "
+                "against the clip's own ECG: what is left if the generator ignored the ECG",
+    "swapped": "ECG-sync of the clip generated from the partner's ECG, scored against the ECG it was "
+               "given: does motion follow the ECG even when the first frame disagrees",
+    "chance": "ECG-sync of the clip generated from its own ECG, scored against the partner's ECG: the "
+              "score's chance level",
+    "real": "ECG-sync of the real clip against its own ECG: the metric's ceiling on this data",
+    "reconstructed": "ECG-sync of the tokenizer reconstruction against the clip's own ECG",
+    "ecg-sync": "Pearson r of the LV cavity-area curve vs the ECG-implied volume curve "
+                "(echopulse.metrics.ecg_sync_score); nan (dropped) when no R-peak is found",
+    "mean over samples": "EF agreement over every generated sample of every clip",
+    "best of k": "EF agreement using, per clip, the sample among its first k (3) whose EF is closest to "
+                 "the truth (EchoDiffusion's protocol)",
+    "phantom estimator": "EF = 1 - (A_min / A_max)^1.5 from the LV cavity area "
+                         "(echopulse.metrics.ef_from_video): a heuristic for phantom clips, not a regressor",
+    "used / dropped": "clips with a finite value / clips without one (no R-peak, no LV found, no known "
+                      "EF, empty sector), per metric and view",
+    "memorization share": "the share of generated clips nearer (RMS) to a training clip than the nearest "
+                          "held-out real clip is to any training clip",
+}
 
 
-def read_eval_clips(clips: str, n: int) -> dict[str, Any]:
-    """Up to ``n`` clips of a ``clips/v1`` dataset, held-out splits first, in ``clip_id`` order.
+@dataclass(frozen=True)
+class EvalOptions:
+    """What :func:`evaluate` computes and how.
+
+    Attributes:
+        n: clips to evaluate (held-out splits first).
+        seed: sampling seed; clip ``i``'s sample ``s`` uses ``seed + i * samples_per_clip + s``.
+        samples_per_clip: generated samples per real clip (FID/FVD, EF and memorization use all).
+        steps, guidance: override the checkpoint's sampling settings.
+        fid_weights, fvd_weights, ef_model: TorchScript files (``FID_HELP``, ``FVD_HELP``, ``EF_HELP``).
+        protocol: ``stylegan-v`` or ``echopulse-paper`` (:mod:`echopulse.frechet`).
+        min_fvd_clips: fewest real clips FID/FVD are computed from (stylegan-v); fewer is refused.
+        fvd_frames: consecutive frames per clip for FVD (16 in fvd2048_16f).
+        train_clips: ``clips/v1`` dataset whose train split is the memorization reference
+            (default: the evaluated dataset's own train split).
+        memorization_space: ``pixel`` or ``latent`` (the tokenizer's pre-quantization latents).
+        max_train_clips: training clips compared against, at most.
+        batch: clips per batch for the tokenizer and the feature networks.
+    """
+
+    n: int = 16
+    seed: int = 0
+    samples_per_clip: int = 1
+    steps: int | None = None
+    guidance: float | None = None
+    fid_weights: str | None = None
+    fvd_weights: str | None = None
+    ef_model: str | None = None
+    protocol: str = frechet.STYLEGAN_V
+    min_fvd_clips: int = 256
+    fvd_frames: int = frechet.FVD_FRAMES
+    train_clips: str | None = None
+    memorization_space: str = "pixel"
+    max_train_clips: int = 1024
+    batch: int = 8
+
+
+# ---- data ---------------------------------------------------------------------------------------
+
+
+def read_clips(clips: str, n: int, splits: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """Up to ``n`` clips of a ``clips/v1`` dataset in ``clip_id`` order, from ``splits`` (default:
+    the held-out splits test/val when present, else every split).
 
     Returns:
         ``frames`` uint8 (n, T, H, W), ``ecg`` float32 (n, 12, L), ``ecg_leads`` bool (n, 12),
-        ``ef`` (n,) float (nan where unknown), ``fps``, ``clip_id`` and ``split`` lists, and ``splits``
-        (which splits they came from).
+        ``ef`` (n,) float fraction (nan where unknown), ``heart_rate_bpm`` (n,), ``fps``,
+        ``clip_id``, ``split``, ``view``, ``study`` lists, and ``splits`` (those read); only
+        ``clip_id`` (empty) and ``splits`` when those splits hold no clip.
     """
+    import pyarrow.compute as pc
     import pyarrow.dataset as pads
 
     read_dataset_info(clips, CLIPS_SCHEMA)
@@ -63,220 +149,419 @@ def read_eval_clips(clips: str, n: int) -> dict[str, Any]:
         raise EchoPulseError(f"{clips}: clips could not be read ({type(exc).__name__}: {exc})") from None
     if not keys["clip_id"]:
         raise EchoPulseError(f"{clips}: the clips dataset is empty")
-    held_out = [s for s in ("test", "val") if s in keys["split"]]
-    splits = held_out or sorted(set(keys["split"]))
+    if splits is None:
+        held_out = [s for s in ("test", "val") if s in keys["split"]]
+        splits = tuple(held_out or sorted(set(keys["split"])))
     chosen = sorted(c for c, s in zip(keys["clip_id"], keys["split"]) if s in splits)[:n]
-    import pyarrow.compute as pc
-
+    if not chosen:
+        return {"clip_id": [], "splits": list(splits)}
     table = dataset.to_table(filter=pc.field("clip_id").isin(chosen))
-    order = np.argsort(np.asarray(table.column("clip_id").to_pylist()))
-    table = table.take(order)
-    ef = np.asarray([np.nan if v is None else v for v in table.column("ef").to_pylist()], dtype=np.float64)
+    table = table.take(np.argsort(np.asarray(table.column("clip_id").to_pylist())))
+
+    def floats(name: str) -> np.ndarray:
+        return np.asarray([np.nan if v is None else v for v in table.column(name).to_pylist()], np.float64)
+
     return {
         "frames": np.array(tensor_column_to_numpy(table.column("frames"))),
         "ecg": tensor_column_to_numpy(table.column("ecg")).astype(np.float32),
         "ecg_leads": np.asarray(table.column("ecg_leads").to_pylist(), dtype=bool),
-        "ef": ef,
+        "ef": floats("ef"),
+        "heart_rate_bpm": floats("heart_rate_bpm"),
         "fps": [float(v) for v in table.column("fps").to_pylist()],
         "clip_id": table.column("clip_id").to_pylist(),
         "split": table.column("split").to_pylist(),
-        "splits": splits,
+        "view": [v or "unknown" for v in table.column("view").to_pylist()],
+        "study": table.column("study_key").to_pylist(),
+        "splits": list(splits),
     }
 
 
-def _mean(values: list[float]) -> float:
-    finite = [v for v in values if v is not None and not math.isnan(v)]
-    return float(np.mean(finite)) if finite else float("nan")
+read_eval_clips = read_clips  # the name earlier callers used
 
 
-def _load_feature_net(weights: str | None, name: str):
-    if not weights:
-        return None
+# ---- metric cores (shared by evaluate, tune and bench/quality) ----------------------------------
+
+
+def partners(groups) -> np.ndarray:
+    """Each clip's partner (see ``TERMS["partner"]``): a clip of another group (study).
+
+    Raises:
+        ValueError: fewer than two clips.
+    """
+    groups = np.asarray(groups)
+    if len(groups) < 2:
+        raise ValueError("a partner ECG needs at least two clips")
+    order = sorted(set(groups.tolist()))
+    if len(order) < 2:
+        return (np.arange(len(groups)) + 1) % len(groups)
+    by_group = {g: np.flatnonzero(groups == g) for g in order}
+    out = np.empty(len(groups), dtype=np.int64)
+    for k, g in enumerate(order):
+        other = by_group[order[(k + 1) % len(order)]]
+        for pos, i in enumerate(by_group[g]):
+            out[i] = other[pos % len(other)]
+    return out
+
+
+def sync_scores(videos, ecg, fps, heart_rate_bpm=None) -> np.ndarray:
+    """``ecg_sync_score`` of each clip against each ECG (nan where no R-peak is found)."""
+    n = len(videos)
+    fps = np.broadcast_to(np.asarray(fps, np.float64), (n,))
+    hr = np.full(n, np.nan) if heart_rate_bpm is None else np.asarray(heart_rate_bpm, np.float64)
+    return np.asarray([metrics.ecg_sync_score(v, e, f, heart_rate_bpm=None if not np.isfinite(h) else h)
+                       for v, e, f, h in zip(videos, ecg, fps, hr)], dtype=np.float64)
+
+
+def ecg_control(matched, ecg, partner, fps, heart_rate_bpm=None, swapped=None, real=None,
+                reconstructed=None) -> dict[str, np.ndarray]:
+    """Per-clip ECG-control scores by ``TERMS``: matched, chance, and (when given) shuffled,
+    swapped, real, reconstructed. ``partner`` indexes each clip's partner clip."""
+    ecg = np.asarray(ecg)
+    hr = None if heart_rate_bpm is None else np.asarray(heart_rate_bpm, np.float64)
+    other_ecg, other_hr = ecg[partner], None if hr is None else hr[partner]
+    out = {"matched": sync_scores(matched, ecg, fps, hr),
+           "chance": sync_scores(matched, other_ecg, fps, other_hr)}
+    if swapped is not None:
+        out["shuffled"] = sync_scores(swapped, ecg, fps, hr)
+        out["swapped"] = sync_scores(swapped, other_ecg, fps, other_hr)
+    if real is not None:
+        out["real"] = sync_scores(real, ecg, fps, hr)
+    if reconstructed is not None:
+        out["reconstructed"] = sync_scores(reconstructed, ecg, fps, hr)
+    return out
+
+
+def fidelity(a, b, masks=None, first: int = 0, device=None, batch: int = 32) -> dict[str, np.ndarray]:
+    """Per-clip pixel fidelity of clips ``a`` against ``b`` (N, T, H, W) from frame ``first`` on,
+    batched on ``device``: ``mse``, ``mae``, ``psnr``, ``ssim`` (full-frame) and, with ``masks``
+    (N, H, W), ``sector_*`` (in-sector). See :func:`echopulse.fidelity.pair_metrics`."""
+    parts = []
+    for k in range(0, len(a), batch):
+        m = None if masks is None else masks[k:k + batch]
+        parts.append(fid_px.pair_metrics(a[k:k + batch, first:], b[k:k + batch, first:], m, device=device))
+    return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+
+
+def sector_masks(frames: np.ndarray) -> np.ndarray:
+    """Each real clip's own sector mask, bool (N, H, W)."""
+    return np.stack([fid_px.sector_mask(f) for f in frames]) if len(frames) else np.zeros((0, 1, 1), bool)
+
+
+def summarize(values: dict[str, np.ndarray], views: list[str]) -> dict[str, dict[str, dict[str, Any]]]:
+    """Per view (and ``all``): each metric's mean over the clips with a finite value, and the
+    counts used and dropped. PSNR means keep ``inf`` (identical clips), which is the truth."""
+    views = list(views)
+    table: dict[str, dict[str, dict[str, Any]]] = {}
+    for view in [ALL, *sorted(set(views))]:
+        pick = np.asarray([view == ALL or v == view for v in views])
+        row = {}
+        for name, vals in values.items():
+            v = np.asarray(vals, np.float64)[pick]
+            ok = ~np.isnan(v)
+            mean = float(np.mean(v[ok])) if ok.any() else float("nan")
+            row[name] = {"mean": mean, "used": int(ok.sum()), "dropped": int((~ok).sum())}
+        table[view] = row
+    return table
+
+
+def ef_section(truth_pct: np.ndarray, real_pred: np.ndarray, gen_pred: np.ndarray, views: list[str],
+               estimator: str) -> dict[str, Any]:
+    """EF agreement per view: the estimator on real clips (its floor), on generated clips (mean
+    over samples, best of 3). ``gen_pred`` is (N, S) in EF points."""
+    from echopulse.ef_regression import BEST_OF, agreement, best_of
+
+    views = np.asarray(views)
+    k = min(BEST_OF, gen_pred.shape[1])
+    out: dict[str, Any] = {"estimator": estimator, "units": "EF points (percent)", "best_of_k": k}
+    for view in [ALL, *sorted(set(views.tolist()))]:
+        pick = np.ones(len(views), bool) if view == ALL else views == view
+        known = pick & np.isfinite(truth_pct)
+        t, g = truth_pct[known], gen_pred[known]
+        out[view] = {
+            "real": agreement(real_pred[known], t),
+            "generated_mean_over_samples": agreement(g.ravel(), np.repeat(t, g.shape[1])),
+            f"generated_best_of_{k}": agreement(best_of(g, t, k), t) if len(t) else agreement([], []),
+            "clips_with_known_ef": int(known.sum()), "clips_without_ef": int((pick & ~known).sum()),
+        }
+    return out
+
+
+# ---- evaluate -----------------------------------------------------------------------------------
+
+
+def _check_feature_request(opts: EvalOptions, clips: str, count: int, frames: int) -> None:
+    """Refuse, before any generation, FID/FVD requests that cannot give a meaningful number."""
+    if opts.protocol not in frechet.PROTOCOLS:
+        raise EchoPulseError(f"--protocol must be one of {', '.join(frechet.PROTOCOLS)}, got {opts.protocol!r}")
+    wants = opts.fid_weights or (opts.fvd_weights and opts.protocol == frechet.STYLEGAN_V)
+    if wants and opts.protocol == frechet.STYLEGAN_V and count < opts.min_fvd_clips:
+        raise EchoPulseError(
+            f"{clips}: FID/FVD from {count} real clips would be meaningless; the StyleGAN-V protocol "
+            f"needs at least --min-fvd-clips {opts.min_fvd_clips} (raise --n or use more clips)")
+    if opts.fvd_weights and opts.protocol == frechet.STYLEGAN_V and frames < opts.fvd_frames:
+        raise EchoPulseError(f"{clips}: FVD needs {opts.fvd_frames} consecutive frames per clip "
+                             f"(--fvd-frames), the clips have {frames}")
+
+
+def _feature_distances(opts: EvalOptions, real: np.ndarray, fake: np.ndarray, views: list[str],
+                       fid_net, fvd_net, device) -> dict[str, Any]:
+    """``fid`` and ``fvd`` sections, overall and per view with enough clips. ``fake`` is (N, S, T, H, W)."""
+    s = fake.shape[1]
+    gen_views = np.repeat(np.asarray(views), s)
+    flat = fake.reshape(-1, *fake.shape[2:])
+    out: dict[str, Any] = {}
+    for name, net, missing in (("fid", fid_net, "--fid-weights"),
+                               ("fvd", fvd_net if opts.protocol == frechet.STYLEGAN_V else fid_net,
+                                "--fvd-weights" if opts.protocol == frechet.STYLEGAN_V else "--fid-weights")):
+        if net is None:
+            out[name] = {"status": NOT_COMPUTED, "reason": f"no feature-network weights file given ({missing})"}
+            continue
+        section: dict[str, Any] = {}
+        for view in [ALL, *sorted(set(views))]:
+            pick = np.ones(len(views), bool) if view == ALL else np.asarray(views) == view
+            gpick = np.ones(len(gen_views), bool) if view == ALL else gen_views == view
+            r, g = real[pick], flat[gpick]
+            if opts.protocol == frechet.ECHOPULSE_PAPER:
+                pairs = [(r[i], fake[np.flatnonzero(pick)[i], j]) for i in range(len(r)) for j in range(s)]
+                fn = frechet.paper_fid if name == "fid" else frechet.paper_fvd
+                section[view] = fn(net, pairs, device=device)
+            elif len(r) < opts.min_fvd_clips:
+                section[view] = {"status": NOT_COMPUTED,
+                                 "reason": f"{len(r)} real clips < --min-fvd-clips {opts.min_fvd_clips}"}
+            elif name == "fid":
+                section[view] = frechet.stylegan_v_fid(net, r, g, device=device)
+            else:
+                section[view] = frechet.stylegan_v_fvd(net, r, g, opts.fvd_frames, device=device)
+        out[name] = {**section[ALL], "per_view": {k: v for k, v in section.items() if k != ALL}}
+    return out
+
+
+def _memorization(opts: EvalOptions, model, clips: str, data: dict[str, Any], generated: np.ndarray,
+                  device) -> dict[str, Any]:
     import torch
 
-    if not Path(weights).is_file():
-        raise EchoPulseError(f"{weights}: {name} feature-network weights file not found")
-    try:
-        return torch.jit.load(weights, map_location="cpu").eval()
-    except Exception as exc:
-        raise EchoPulseError(f"{weights}: not a TorchScript {name} feature network "
-                             f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+    from echopulse.memorization import memorization_check
 
+    source = opts.train_clips or clips
+    train = read_clips(source, opts.max_train_clips, splits=("train",))
+    if not train["clip_id"]:
+        return {"status": NOT_COMPUTED, "reason": f"{source} has no train split (--train-clips)"}
+    if train["frames"].shape[1:] != data["frames"].shape[1:]:
+        raise EchoPulseError(f"{source}: training clips are {train['frames'].shape[1:]}, evaluated clips "
+                             f"{data['frames'].shape[1:]}")
+    if opts.memorization_space not in ("pixel", "latent"):
+        raise EchoPulseError(f"--memorization-space must be pixel or latent, got {opts.memorization_space!r}")
 
-def _fid(net, real: np.ndarray, fake: np.ndarray) -> dict[str, Any]:
-    """FID over all frames of all clips (grey repeated to RGB, uint8 as the network expects)."""
-    import torch
-
-    def features(videos: np.ndarray) -> np.ndarray:
-        images = torch.as_tensor(videos.reshape(-1, *videos.shape[-2:]))[:, None].repeat(1, 3, 1, 1)
+    def embed(videos: np.ndarray) -> np.ndarray:
+        if opts.memorization_space == "pixel":
+            return videos.reshape(len(videos), -1).astype(np.float32) / 255.0
+        out = []
         with torch.inference_mode():
-            return torch.cat([net(chunk, return_features=True) for chunk in images.split(64)]).numpy()
+            for k in range(0, len(videos), opts.batch):
+                x = torch.as_tensor(videos[k:k + opts.batch], device=model.device)
+                out.append(model.tokenizer.encode_continuous(x).flatten(1).float().cpu().numpy())
+        return np.concatenate(out)
 
-    return {"value": metrics.frechet_distance(features(real), features(fake)),
-            "samples": int(real.shape[0] * real.shape[1])}
+    s = generated.shape[1]
+    ids = [f"{c}#{j}" for c in data["clip_id"] for j in range(s)]
+    return memorization_check(embed(generated.reshape(-1, *generated.shape[2:])), embed(data["frames"]),
+                              embed(train["frames"]), ids, train["clip_id"], opts.memorization_space,
+                              device=device)
 
 
-def _fvd(net, real: np.ndarray, fake: np.ndarray) -> dict[str, Any]:
-    """FVD over clips (grey repeated to RGB, scaled to [-1, 1], resized by the network)."""
+def _reconstruct(model, frames: np.ndarray, batch: int) -> np.ndarray:
     import torch
 
-    def features(videos: np.ndarray) -> np.ndarray:
-        x = torch.as_tensor(videos).float()[:, None].repeat(1, 3, 1, 1, 1) / 127.5 - 1  # (n, 3, t, h, w)
-        with torch.inference_mode():
-            return torch.cat([net(chunk, rescale=False, resize=True, return_features=True)
-                              for chunk in x.split(16)]).numpy()
+    out = []
+    with torch.inference_mode():
+        for k in range(0, len(frames), batch):
+            video = torch.as_tensor(frames[k:k + batch], device=model.device)
+            recon = model.tokenizer.decode_from_indices(model.tokenizer.encode(video))
+            out.append((recon.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy())
+    return np.concatenate(out)
 
-    return {"value": metrics.frechet_distance(features(real), features(fake)), "samples": int(len(real))}
 
-
-def evaluate(checkpoint: str, clips: str, out: str, n: int = 16, seed: int = 0,
-             steps: int | None = None, guidance: float | None = None,
-             fid_weights: str | None = None, fvd_weights: str | None = None,
-             tracking_uri: str | None = None, device: str | None = None) -> dict[str, Any]:
-    """Evaluate a generator checkpoint on ``n`` clips; write ``OUT/report.json`` and ``report.md``.
+def evaluate(checkpoint: str, clips: str, out: str, options: EvalOptions | None = None,
+             tracking_uri: str | None = None, device: str | None = None, **overrides: Any) -> dict[str, Any]:
+    """Evaluate a generator checkpoint; write ``OUT/report.json``, ``report.md`` and ``figures/``.
 
     Args:
         checkpoint: generator checkpoint (tokenizer bundled).
         clips: a ``clips/v1`` dataset (ingest output) made with the model's clip geometry.
-        out: output directory for the reports.
-        n: clips to evaluate (held-out splits first).
-        seed: sampling seed (clip ``i`` uses ``seed + i``).
-        steps, guidance: override the checkpoint's sampling settings.
-        fid_weights, fvd_weights: feature-network files (see ``FID_HELP``/``FVD_HELP``); without
-            them FID/FVD are reported as not computed.
+        out: output directory.
+        options: what to compute (:class:`EvalOptions`); keyword ``overrides`` replace its fields.
         tracking_uri: MLflow tracking URI; ``None`` skips MLflow.
-        device: torch device for the models.
+        device: torch device for the models and the batched metrics.
 
     Returns:
         The report (as written to ``report.json``).
+
+    Raises:
+        EchoPulseError: bad input (one line, naming the file or flag).
     """
-    import torch
+    from dataclasses import replace
+
+    from tqdm.auto import tqdm
 
     from echopulse.generate import EchoGenerator
 
-    if n < 1:
-        raise EchoPulseError(f"--n must be at least 1, got {n}")
-    fid_net = _load_feature_net(fid_weights, "FID (Inception-v3)")
-    fvd_net = _load_feature_net(fvd_weights, "FVD (I3D)")
-    model = EchoGenerator.from_checkpoint(checkpoint, device=device)
-    data = read_eval_clips(clips, n)
+    opts = replace(options or EvalOptions(), **overrides)
+    if opts.n < 1:
+        raise EchoPulseError(f"--n must be at least 1, got {opts.n}")
+    if opts.samples_per_clip < 1:
+        raise EchoPulseError(f"--samples-per-clip must be at least 1, got {opts.samples_per_clip}")
+    fid_net = frechet.load_torchscript(opts.fid_weights, "FID (Inception-v3) feature network") if opts.fid_weights else None
+    fvd_net = frechet.load_torchscript(opts.fvd_weights, "FVD (I3D) feature network") if opts.fvd_weights else None
+    ef_net = frechet.load_torchscript(opts.ef_model, "EF regressor") if opts.ef_model else None
+    data = read_clips(clips, opts.n)
     real = data["frames"]
     count, frames, size = real.shape[0], real.shape[1], real.shape[2]
+    _check_feature_request(opts, clips, count, frames)
+    model = EchoGenerator.from_checkpoint(checkpoint, device=device)
     clip = model.clip
     if (frames, size, data["ecg"].shape[2]) != (clip.frames, clip.size, clip.ecg_samples):
         raise EchoPulseError(
             f"{clips}: clips are {frames} frames of {size}x{size} with {data['ecg'].shape[2]} ECG samples; "
             f"the model makes {clip.frames} frames of {clip.size}x{clip.size} from {clip.ecg_samples}")
-    fps = clip.fps
+    dev = model.device
+    for net in (fid_net, fvd_net, ef_net):
+        if net is not None:
+            net.to(dev)
     started = time.time()
-    shuffle = [(i + 1) % count for i in range(count)]  # a derangement when count >= 2
+    s = opts.samples_per_clip
+    partner = partners(data["study"]) if count >= 2 else None
+    masks = sector_masks(real)
 
-    rows: list[dict[str, Any]] = []
-    generated = np.zeros_like(real)
-    for i in range(count):
-        video = torch.as_tensor(real[i][None], device=model.device)
-        with torch.inference_mode():
-            recon = model.tokenizer.decode_from_indices(model.tokenizer.encode(video))[0]
-        recon = (recon.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
-        gen = model.generate(data["ecg"][i], first_frame=real[i][0], seconds=clip.seconds,
-                             seed=seed + i, steps=steps, guidance=guidance)
-        generated[i] = gen
-        row = {
-            "clip_id": data["clip_id"][i],
-            "split": data["split"][i],
-            "recon_mse": metrics.mse(recon, real[i]),
-            "recon_mae": metrics.mae(recon, real[i]),
-            "recon_psnr": metrics.psnr(recon, real[i]),
-            "recon_ssim": metrics.ssim(recon, real[i]),
-            # frame 0 is the given first frame itself: score what was generated
-            "gen_ssim": metrics.ssim(gen[1:], real[i][1:]),
-            "gen_psnr": metrics.psnr(gen[1:], real[i][1:]),
-            "gen_mse": metrics.mse(gen[1:], real[i][1:]),
-            "sync_real": metrics.ecg_sync_score(real[i], data["ecg"][i], fps),
-            "sync_matched": metrics.ecg_sync_score(gen, data["ecg"][i], fps),
-        }
-        if count >= 2:
-            j = shuffle[i]
-            row["sync_shuffled"] = metrics.ecg_sync_score(gen, data["ecg"][j], fps)
-            swapped = model.generate(data["ecg"][j], first_frame=real[i][0], seconds=clip.seconds,
-                                     seed=seed + i, steps=steps, guidance=guidance)
-            row["sync_swapped"] = metrics.ecg_sync_score(swapped, data["ecg"][j], fps)
-        ef = data["ef"][i]
-        row["ef_true"] = None if math.isnan(ef) else float(ef)
-        if row["ef_true"] is not None:
-            row["ef_real_estimate"] = metrics.ef_from_video(real[i])
-            row["ef_generated_estimate"] = metrics.ef_from_video(gen)
-        rows.append(row)
-        log.info("evaluated clip %d/%d (%s)", i + 1, count, row["clip_id"])
+    generated = np.zeros((count, s, *real.shape[1:]), dtype=np.uint8)
+    swapped = np.zeros_like(real) if partner is not None else None
 
-    report = _summarize(rows, model, checkpoint, clips, data, seed, steps, guidance)
-    report["fid"] = (_fid(fid_net, real, generated) if fid_net is not None else
-                     {"status": NOT_COMPUTED, "reason": "no feature-network weights file given (--fid-weights)"})
-    report["fvd"] = (_fvd(fvd_net, real, generated) if fvd_net is not None else
-                     {"status": NOT_COMPUTED, "reason": "no feature-network weights file given (--fvd-weights)"})
+    def gen(ecg: np.ndarray, i: int, seed: int) -> np.ndarray:
+        return model.generate(ecg, first_frame=real[i][0], seconds=clip.seconds, seed=seed,
+                              steps=opts.steps, guidance=opts.guidance)
+
+    for i in tqdm(range(count), desc="evaluate", unit="clip", disable=None):
+        for j in range(s):
+            generated[i, j] = gen(data["ecg"][i], i, opts.seed + i * s + j)
+        if partner is not None:
+            swapped[i] = gen(data["ecg"][partner[i]], i, opts.seed + i * s)
+    recon = _reconstruct(model, real, opts.batch)
+
+    values: dict[str, np.ndarray] = {}
+    for key, v in fidelity(recon, real, masks, device=dev).items():
+        values[f"recon_{key}"] = v
+    gen_scores = [fidelity(generated[:, j], real, masks, first=1, device=dev) for j in range(s)]
+    for key in gen_scores[0]:
+        values[f"gen_{key}"] = np.mean([g[key] for g in gen_scores], axis=0)
+    if partner is not None:
+        control = ecg_control(generated[:, 0], data["ecg"], partner, data["fps"], data["heart_rate_bpm"],
+                              swapped=swapped, real=real, reconstructed=recon)
+    else:
+        control = {"matched": sync_scores(generated[:, 0], data["ecg"], data["fps"], data["heart_rate_bpm"]),
+                   "real": sync_scores(real, data["ecg"], data["fps"], data["heart_rate_bpm"])}
+    for key, v in control.items():
+        values[f"ecg_sync_{key}"] = v
+
+    truth = data["ef"] * 100.0
+    if ef_net is not None:
+        estimator = f"regressor {Path(opts.ef_model).name}"
+        real_ef = _predict_ef(ef_net, real, opts.batch, dev)
+        gen_ef = _predict_ef(ef_net, generated.reshape(-1, *real.shape[1:]), opts.batch, dev).reshape(count, s)
+    else:
+        estimator = "phantom estimator (LV cavity area; not a regressor)"
+        real_ef = np.asarray([metrics.ef_from_video(v) for v in real]) * 100.0
+        gen_ef = np.asarray([[metrics.ef_from_video(v) for v in g] for g in generated]) * 100.0
+
+    report = _header(model, checkpoint, clips, data, opts)
+    table = summarize(values, data["view"])
+    report["per_view"] = table
+    report.update(_sections(table[ALL], count))
+    report["ef"] = ef_section(truth, real_ef, gen_ef, data["view"], estimator)
+    report.update(_feature_distances(opts, real, generated, data["view"], fid_net, fvd_net, dev))
+    report["memorization"] = _memorization(opts, model, clips, data, generated, dev)
     report["seconds"] = round(time.time() - started, 3)
-    report["per_clip"] = rows
+    report["terms"] = TERMS
+    report["per_clip"] = _per_clip(data, values, real_ef, gen_ef)
+    figures = _figures(out, data, real, generated)
+    report["figures"] = {view: os.path.relpath(p, out) for view, p in figures.items()}
     paths = write_report(report, out)
     if tracking_uri:
-        _log_to_mlflow(report, paths, tracking_uri)
+        _log_to_mlflow(report, {**paths, **{f"fig-{k}": v for k, v in figures.items()}}, tracking_uri)
+        write_report(report, out)  # with the run id
     return report
 
 
-def _summarize(rows: list[dict[str, Any]], model, checkpoint: str, clips: str, data: dict[str, Any],
-               seed: int, steps: int | None, guidance: float | None) -> dict[str, Any]:
-    def col(key: str) -> list[float]:
-        return [r[key] for r in rows if key in r]
+def _predict_ef(net, videos: np.ndarray, batch: int, device) -> np.ndarray:
+    from echopulse.ef_regression import predict_ef
 
-    def psnr_mean(key: str) -> float:
-        # the mean of per-clip PSNR; identical clips (inf) make it inf, which is the truth
-        values = col(key)
-        return float(np.mean(values)) if values else float("nan")
+    return predict_ef(net, videos, batch=batch, device=device)
 
+
+def _header(model, checkpoint: str, clips: str, data: dict[str, Any], opts: EvalOptions) -> dict[str, Any]:
     sampling = model.sampling
-    report: dict[str, Any] = {
+    views = data["view"]
+    return {
         "checkpoint": checkpoint,
         "generator_id": model.info.get("model_id"),
         "tokenizer_id": model.info.get("extra", {}).get("tokenizer_id"),
         "clips": clips,
         "splits": data["splits"],
-        "n": len(rows),
-        "seed": seed,
-        "sampling": {"steps": steps or sampling.steps,
-                     "guidance": sampling.guidance if guidance is None else guidance,
+        "n": len(data["clip_id"]),
+        "views": {v: views.count(v) for v in sorted(set(views))},
+        "seed": opts.seed,
+        "samples_per_clip": opts.samples_per_clip,
+        "seeds": "clip i, sample s: seed + i * samples_per_clip + s; the swapped generation of clip i "
+                 "uses seed + i * samples_per_clip",
+        "sampling": {"steps": opts.steps or sampling.steps,
+                     "guidance": sampling.guidance if opts.guidance is None else opts.guidance,
                      "temperature": sampling.temperature, "schedule": sampling.schedule},
-        "tokenizer_reconstruction": {"mse": _mean(col("recon_mse")), "mae": _mean(col("recon_mae")),
-                                     "psnr": psnr_mean("recon_psnr"), "ssim": _mean(col("recon_ssim"))},
-        "generation": {"ssim": _mean(col("gen_ssim")), "psnr": psnr_mean("gen_psnr"),
-                       "mse": _mean(col("gen_mse")),
-                       "note": "vs the real clip with the same ECG and first frame; frames after the "
-                               "given first frame"},
+        "protocol": opts.protocol,
     }
-    control = {"matched": _mean(col("sync_matched")), "real": _mean(col("sync_real"))}
-    if len(rows) >= 2:
-        control.update(shuffled=_mean(col("sync_shuffled")), swapped=_mean(col("sync_swapped")))
+
+
+def _sections(row: dict[str, dict[str, Any]], count: int) -> dict[str, Any]:
+    """The ``all`` row as the report's headline sections (means only; counts are in per_view)."""
+    def pick(prefix: str) -> dict[str, float]:
+        return {k[len(prefix):]: v["mean"] for k, v in row.items() if k.startswith(prefix)}
+
+    control = pick("ecg_sync_")
+    if "shuffled" in control:
         control["matched_minus_shuffled"] = control["matched"] - control["shuffled"]
     else:
         control["shuffled"] = NOT_COMPUTED + " (needs at least 2 clips)"
-    control["note"] = ("Pearson r of cavity area vs the ECG-implied volume curve (ED at R-peaks); "
-                       "matched: generated vs its own ECG; shuffled: vs another clip's ECG (chance); "
-                       "swapped: generated from another clip's ECG, vs that ECG; real: real clips")
-    report["ecg_control"] = control
-    with_ef = [r for r in rows if r.get("ef_true") is not None]
-    if with_ef:
-        def err(key: str, ref: str = "ef_true") -> float:
-            return _mean([abs(r[key] - r[ref]) for r in with_ef])
+    return {"tokenizer_reconstruction": pick("recon_"),
+            "generation": {**pick("gen_"), "note": TERMS["generation"]},
+            "ecg_control": control}
 
-        report["ef"] = {
-            "clips": len(with_ef),
-            "mae_generated": err("ef_generated_estimate"),
-            "mae_real_estimate": err("ef_real_estimate"),
-            "mae_generated_vs_real_estimate": err("ef_generated_estimate", "ef_real_estimate"),
-            "note": "EF from LV cavity area (V = A^1.5) of each clip; mae_real_estimate is the "
-                    "estimator's own error on the real clips (its floor)",
-        }
-    else:
-        report["ef"] = {"status": NOT_COMPUTED, "reason": "no clip has a known EF"}
-    return report
+
+def _per_clip(data: dict[str, Any], values: dict[str, np.ndarray], real_ef, gen_ef) -> list[dict[str, Any]]:
+    rows = []
+    for i, cid in enumerate(data["clip_id"]):
+        row = {"clip_id": cid, "split": data["split"][i], "view": data["view"][i]}
+        row.update({k: float(v[i]) for k, v in values.items()})
+        row["ef_true"] = None if math.isnan(data["ef"][i]) else float(data["ef"][i] * 100)
+        row["ef_real_estimate"] = float(real_ef[i])
+        row["ef_generated_estimates"] = [float(x) for x in gen_ef[i]]
+        rows.append(row)
+    return rows
+
+
+def _figures(out: str, data: dict[str, Any], real: np.ndarray, generated: np.ndarray) -> dict[str, str]:
+    """One real-vs-generated strip per view (its first clip), with the ECG under it."""
+    from echopulse.report_figures import strip_figure
+
+    directory = Path(out) / "figures"
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for view in sorted(set(data["view"])):
+        i = data["view"].index(view)
+        safe = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in view)
+        paths[view] = strip_figure(real[i], generated[i, 0], data["ecg"][i], data["fps"][i],
+                                   f"{view}: real (top) vs generated (bottom)",
+                                   str(directory / f"strip_{safe}.png"), lead_mask=data["ecg_leads"][i])
+    return paths
+
+
+# ---- report -------------------------------------------------------------------------------------
 
 
 def _json_safe(value: Any) -> Any:
@@ -302,37 +587,75 @@ def _fmt(value: Any) -> str:
 
 
 def format_markdown(report: dict[str, Any]) -> str:
-    """The report as a short Markdown document."""
+    """The report as a Markdown document: headline, per-view table with counts, EF, FID/FVD,
+    memorization, figures, terms."""
     lines = [
         "# EchoPulse evaluation",
         "",
         f"- checkpoint: `{report['checkpoint']}` (generator {report['generator_id']}, "
         f"tokenizer {report['tokenizer_id']})",
-        f"- clips: `{report['clips']}`, {report['n']} clips from split(s) {', '.join(report['splits'])}",
-        f"- sampling: {', '.join(f'{k} {v}' for k, v in report['sampling'].items())}; seed {report['seed']}",
+        f"- clips: `{report['clips']}`, {report['n']} clips from split(s) {', '.join(report['splits'])}; "
+        f"views {', '.join(f'{k} {v}' for k, v in report['views'].items())}",
+        f"- sampling: {', '.join(f'{k} {v}' for k, v in report['sampling'].items())}; seed {report['seed']}, "
+        f"{report['samples_per_clip']} sample(s) per clip ({report['seeds']})",
         "",
-        "| section | metric | value |",
-        "| --- | --- | --- |",
+        "## Per view (mean; used / dropped clips)",
+        "",
     ]
-    for section in ("tokenizer_reconstruction", "generation", "ecg_control", "ef", "fid", "fvd"):
-        for key, value in report[section].items():
-            if key in ("note", "reason"):
-                continue
-            lines.append(f"| {section} | {key} | {_fmt(value)} |")
-    lines.append("")
-    for section in ("generation", "ecg_control", "ef", "fid", "fvd"):
-        note = report[section].get("note") or report[section].get("reason")
-        if note:
-            lines.append(f"- {section}: {note}")
+    views = list(report["per_view"])
+    lines += ["| metric | " + " | ".join(views) + " |", "| --- |" + " --- |" * len(views)]
+    for name in report["per_view"][ALL]:
+        cells = [f"{_fmt(report['per_view'][v][name]['mean'])} ({report['per_view'][v][name]['used']}/"
+                 f"{report['per_view'][v][name]['dropped']})" for v in views]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    ef = report["ef"]
+    lines += ["", f"## EF ({ef['estimator']}; {ef['units']})", "",
+              "| view | clips (known EF / unknown) | estimator on real R² / MAE / RMSE | generated, mean over "
+              f"samples R² / MAE / RMSE | generated, best of {ef['best_of_k']} R² / MAE / RMSE |",
+              "| --- | --- | --- | --- | --- |"]
+    for view in views:
+        if view not in ef:
+            continue
+        e = ef[view]
+
+        def trio(d: dict[str, float]) -> str:
+            return " / ".join(_fmt(d[k]) for k in ("r2", "mae", "rmse"))
+
+        best = e["generated_best_of_" + str(ef["best_of_k"])]
+        lines.append(f"| {view} | {e['clips_with_known_ef']} / {e['clips_without_ef']} | {trio(e['real'])} | "
+                     f"{trio(e['generated_mean_over_samples'])} | {trio(best)} |")
+    lines += ["", f"## FID / FVD (protocol {report['protocol']})", ""]
+    for name in ("fid", "fvd"):
+        sec = report[name]
+        if "value" in sec:
+            counts = ", ".join(f"{k} {v}" for k, v in sec.items() if k not in ("value", "protocol", "per_view"))
+            lines.append(f"- {name.upper()}: {_fmt(sec['value'])} ({sec['protocol']}; {counts})")
+        else:
+            lines.append(f"- {name.upper()}: {sec.get('status')} ({sec.get('reason')})")
+        for view, v in sec.get("per_view", {}).items():
+            lines.append(f"  - {view}: {_fmt(v['value']) if 'value' in v else v.get('reason')}")
+    mem = report["memorization"]
+    lines += ["", "## Memorization", ""]
+    if "share_closer_than_heldout" in mem:
+        lines.append(f"- {mem['space']} space: {_fmt(mem['share_closer_than_heldout'])} of "
+                     f"{mem['generated_clips']} generated clips flagged (threshold {_fmt(mem['threshold'])}, "
+                     f"{mem['train_clips']} training clips, {mem['heldout_clips']} held-out)")
+        for f in mem["flagged"][:20]:
+            lines.append(f"  - `{f['generated']}` near training clip `{f['nearest_train']}` ({_fmt(f['distance'])})")
+    else:
+        lines.append(f"- {mem.get('status')} ({mem.get('reason')})")
+    if report.get("figures"):
+        lines += ["", "## Real vs generated", ""]
+        for view, path in report["figures"].items():
+            lines += [f"### {view}", "", f"![{view}]({path})", ""]
+    lines += ["", "## Terms", ""]
+    lines += [f"- **{k}**: {v}" for k, v in report["terms"].items()]
     lines.append("")
     return "\n".join(lines)
 
 
 def write_report(report: dict[str, Any], out: str) -> dict[str, str]:
     """Write ``report.json`` and ``report.md`` under ``out`` (each via a temporary file)."""
-    import os
-    import tempfile
-
     directory = Path(out)
     directory.mkdir(parents=True, exist_ok=True)
     paths = {}
@@ -347,13 +670,24 @@ def write_report(report: dict[str, Any], out: str) -> dict[str, str]:
 
 
 def flat_metrics(report: dict[str, Any]) -> dict[str, float]:
-    """The report's numbers as flat MLflow metric names (finite values only)."""
+    """Every finite number of the report as a flat MLflow metric name (``view/metric``, ``ef/...``)."""
     out: dict[str, float] = {}
-    prefixes = {"tokenizer_reconstruction": "recon", "generation": "gen", "ecg_control": "ecg_sync",
-                "ef": "ef", "fid": "fid", "fvd": "fvd"}
-    for section, prefix in prefixes.items():
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}/{k}" if prefix else str(k), v)
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            out[prefix.replace(" ", "_").replace("#", "_")] = float(value)
+
+    for section in ("per_view", "ef", "fid", "fvd"):
+        walk(section, report.get(section, {}))
+    mem = report.get("memorization", {})
+    walk("memorization", {k: v for k, v in mem.items() if k != "flagged"})
+    for section, prefix in (("tokenizer_reconstruction", "recon"), ("generation", "gen"),
+                            ("ecg_control", "ecg_sync")):
         for key, value in report.get(section, {}).items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            if isinstance(value, (int, float)) and math.isfinite(value):
                 out[f"{prefix}_{key}"] = float(value)
     return out
 
@@ -362,10 +696,12 @@ def _log_to_mlflow(report: dict[str, Any], paths: dict[str, str], tracking_uri: 
     from echopulse.tracking import tracked_run
 
     params = {"checkpoint": report["checkpoint"], "clips": report["clips"], "n": report["n"],
-              "seed": report["seed"], "sampling": report["sampling"],
-              "generator_id": report["generator_id"]}
+              "seed": report["seed"], "samples_per_clip": report["samples_per_clip"],
+              "sampling": report["sampling"], "protocol": report["protocol"],
+              "generator_id": report["generator_id"], "tokenizer_id": report["tokenizer_id"]}
     with tracked_run(tracking_uri, "evaluate", params=params) as run:
         run.log_metrics(flat_metrics(report), step=0)
-        for path in paths.values():
-            run.log_artifact(path, "evaluation")
         report["mlflow_run_id"] = run.run_id
+        for key, path in paths.items():
+            run.log_artifact(path, "evaluation/figures" if key.startswith("fig-") else "evaluation")
+
