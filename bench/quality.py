@@ -9,12 +9,11 @@ out, and the ``demo`` recipe's tokenizer and generator are trained with plain lo
 - tokenizer reconstruction: PSNR (dB, the mean of per-clip PSNR) and SSIM of decode(encode(clip));
 - ECG control (``echopulse.metrics.ecg_sync_score``: correlation between the clip's LV cavity-area
   curve and the LV volume curve its ECG implies). Each held-out clip is generated twice from its
-  real first frame: once with its own ECG and once with another held-out study's ECG.
-  ``ecg_sync_matched`` scores the first against the clip's ECG; ``ecg_sync_shuffled`` scores the
-  second against the clip's ECG (what its motion would follow if the generator ignored the ECG and
-  copied the first frame's phase). Also reported: ``ecg_sync_swapped`` (the second against the ECG
-  it was given), ``ecg_sync_chance`` (the first against the other study's ECG), and the same score
-  on the real clips and on their tokenizer reconstructions (the ceilings on this data).
+  real first frame: once with its own ECG and once with another held-out study's ECG. The scores
+  (matched, shuffled, swapped, chance, real, reconstructed) and pixel fidelity come from the
+  evaluation core, ``echopulse.evaluate`` (``ecg_control``, ``fidelity``), and mean what its
+  ``TERMS`` say: ``ecg_sync_shuffled`` is the clip generated from the other study's ECG scored
+  against the clip's own ECG (what its motion would follow if the generator ignored the ECG).
 
     .venv/bin/python bench/quality.py --json bench_quality.json
     .venv/bin/python bench/quality.py --quick             # a smoke run, under 2 minutes
@@ -114,20 +113,6 @@ def load_clips(path: Path) -> dict:
                 split, name = key.split("__", 1)
                 out[split][name] = z[key]
     return out
-
-
-def shuffled_partner(studies: np.ndarray) -> np.ndarray:
-    """For each clip, a clip of another study: the same position within the next study (cyclic)."""
-    order = sorted(set(studies.tolist()))
-    if len(order) < 2:
-        raise ValueError("shuffled ECGs need at least two held-out studies")
-    by_study = {s: np.flatnonzero(studies == s) for s in order}
-    partner = np.empty(len(studies), dtype=np.int64)
-    for k, s in enumerate(order):
-        other = by_study[order[(k + 1) % len(order)]]
-        for pos, i in enumerate(by_study[s]):
-            partner[i] = other[pos % len(other)]
-    return partner
 
 
 # ---- training -----------------------------------------------------------------------------------
@@ -232,12 +217,6 @@ def generate(generator, tokenizer, ecg: np.ndarray, prime, steps: int, guidance:
     return np.concatenate(out)
 
 
-def sync_scores(videos: np.ndarray, ecg: np.ndarray, fps: np.ndarray, hr: np.ndarray) -> np.ndarray:
-    from echopulse.metrics import ecg_sync_score
-
-    return np.asarray([ecg_sync_score(v, e, f, heart_rate_bpm=h) for v, e, f, h in zip(videos, ecg, fps, hr)])
-
-
 def pixel_scores(videos: np.ndarray, ecg: np.ndarray, fps: np.ndarray) -> np.ndarray:
     """The phantom-free ECG-control score (``echopulse.metrics.pixel_ecg_control``) per clip:
     heart rate and beat phase from the pixels' motion alone. A one-window clip (about a beat)
@@ -339,7 +318,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    from echopulse.metrics import psnr, ssim
+    from echopulse.evaluate import ecg_control, fidelity, partners
     from echopulse.models.generator import MaskGIT
     from echopulse.models.tokenizer import VideoTokenizer
     from echopulse.training.steps import generator_train_step, tokenizer_train_step
@@ -407,8 +386,8 @@ def main(argv=None) -> int:
     t = time.perf_counter()
     held_ids, recon = reconstruct(tokenizer, held["frames"])
     train_ids, _ = reconstruct(tokenizer, train["frames"])
-    tok_psnr = nanmean([psnr(r, x) for r, x in zip(recon, held["frames"])])
-    tok_ssim = nanmean([ssim(r, x) for r, x in zip(recon, held["frames"])])
+    tok_scores = fidelity(recon, held["frames"], device=device)
+    tok_psnr, tok_ssim = nanmean(tok_scores["psnr"]), nanmean(tok_scores["ssim"])
     seconds["tokenize"] = time.perf_counter() - t
     log.info("tokenizer on held-out clips: PSNR %.2f dB, SSIM %.3f", tok_psnr, tok_ssim)
 
@@ -437,26 +416,21 @@ def main(argv=None) -> int:
     # ECG control on held-out studies
     t = time.perf_counter()
     generator.eval()
-    partner = shuffled_partner(held["study"])
+    partner = partners(held["study"])
     prime = None if args.no_prime else held_ids[:, :1]
     own_ecg, other_ecg = held["ecg"], held["ecg"][partner]
-    own_hr, other_hr, fps = held["heart_rate_bpm"], held["heart_rate_bpm"][partner], np.asarray(held["fps"])
+    own_hr, fps = held["heart_rate_bpm"], np.asarray(held["fps"])
     matched = generate(generator, tokenizer, own_ecg, prime, s_steps, guidance, temperature, args.seed)
     swapped = generate(generator, tokenizer, other_ecg, prime, s_steps, guidance, temperature, args.seed)
-    scores = {
-        "ecg_sync_matched": sync_scores(matched, own_ecg, fps, own_hr),
-        "ecg_sync_shuffled": sync_scores(swapped, own_ecg, fps, own_hr),
-        "ecg_sync_swapped": sync_scores(swapped, other_ecg, fps, other_hr),
-        "ecg_sync_chance": sync_scores(matched, other_ecg, fps, other_hr),
-        "ecg_sync_real": sync_scores(held["frames"], own_ecg, fps, own_hr),
-        "ecg_sync_reconstructed": sync_scores(recon, own_ecg, fps, own_hr),
-        # phantom-free: rate and phase from the pixels' motion, no volume model
-        "pixel_ecg_control_matched": pixel_scores(matched, own_ecg, fps),
-        "pixel_ecg_control_shuffled": pixel_scores(swapped, own_ecg, fps),
-    }
+    control = ecg_control(matched, own_ecg, partner, fps, own_hr, swapped=swapped, real=held["frames"],
+                          reconstructed=recon)
+    scores = {f"ecg_sync_{k}": v for k, v in control.items()}
+    # phantom-free: rate and phase from the pixels' motion, no volume model
+    scores["pixel_ecg_control_matched"] = pixel_scores(matched, own_ecg, fps)
+    scores["pixel_ecg_control_shuffled"] = pixel_scores(swapped, own_ecg, fps)
     first = 0 if args.no_prime else 1  # a primed first frame is given, not generated
-    gen_psnr = nanmean([psnr(g[first:], x[first:]) for g, x in zip(matched, held["frames"])])
-    gen_ssim = nanmean([ssim(g[first:], x[first:]) for g, x in zip(matched, held["frames"])])
+    gen_scores = fidelity(matched, held["frames"], first=first, device=device)
+    gen_psnr, gen_ssim = nanmean(gen_scores["psnr"]), nanmean(gen_scores["ssim"])
     seconds["generate_and_score"] = time.perf_counter() - t
     seconds["total"] = time.perf_counter() - started
     seconds["cpu_total"] = time.process_time()

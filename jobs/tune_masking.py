@@ -5,8 +5,8 @@ copy) for ``recipe.tune.steps`` steps, with its training schedule, mask-ratio bo
 rate; ASHA can stop weak trials early on validation masked-token cross-entropy (at a fixed mask
 ratio, so it compares across schedules). A finished trial then generates a fixed validation subset
 at every ``sampling_steps`` value, primed with the real first frame and given the real ECG, and
-scores it against the tokenizer's reconstruction of the real clip (SSIM, PSNR), with the
-ECG-control score and seconds per clip.
+scores it against the tokenizer's reconstruction of the real clip (full-frame SSIM, PSNR) and its
+ECG-control score with the evaluation core (``echopulse.evaluate``), with seconds per clip.
 
 Outputs in OUT: ``trials.csv``, ``best_recipe.json`` (a recipe ``--recipe`` accepts),
 ``quality_vs_steps.png``, ``sweep.json`` (the MLflow parent run, for ``--resume``).
@@ -160,25 +160,26 @@ def generation_metrics(generator, tokenizer, subset: dict[str, np.ndarray], reci
     """
     import torch
 
-    from echopulse import metrics
+    from echopulse.evaluate import fidelity, sync_scores
 
     tokens = torch.as_tensor(np.asarray(subset["tokens"]).astype(np.int64))  # (n, t', h', w')
     ecg = torch.as_tensor(np.asarray(subset["ecg"]), dtype=torch.float32)  # (n, 12, L)
     s = recipe.sampling
     out: dict[str, float] = {}
     with torch.inference_mode():
-        reference = tokenizer.decode_from_indices(tokens).clamp(0, 1).numpy()  # (n, t, h, w)
+        reference = tokenizer.decode_from_indices(tokens).clamp(0, 1)  # (n, t, h, w)
         for k in sampling_steps:
             t0 = time.perf_counter()
             generated = generator.generate(ecg, steps=k, guidance=s.guidance,
                                            temperature=s.temperature, schedule=s.schedule, seed=0,
                                            prime_tokens=tokens[:, 0])
-            video = tokenizer.decode_from_indices(generated).clamp(0, 1).numpy()
+            video = tokenizer.decode_from_indices(generated).clamp(0, 1)
             seconds = (time.perf_counter() - t0) / len(tokens)
-            out[f"gen_ssim_steps{k}"] = float(np.mean([metrics.ssim(v, r) for v, r in zip(video, reference)]))
-            out[f"gen_psnr_steps{k}"] = float(np.mean([metrics.psnr(v, r) for v, r in zip(video, reference)]))
-            out[f"gen_ecg_sync_steps{k}"] = float(np.nanmean([
-                metrics.ecg_sync_score(v, e, recipe.clip.fps) for v, e in zip(video, ecg.numpy())]))
+            scores = fidelity(video, reference)  # batched on the model's device
+            out[f"gen_ssim_steps{k}"] = float(np.mean(scores["ssim"]))
+            out[f"gen_psnr_steps{k}"] = float(np.mean(scores["psnr"]))
+            sync = sync_scores(video.cpu().numpy(), ecg.numpy(), recipe.clip.fps)
+            out[f"gen_ecg_sync_steps{k}"] = float(np.nanmean(sync)) if np.isfinite(sync).any() else float("nan")
             out[f"gen_s_per_clip_steps{k}"] = seconds
     primary = s.steps if s.steps in sampling_steps else max(sampling_steps)
     for name in ("gen_ssim", "gen_psnr", "gen_ecg_sync", "gen_s_per_clip"):

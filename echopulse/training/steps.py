@@ -135,10 +135,10 @@ def tokenizer_val_step(model: nn.Module, batch: dict[str, Any]) -> tuple[dict[st
 
     Returns:
         ``(metrics, recon)``: the model's numeric metrics plus ``mse``, ``psnr`` (dB) and ``ssim``
-        (Gaussian window, :func:`echopulse.metrics.ssim`), each the mean over the batch's clips of
+        (Gaussian window, :func:`echopulse.fidelity.pair_metrics`), each the mean over the batch's clips of
         the per-clip value on the clamped reconstruction; ``recon`` is ``(b, t, h, w)`` in [0, 1].
     """
-    from echopulse import metrics as quality
+    from echopulse import fidelity as quality
 
     bare = unwrap(model)
     was_training = bare.training
@@ -153,9 +153,8 @@ def tokenizer_val_step(model: nn.Module, batch: dict[str, Any]) -> tuple[dict[st
     per_clip = (recon - video).pow(2).flatten(1).mean(dim=1)  # (b,)
     out["mse"] = per_clip.mean().item()
     out["psnr"] = (10 * torch.log10(1.0 / per_clip.clamp_min(1e-10))).mean().item()
-    a, b = video.cpu().numpy(), recon.cpu().numpy()
-    if min(a.shape[-2:]) >= 11:
-        out["ssim"] = sum(quality.ssim(x, y) for x, y in zip(a, b)) / len(a)
+    if min(video.shape[-2:]) >= 11:  # batched on the model's device
+        out["ssim"] = float(quality.pair_metrics(video, recon)["ssim"].mean())
     return out, recon
 
 

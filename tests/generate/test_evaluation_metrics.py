@@ -178,3 +178,33 @@ def test_partners_are_other_studies_and_summaries_count_dropped():
     assert table["all"]["x"] == {"mean": 3.0, "used": 3, "dropped": 1}
     assert table["A4C"]["x"] == {"mean": 1.0, "used": 1, "dropped": 1}
     assert table["A2C"]["x"]["mean"] == 4.0
+
+
+def test_tokenizer_validation_ssim_is_the_batched_core_and_matches_the_reference():
+    from echopulse.models.tokenizer import VideoTokenizer
+    from echopulse.training.steps import tokenizer_val_step
+    from jobs.recipes import tiny
+
+    torch.manual_seed(0)
+    model = VideoTokenizer(tiny().tokenizer)
+    frames = torch.as_tensor((np.random.default_rng(0).random((2, 5, 32, 32)) * 255).astype(np.uint8))
+    out, recon = tokenizer_val_step(model, {"frames": frames})
+    reference = np.mean([metrics.ssim(f.numpy() / 255.0, r.numpy()) for f, r in zip(frames, recon)])
+    assert out["ssim"] == pytest.approx(reference, abs=1e-5)
+
+
+def test_feature_distances_by_protocol_per_view():
+    from echopulse.evaluate import EvalOptions, _feature_distances
+
+    net = torch.jit.script(Moments())
+    rng = np.random.default_rng(5)
+    real = (rng.random((6, 16, 16, 16)) * 255).astype(np.uint8)
+    fake = np.stack([real, real // 2], axis=1)  # (6, 2 samples, T, H, W)
+    views = ["A4C"] * 4 + ["A2C"] * 2
+    peers = _feature_distances(EvalOptions(min_fvd_clips=4), real, fake, views, net, net, None)
+    assert peers["fvd"]["protocol"] == "stylegan-v fvd2048_16f" and peers["fvd"]["generated_clips"] == 12
+    assert peers["fvd"]["per_view"]["A4C"]["real_clips"] == 4
+    assert peers["fvd"]["per_view"]["A2C"]["status"] == "not computed"  # 2 clips < --min-fvd-clips 4
+    paper = _feature_distances(EvalOptions(protocol="echopulse-paper"), real, fake, views, net, None, None)
+    assert paper["fid"]["pairs"] == 12 and paper["fvd"]["protocol"].startswith("echopulse-paper")
+    assert paper["fvd"]["per_view"]["A2C"]["pairs"] == 4
