@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 
 NOT_COMPUTED = "not computed"
 ALL = "all"
+MEMORIZATION_PIXELS = 32  # pixel-space memorization compares clips area-averaged to this side
 FID_HELP = ("TorchScript Inception-v3 feature network for FID (the standard "
             "'inception-2015-12-05.pt' of StyleGAN3 / StyleGAN-V): called as "
             "net(uint8 images (N, 3, H, W), return_features=True) -> (N, 2048)")
@@ -82,8 +83,9 @@ TERMS = {
                          "(echopulse.metrics.ef_from_video): a heuristic for phantom clips, not a regressor",
     "used / dropped": "clips with a finite value / clips without one (no R-peak, no LV found, no known "
                       "EF, empty sector), per metric and view",
-    "memorization share": "the share of generated clips nearer (RMS) to a training clip than the nearest "
-                          "held-out real clip is to any training clip",
+    "memorization share": "the share of generated clips nearer (RMS, frames area-averaged to at most "
+                          "32 x 32, or tokenizer latents) to a training clip than the nearest held-out "
+                          "real clip is to any training clip",
 }
 
 
@@ -353,13 +355,16 @@ def _memorization(opts: EvalOptions, model, clips: str, data: dict[str, Any], ge
         raise EchoPulseError(f"--memorization-space must be pixel or latent, got {opts.memorization_space!r}")
 
     def embed(videos: np.ndarray) -> np.ndarray:
-        if opts.memorization_space == "pixel":
-            return videos.reshape(len(videos), -1).astype(np.float32) / 255.0
         out = []
         with torch.inference_mode():
             for k in range(0, len(videos), opts.batch):
                 x = torch.as_tensor(videos[k:k + opts.batch], device=model.device)
-                out.append(model.tokenizer.encode_continuous(x).flatten(1).float().cpu().numpy())
+                if opts.memorization_space == "pixel":  # area-averaged to at most 32 x 32: bounded memory
+                    side = min(MEMORIZATION_PIXELS, x.shape[-1])
+                    y = torch.nn.functional.adaptive_avg_pool2d(x.float() / 255.0, (side, side))
+                else:
+                    y = model.tokenizer.encode_continuous(x)
+                out.append(y.flatten(1).float().cpu().numpy())
         return np.concatenate(out)
 
     s = generated.shape[1]
