@@ -113,30 +113,30 @@ def test_evaluate_with_feature_networks_ef_model_and_memorization(tiny_checkpoin
     """The done-when run: FID/FVD/EF from TorchScript stand-ins with the standard calling conventions."""
     out = tmp_path / "eval"
     code = main(["evaluate", "--checkpoint", str(tiny_checkpoint), "--clips", str(clips_dataset),
-                 "--n", "3", "--out", str(out), "--samples-per-clip", "3",
+                 "--n", "2", "--out", str(out), "--samples-per-clip", "3",
                  "--fid-weights", standins["inception"], "--fvd-weights", standins["i3d"],
-                 "--ef-model", standins["ef"], "--min-fvd-clips", "3", "--fvd-frames", "5",
+                 "--ef-model", standins["ef"], "--min-fvd-clips", "2", "--fvd-frames", "5",
                  "--train-clips", str(train_clips)])
     assert code == EXIT_OK, capsys.readouterr().err
     report = json.loads((out / "report.json").read_text())
     fvd, fid = report["fvd"], report["fid"]
     assert fvd["value"] >= 0 and fvd["protocol"] == "stylegan-v fvd2048_5f"
-    assert fvd["real_clips"] == 3 and fvd["generated_clips"] == 9 and fvd["frames_per_clip"] == 5
-    assert fid["value"] >= 0 and fid["real_frames"] == 15 and fid["generated_frames"] == 45
+    assert fvd["real_clips"] == 2 and fvd["generated_clips"] == 6 and fvd["frames_per_clip"] == 5
+    assert fid["value"] >= 0 and fid["real_frames"] == 10 and fid["generated_frames"] == 30
     ef = report["ef"]
     assert ef["estimator"] == "regressor ef.pt" and ef["best_of_k"] == 3
     for key in ("real", "generated_mean_over_samples", "generated_best_of_3"):
         assert set(ef["all"][key]) == {"r2", "mae", "rmse", "clips"}
-    assert ef["all"]["generated_mean_over_samples"]["clips"] == 9
+    assert ef["all"]["generated_mean_over_samples"]["clips"] == 6
     assert ef["all"]["generated_best_of_3"]["mae"] <= ef["all"]["generated_mean_over_samples"]["mae"]
     mem = report["memorization"]
     # the held-out clips are themselves in the reference set here: nothing generated is nearer
-    assert mem["threshold"] == 0 and mem["share_closer_than_heldout"] == 0 and mem["generated_clips"] == 9
+    assert mem["threshold"] == 0 and mem["share_closer_than_heldout"] == 0 and mem["generated_clips"] == 6
     assert "A4C" in report["per_view"] and "sector_ssim" in report["generation"]
 
     # fewer real clips than --min-fvd-clips: refused in one line before anything is generated
     code = main(["evaluate", "--checkpoint", str(tiny_checkpoint), "--clips", str(clips_dataset),
-                 "--n", "3", "--out", str(tmp_path / "refused"), "--fvd-weights", standins["i3d"]])
+                 "--n", "2", "--out", str(tmp_path / "refused"), "--fvd-weights", standins["i3d"]])
     err = capsys.readouterr().err.strip()
     assert code == EXIT_BAD_INPUT and "--min-fvd-clips 256" in err and len(err.splitlines()) == 1, err
 
