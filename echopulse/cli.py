@@ -609,8 +609,9 @@ def add_generate_parser(sub, common: argparse.ArgumentParser) -> None:
 
 def add_evaluate_parser(sub, common: argparse.ArgumentParser) -> None:
     p = _command(sub, common, "evaluate", cmd_evaluate,
-                 "Evaluate a generator on clips/v1: tokenizer reconstruction, generation vs real, "
-                 "ECG control, EF error, FID/FVD (with weights files); report.json/.md + MLflow.")
+                 "Evaluate a generator on clips/v1, per view: in-sector and full-frame fidelity, ECG "
+                 "control, EF (regressor or phantom estimator), FID/FVD (StyleGAN-V or the paper's "
+                 "protocol, from weights files), memorization; report.json/.md + figures + MLflow.")
     p.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
     p.add_argument("--clips", required=True, help="clips/v1 dataset (ingest output) or URI")
     p.add_argument("--n", type=int, default=16, help="clips to evaluate, held-out first (default: %(default)s)")
