@@ -116,7 +116,7 @@ def test_evaluate_with_feature_networks_ef_model_and_memorization(tiny_checkpoin
                  "--n", "2", "--out", str(out), "--samples-per-clip", "3",
                  "--fid-weights", standins["inception"], "--fvd-weights", standins["i3d"],
                  "--ef-model", standins["ef"], "--min-fvd-clips", "2", "--fvd-frames", "5",
-                 "--train-clips", str(train_clips)])
+                 "--train-clips", str(train_clips), "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"])
     assert code == EXIT_OK, capsys.readouterr().err
     report = json.loads((out / "report.json").read_text())
     fvd, fid = report["fvd"], report["fid"]
