@@ -135,6 +135,7 @@ def test_evaluate_with_feature_networks_ef_model_and_memorization(tiny_checkpoin
     assert "A4C" in report["per_view"] and "sector_ssim" in report["generation"]
 
     # fewer real clips than --min-fvd-clips: refused in one line before anything is generated
+    capsys.readouterr()
     code = main(["evaluate", "--checkpoint", str(tiny_checkpoint), "--clips", str(clips_dataset),
                  "--n", "2", "--out", str(tmp_path / "refused"), "--fvd-weights", standins["i3d"]])
     err = capsys.readouterr().err.strip()
