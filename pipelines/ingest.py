@@ -55,11 +55,15 @@ class IngestSummary:
     clips: int
     out: str
     clips_without_ecg: int = 0
+    clips_ecg_synchronized: int = 0
+    clips_ecg_unsynchronized: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return {"inputs": self.inputs, "inputs_with_clips": self.inputs_with_clips,
                 "quarantined": self.quarantined, "clips": self.clips,
-                "clips_without_ecg": self.clips_without_ecg}
+                "clips_without_ecg": self.clips_without_ecg,
+                "clips_ecg_synchronized": self.clips_ecg_synchronized,
+                "clips_ecg_unsynchronized": self.clips_ecg_unsynchronized}
 
 
 def read_manifest(manifest: str) -> list[dict[str, Any]]:
@@ -153,7 +157,8 @@ def make_process_input_fn(clip: ClipConfig, base_dir: str, out: str, salt: str |
             ingest_one = make_ingest_fn(clip, base_dir=base_dir, salt=salt, options=options)
         manifest_row = {k: v for k, v in row.items() if k != "_key"}
         outcome = {"_key": row["_key"], "echo": str(row.get("echo")), "ecg": str(row.get("ecg")),
-                   "clips": 0, "clips_without_ecg": 0, "stage": "", "error": "", "detail": ""}
+                   "clips": 0, "clips_without_ecg": 0, "clips_ecg_synchronized": 0,
+                   "stage": "", "error": "", "detail": ""}
         try:
             clips = ingest_one(manifest_row)
             if not clips:
@@ -165,6 +170,7 @@ def make_process_input_fn(clip: ClipConfig, base_dir: str, out: str, salt: str |
                 pq.write_table(table, f)
             outcome["clips"] = len(clips)
             outcome["clips_without_ecg"] = sum(1 for c in clips if c["ecg_source"] == NO_ECG)
+            outcome["clips_ecg_synchronized"] = sum(1 for c in clips if c["ecg_sync"])
         except IngestError as exc:
             outcome.update(stage=exc.stage, error=str(exc), detail=exc.detail or "")
         except Exception as exc:  # an unexpected failure is quarantined too, with its type
@@ -270,6 +276,9 @@ def run_ingest(
         clips=sum(o["clips"] for o in ordered),
         out=out,
         clips_without_ecg=sum(o.get("clips_without_ecg", 0) for o in ordered),
+        clips_ecg_synchronized=sum(o.get("clips_ecg_synchronized", 0) for o in ordered),
+        clips_ecg_unsynchronized=sum(o["clips"] - o.get("clips_without_ecg", 0)
+                                     - o.get("clips_ecg_synchronized", 0) for o in ordered),
     )
     storage.write_text(storage.join(out, "summary.json"), json.dumps(summary.as_dict(), indent=2))
     write_dataset_info(out, CLIPS_SCHEMA, {"clip": to_dict(clip)}, summary.as_dict())

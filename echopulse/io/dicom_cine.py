@@ -1,4 +1,4 @@
-"""The one writer of 8-bit grayscale multi-frame ultrasound cines (generated videos, the phantom)."""
+"""The one writer of 8-bit multi-frame ultrasound cines (generated videos, the phantom): grey, or RGB."""
 
 from __future__ import annotations
 
@@ -30,7 +30,8 @@ def set_cine_pixel_module(ds: Dataset, rows: int, cols: int, n_frames: int, fps:
 
 def write_cine(path: Any, frames: np.ndarray, fps: float, *, uids: dict[str, str], date: str, time: str,
                attributes: dict[str, Any]) -> None:
-    """Write ``frames`` (uint8 ``(n, rows, cols)``) as an explicit-VR little-endian US multi-frame file.
+    """Write ``frames`` (uint8 ``(n, rows, cols)``, or ``(n, rows, cols, 3)`` RGB) as an explicit-VR
+    little-endian US multi-frame file.
 
     Args:
         path: output file.
@@ -41,7 +42,7 @@ def write_cine(path: Any, frames: np.ndarray, fps: float, *, uids: dict[str, str
         attributes: every other attribute by keyword (manufacturer, patient and study modules,
             image type, ...), set after the common ones.
     """
-    n_frames, rows, cols = frames.shape
+    n_frames, rows, cols = frames.shape[:3]
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = US_MULTIFRAME_SOP_CLASS
     meta.MediaStorageSOPInstanceUID = uids["sop"]
@@ -61,5 +62,7 @@ def write_cine(path: Any, frames: np.ndarray, fps: float, *, uids: dict[str, str
     for keyword, value in attributes.items():
         setattr(ds, keyword, value)
     set_cine_pixel_module(ds, rows, cols, n_frames, fps)
+    if frames.ndim == 4:  # colour, as a scanner saves a cine with its coloured ECG strip
+        ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, "RGB", 0
     ds.PixelData = np.ascontiguousarray(frames, dtype=np.uint8).tobytes()
     ds.save_as(path, enforce_file_format=True, implicit_vr=False, little_endian=True)

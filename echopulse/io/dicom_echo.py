@@ -27,7 +27,7 @@ class EchoReadError(ValueError):
 
 
 def read_echo_dicom(
-    path: str | Path, max_decoded_bytes: int = MAX_DECODED_BYTES
+    path: str | Path, max_decoded_bytes: int = MAX_DECODED_BYTES, keep_color: bool = False
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """Read a multi-frame ultrasound cine.
 
@@ -40,13 +40,15 @@ def read_echo_dicom(
     Args:
         path: a DICOM file (local path or remote URI).
         max_decoded_bytes: the most memory the decoded frames may take.
+        keep_color: also return the colour frames as decoded (for the on-screen ECG trace).
 
     Returns:
         ``frames`` uint8 (T, H, W) grayscale, and metadata with ``fps``, ``region`` ((x0, y0, x1, y1)
         inclusive from the first 2-D item of SequenceOfUltrasoundRegions, else the first item, else
         None), ``study_uid``, ``sop_uid``, ``n_frames``, ``photometric``, ``transfer_syntax``,
         ``has_waveform`` (an ECG Waveform Sequence is embedded) and ``start`` (acquisition time as a
-        naive local ``datetime``, or None). The UIDs and ``start`` are for hashing and alignment
+        naive local ``datetime``, or None), and with ``keep_color`` ``color_frames`` ((T, H, W, 3)
+        as decoded: RGB, or YBR as ``photometric`` says; None for a grey file). The UIDs and ``start`` are for hashing and alignment
         only; they must never be written out.
 
     Raises:
@@ -59,10 +61,11 @@ def read_echo_dicom(
     if not storage.exists(shown):
         raise EchoReadError(f"{shown}: file not found")
     with storage.local_path(shown) as local:
-        return _read_local(local, shown, max_decoded_bytes)
+        return _read_local(local, shown, max_decoded_bytes, keep_color)
 
 
-def _read_local(path: Path, shown: str, max_decoded_bytes: int) -> tuple[np.ndarray, dict[str, Any]]:
+def _read_local(path: Path, shown: str, max_decoded_bytes: int,
+                keep_color: bool = False) -> tuple[np.ndarray, dict[str, Any]]:
     import pydicom
     from pydicom.errors import InvalidDicomError
 
@@ -95,6 +98,9 @@ def _read_local(path: Path, shown: str, max_decoded_bytes: int) -> tuple[np.ndar
     except Exception as exc:
         reason = f"{type(exc).__name__}: {exc}"
         raise EchoReadError(f"{shown}: pixel data could not be decoded ({reason})") from None
+    color = frames if keep_color and int(ds.get("SamplesPerPixel", 1)) == 3 else None
+    if color is not None and color.ndim == 3:
+        color = color[None]
     frames = _to_gray_uint8(frames, ds, n_frames)
     syntax = getattr(ds, "file_meta", {}).get("TransferSyntaxUID", "")
     meta = {
@@ -108,6 +114,8 @@ def _read_local(path: Path, shown: str, max_decoded_bytes: int) -> tuple[np.ndar
         "has_waveform": bool(ds.get("WaveformSequence")),
         "start": acquisition_start(ds),
     }
+    if keep_color:
+        meta["color_frames"] = color
     log.debug("read echo %s: %d frames at %.1f fps", path.name, frames.shape[0], fps)
     return frames, meta
 
