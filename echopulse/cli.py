@@ -59,7 +59,8 @@ def _print_json(data: Any) -> None:
 def cmd_synth(args: argparse.Namespace) -> int:
     from echopulse.synth.phantom import write_corpus
 
-    manifest = write_corpus(args.out, studies=args.studies, seed=args.seed, duration_s=args.seconds)
+    manifest = write_corpus(args.out, studies=args.studies, seed=args.seed, duration_s=args.seconds,
+                            screen_trace=not args.no_screen_trace, screen_only_every=args.screen_only_every)
     print(f"wrote {args.studies} phantom studies; manifest: {manifest}")
     return EXIT_OK
 
@@ -100,7 +101,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                           freeze=args.freeze_ecg or ecg.freeze)
             recipe = replace(recipe, generator=replace(recipe.generator, ecg=ecg))
         result = train_generator(args.tokens, args.tokenizer, args.out, recipe, _tracking(args),
-                                 workers=args.workers, use_gpu=use_gpu)
+                                 workers=args.workers, use_gpu=use_gpu,
+                                 allow_unsynchronized=args.allow_unsynchronized)
     _print_json(summarize(args.model, result))
     return EXIT_OK
 
@@ -343,6 +345,11 @@ def add_synth_parser(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("--studies", type=int, default=8, help="number of studies (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     p.add_argument("--seconds", type=float, default=4.0, help="study length (default: %(default)s)")
+    p.add_argument("--no-screen-trace", action="store_true",
+                   help="do not draw the ECG strip (lead II, sweep mode) under each echo")
+    p.add_argument("--screen-only-every", type=int, default=0, metavar="N",
+                   help="every N-th study gets no WFDB file: its on-screen trace is its only ECG "
+                        "(manifest ecg 'screen'; default: %(default)s, none)")
 
 
 def add_ingest_parser(sub, common: argparse.ArgumentParser) -> None:
@@ -387,6 +394,9 @@ def add_train_parser(sub, common: argparse.ArgumentParser) -> None:
                                 "encoder must have its size: dim 384, depth 12, heads 6 for ViT-S)")
             p.add_argument("--freeze-ecg", action="store_true",
                            help="keep the ECG encoder's weights fixed while the rest trains")
+            p.add_argument("--allow-unsynchronized", action="store_true",
+                           help="also train on clips whose ECG was not recorded with the echo "
+                                "(ecg_sync false: paired only by patient and nearest time)")
         p.add_argument("--out", required=True,
                        help="output directory or URI (s3://bucket/prefix: Ray Train's checkpoints "
                             "go under OUT/ray/, the same command again resumes from there)")

@@ -201,7 +201,14 @@ def test_embedded_waveform_apple_watch_and_no_ecg(corpus, tmp_path):
     assert clips and clips[0]["ecg_source"] == "apple_health" and sum(clips[0]["ecg_leads"]) == 1
     assert "Alex" not in json.dumps([c["provenance"] for c in clips])
 
-    bare = pydicom.dcmread(root / rows[0]["echo"])
+    # no Waveform Sequence and no ECG named: the trace on the phantom's screen is read
+    clips = make_ingest_fn(CLIP, str(root))({"echo": rows[0]["echo"]})
+    assert clips and all(c["ecg_source"] == "screen" and c["ecg_sync"] for c in clips)
+    bare = pydicom.dcmread(root / rows[0]["echo"])  # the same cine in grey, no strip: no ECG at all
+    grey = bare.pixel_array[:, : bare.SequenceOfUltrasoundRegions[0].RegionLocationMaxY1 + 1, :, 0]
+    bare.Rows, bare.SamplesPerPixel, bare.PhotometricInterpretation = grey.shape[1], 1, "MONOCHROME2"
+    del bare.PlanarConfiguration
+    bare.PixelData = grey.tobytes()
     bare.save_as(tmp_path / "bare.dcm")
     clips = make_ingest_fn(CLIP, str(root))({"echo": str(tmp_path / "bare.dcm")})
     assert clips and all(c["ecg_source"] == "none" and not any(c["ecg_leads"]) and not c["ecg"].any()
