@@ -38,6 +38,7 @@ class TraceStyle:
         px_per_mv: vertical gain.
         label: lead name written at the strip's left (grey text), "" for none.
         start_phase: where the sweep cursor is at frame 0, as a fraction of the width.
+        baseline: height of the zero line, as a fraction of the strip from its top.
     """
 
     mode: str = "sweep"
@@ -49,6 +50,7 @@ class TraceStyle:
     px_per_mv: float = 8.0
     label: str = "II"
     start_phase: float = 0.3
+    baseline: float = 0.6
 
 
 @dataclass
@@ -114,7 +116,8 @@ def _column_envelopes(times: np.ndarray, values: np.ndarray, edges: np.ndarray) 
 
 
 def draw_screen_trace(frames: np.ndarray, fps: float, ecg: SimulatedECG, seed: int,
-                      style: TraceStyle = TraceStyle()) -> ScreenTrace:
+                      style: TraceStyle = TraceStyle(),
+                      signal: tuple[np.ndarray, np.ndarray] | None = None) -> ScreenTrace:
     """Draw the strip under a grey cine.
 
     Args:
@@ -123,19 +126,23 @@ def draw_screen_trace(frames: np.ndarray, fps: float, ecg: SimulatedECG, seed: i
         ecg: the study's ECG (sample 0 at frame 0).
         seed: seed of the earlier record drawn as history.
         style: the strip's look and display mode.
+        signal: (times in s on the echo's clock, values in mV) to draw instead of the ECG's lead II
+            (a respiration trace, a flat line); it must start ``style.sweep_s`` before frame 0.
     """
     if style.mode not in ("sweep", "scroll"):
         raise ValueError(f"mode must be 'sweep' or 'scroll', got {style.mode!r}")
     n, rows, cols = frames.shape
     px_per_s = cols / style.sweep_s
     times, values, peaks = lead_with_history(ecg, style.sweep_s + 0.5, seed)
+    if signal is not None:
+        times, values, peaks = np.asarray(signal[0]), np.asarray(signal[1]), np.zeros(0)
     # the tape: unwrapped column u spans positions [u, u + 1), position c0 + px_per_s * t
     c0 = style.start_phase * cols
     u_lo = int(np.floor(c0 + px_per_s * times[0])) + 1
     u_hi = int(np.floor(c0 + px_per_s * (n - 1) / fps))
     u = np.arange(u_lo, u_hi + 1)
     env_min, env_max = _column_envelopes(times, values, (np.append(u, u_hi + 1) - c0) / px_per_s)
-    baseline = style.strip_rows * 0.6
+    baseline = style.strip_rows * style.baseline
     y_top = np.clip(np.round(baseline - env_max * style.px_per_mv), 0, style.strip_rows - 1).astype(int)
     y_bot = np.clip(np.round(baseline - env_min * style.px_per_mv), 0, style.strip_rows - 1).astype(int)
 

@@ -300,13 +300,11 @@ def to_uniform(trace: RecoveredTrace, fs: float) -> tuple[np.ndarray, float]:
 
 
 def qrs_share(sig: np.ndarray, fs: float) -> float:
-    """Share of a signal's variation in the 8-20 Hz band: high for an ECG (QRS complexes), near zero
-    for a respiration or pressure trace."""
-    from echopulse.transforms.ecg import bandpass
-
+    """Share of a signal's variation (its whole spread, slow waves included) in the 8-20 Hz band:
+    high for an ECG (QRS complexes), near zero for a respiration or pressure trace."""
     if len(sig) < int(fs):
         return 0.0
-    wide = bandpass(sig, fs, 0.67, min(40.0, 0.45 * fs)).std()
+    wide = sps.detrend(np.asarray(sig, dtype=np.float64)).std()
     if wide <= 0:
         return 0.0
     sos = sps.butter(2, [8.0, min(20.0, 0.45 * fs)], btype="bandpass", fs=fs, output="sos")
