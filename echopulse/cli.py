@@ -71,7 +71,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
     clip = clip_for_mode(_recipe(args.recipe).clip, args.clip_mode, seconds=args.seconds, fps=args.fps)
     options = IngestOptions(clip_mode=args.clip_mode, allow_roots=tuple(args.allow_root or ()),
-                            ecg_fs=args.ecg_fs)
+                            ecg_fs=args.ecg_fs, screen_ecg=not args.no_screen_ecg)
     summary = run_ingest(args.manifest, args.out, clip, salt=args.salt, resume=args.resume,
                          options=options)
     _print_json({**summary.as_dict(), "out": summary.out})
@@ -373,6 +373,9 @@ def add_ingest_parser(sub, common: argparse.ArgumentParser) -> None:
                    help="a folder outside the manifest's that ../ paths may land in (repeatable)")
     p.add_argument("--ecg-fs", type=float, default=None,
                    help="sampling rate of CSV/NPY ECGs whose manifest row has no ecg_fs")
+    p.add_argument("--no-screen-ecg", action="store_true",
+                   help="for rows with an empty ecg, do not read the ECG trace drawn on screen "
+                        "(rows with ecg 'screen' still do)")
     storage_flags(p)
 
 

@@ -72,6 +72,8 @@ class IngestOptions:
         ecg_fs: sampling rate of CSV/NPY ECGs whose row has no ``ecg_fs``.
         max_decoded_bytes: the most memory one echo's decoded frames may take.
         mask_sector: zero everything outside the moving sector after the crop.
+        screen_ecg: for a row that names no ECG on an echo without a Waveform Sequence, read the
+            ECG trace drawn on screen when there is one (``ecg`` = ``screen`` always reads it).
     """
 
     clip_mode: str = "window"
@@ -79,6 +81,7 @@ class IngestOptions:
     ecg_fs: float | None = None
     max_decoded_bytes: int = MAX_DECODED_BYTES
     mask_sector: bool = True
+    screen_ecg: bool = True
 
     def __post_init__(self) -> None:
         if self.clip_mode not in CLIP_MODES:
@@ -193,7 +196,7 @@ def make_ingest_fn(clip: ClipConfig, base_dir: str, salt: str | None = None,
         echo_path = resolve_input(base_dir, echo_uri, options.allow_roots)
         ecg_path = resolve_input(base_dir, ecg_uri, options.allow_roots) if ecg_uri and not screen else ""
 
-        frames, echo_meta = _read_echo(row, echo_uri, echo_path, options, keep_color=screen or not ecg_uri)
+        frames, echo_meta = _read_echo(row, echo_uri, echo_path, options, keep_color=screen or (not ecg_uri and options.screen_ecg))
         ecg_meta, prepared = _read_prepare_ecg(row, echo_uri, echo_path, echo_meta, ecg_uri, ecg_path, options)
 
         region, region_source = echo_meta["region"], "dicom"

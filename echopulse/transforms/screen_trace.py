@@ -101,26 +101,26 @@ def erase_gaps(present: np.ndarray) -> np.ndarray:
         present: bool (T, cols), a trace pixel in the column.
     """
     n, cols = present.shape
+    padded = np.zeros((n, 2 * cols + 2), dtype=np.int8)
+    padded[:, 1:-1] = np.concatenate([~present, ~present], axis=1)  # twice round: wrapping runs whole
+    step = np.diff(padded, axis=1)
+    start_row, start_col = np.nonzero(step == 1)  # row-major: starts and ends pair up in order
+    _, end_col = np.nonzero(step == -1)
+    length = np.minimum(end_col - start_col, cols)
     out = np.full(n, -1, dtype=np.int64)
-    for k in range(n):
-        empty = ~present[k]
-        if not empty.any() or empty.all():
-            continue
-        # rotate so the sequence starts on a drawn column: no empty run wraps around the end
-        start = int(np.argmax(~empty))
-        rolled = np.roll(empty, -start)
-        edges = np.diff(np.concatenate([[0], rolled.astype(np.int8), [0]]))
-        begins, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
-        widths = ends - begins
-        best = int(np.argmax(widths))
-        if widths[best] >= MIN_GAP_PX:
-            out[k] = (begins[best] - 1 + start) % cols
+    if length.size == 0:
+        return out
+    order = np.lexsort((-length, start_row))  # per frame, its longest run first
+    rows_sorted = start_row[order]
+    first = order[np.concatenate([[True], rows_sorted[1:] != rows_sorted[:-1]])]
+    ok = (length[first] >= MIN_GAP_PX) & (length[first] < cols)
+    out[start_row[first][ok]] = (start_col[first][ok] - 1) % cols
     return out
 
 
-def detect_mode(present: np.ndarray) -> str:
+def detect_mode(present: np.ndarray, cursors: np.ndarray | None = None) -> str:
     """"sweep" when most frames show an erase gap that moves, else "scroll"."""
-    cursors = erase_gaps(present)
+    cursors = erase_gaps(present) if cursors is None else cursors
     found = cursors >= 0
     if found.mean() >= 0.8 and len(np.unique(cursors[found])) > 1:
         return "sweep"
@@ -142,24 +142,27 @@ def _fit_scale(positions: np.ndarray, times: np.ndarray, what: str) -> tuple[flo
 
 
 def _ordered_samples(top: np.ndarray, bottom: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Two values per column, in drawing order, as (cols, 2): the end nearer the previous column
+    """Two values per column (last axis), in drawing order: the end nearer the previous column
     first. Rows grow downward, so values are negated rows."""
     first, second = -bottom.copy(), -top.copy()
-    prev = np.concatenate([[np.nan], (first[:-1] + second[:-1]) / 2])  # rough previous level
+    level = (first + second) / 2
+    prev = np.concatenate([np.full(level.shape[:-1] + (1,), np.nan), level[..., :-1]], axis=-1)
     flip = np.abs(prev + top) < np.abs(prev + bottom)  # previous level nearer the top end
     first[flip], second[flip] = -top[flip], -bottom[flip]
     return first, second
 
 
-def recover_sweep(top: np.ndarray, bottom: np.ndarray, times: np.ndarray) -> RecoveredTrace:
+def recover_sweep(top: np.ndarray, bottom: np.ndarray, times: np.ndarray,
+                  cursor: np.ndarray | None = None) -> RecoveredTrace:
     """Signal from a sweep display.
 
     Args:
         top, bottom: float (T, cols) run ends per column (NaN: empty).
         times: float (T,) frame times in seconds (frame 0 at 0).
+        cursor: :func:`erase_gaps` of the trace, when already known.
     """
     n, cols = top.shape
-    cursor = erase_gaps(~np.isnan(top))
+    cursor = erase_gaps(~np.isnan(top)) if cursor is None else cursor
     seen = cursor >= 0
     if seen.sum() < 3:
         raise TraceError("no erase gap found in the sweep; the cursor cannot be followed")
@@ -174,11 +177,12 @@ def recover_sweep(top: np.ndarray, bottom: np.ndarray, times: np.ndarray) -> Rec
     lo = int(unwrapped[0]) - cols
     store_first = np.full(int(unwrapped[-1]) - lo + 1, np.nan)
     store_second = store_first.copy()
+    firsts, seconds = _ordered_samples(top, bottom)
+    x = np.arange(cols)
     for j, k in enumerate(idx):
         c, u_c = cursor[k], int(unwrapped[j])
-        x = np.arange(cols)
         u = np.where(x <= c, u_c - (c - x), u_c - (c - x) - cols)
-        first, second = _ordered_samples(top[k], bottom[k])
+        first, second = firsts[k], seconds[k]
         ok = ~np.isnan(first)
         store_first[u[ok] - lo] = first[ok]
         store_second[u[ok] - lo] = second[ok]
@@ -187,28 +191,33 @@ def recover_sweep(top: np.ndarray, bottom: np.ndarray, times: np.ndarray) -> Rec
     return _interleave(t_col, store_first, store_second, b, "sweep")
 
 
-def _profile_shift(prev: np.ndarray, cur: np.ndarray, max_shift: int, around: float | None = None) -> float:
-    """How many columns ``cur`` moved left relative to ``prev`` (sub-pixel), by matching profiles;
-    with ``around``, only shifts within 3 columns of it are tried (the scroll speed is steady)."""
-    cols = len(cur)
-    costs = np.full(max_shift + 1, np.inf)
-    lo, hi = 0, max_shift
-    if around is not None and np.isfinite(around):
-        lo, hi = max(0, int(around) - 3), min(max_shift, int(around) + 4)
-    for s in range(lo, hi + 1):
-        a, b = prev[s:], cur[: cols - s]
-        ok = ~np.isnan(a) & ~np.isnan(b)
-        if ok.sum() >= cols // 3:
-            costs[s] = np.mean(np.abs(a[ok] - b[ok]))
-    best = int(np.argmin(costs))
-    if not np.isfinite(costs[best]):
-        return float("nan")
-    if 0 < best < max_shift and np.all(np.isfinite(costs[best - 1 : best + 2])):
-        c0, c1, c2 = costs[best - 1 : best + 2]
+def _shift_costs(prev: np.ndarray, cur: np.ndarray, shifts: range) -> np.ndarray:
+    """Mean absolute profile difference per frame pair (rows) and leftward shift (columns);
+    inf where fewer than a third of the columns overlap."""
+    pairs, cols = cur.shape
+    costs = np.full((pairs, len(shifts)), np.inf)
+    for i, s in enumerate(shifts):
+        diff = np.abs(prev[:, s:] - cur[:, : cols - s])
+        ok = ~np.isnan(diff)
+        count = ok.sum(axis=1)
+        total = np.where(ok, diff, 0.0).sum(axis=1)
+        costs[:, i] = np.where(count >= cols // 3, total / np.maximum(count, 1), np.inf)
+    return costs
+
+
+def _best_shifts(costs: np.ndarray, shifts: range) -> np.ndarray:
+    """The minimum of each row of ``costs``, refined to sub-pixel by a parabola through its
+    neighbours; NaN where no shift fits."""
+    best = np.argmin(costs, axis=1)
+    out = np.asarray(shifts, dtype=np.float64)[best]
+    out[~np.isfinite(costs[np.arange(len(best)), best])] = np.nan
+    inner = (best > 0) & (best < costs.shape[1] - 1)
+    for k in np.flatnonzero(inner):
+        c0, c1, c2 = costs[k, best[k] - 1 : best[k] + 2]
         denom = c0 - 2 * c1 + c2
-        if denom > 0:
-            return best + 0.5 * (c0 - c2) / denom
-    return float(best)
+        if np.isfinite(denom) and denom > 0:
+            out[k] += 0.5 * (c0 - c2) / denom
+    return out
 
 
 def recover_scroll(top: np.ndarray, bottom: np.ndarray, times: np.ndarray) -> RecoveredTrace:
@@ -220,11 +229,14 @@ def recover_scroll(top: np.ndarray, bottom: np.ndarray, times: np.ndarray) -> Re
     """
     n, cols = top.shape
     level = (top + bottom) / 2
-    shifts = []
-    for k in range(1, n):
-        around = float(np.median(shifts)) if len(shifts) >= 3 else None
-        shifts.append(_profile_shift(level[k - 1], level[k], cols // 2, around))
-    shifts = np.asarray(shifts)
+    # the scroll speed is steady: a full search on a few frame pairs, then a narrow one on all
+    wide = range(0, cols // 2 + 1)
+    rough = _best_shifts(_shift_costs(level[:4], level[1:5], wide), wide)
+    if np.isnan(rough).all():
+        raise TraceError("the scrolling trace cannot be matched between frames")
+    centre = int(round(np.nanmedian(rough)))
+    narrow = range(max(0, centre - 3), min(cols // 2, centre + 4) + 1)
+    shifts = _best_shifts(_shift_costs(level[:-1], level[1:], narrow), narrow)
     if np.isnan(shifts).any():
         raise TraceError("the scrolling trace cannot be matched between frames")
     if np.median(shifts) < 0.25:
@@ -234,9 +246,10 @@ def recover_scroll(top: np.ndarray, bottom: np.ndarray, times: np.ndarray) -> Re
     x = np.arange(cols, dtype=np.float64)
     t_parts, f_parts, s_parts = [], [], []
     newest = -np.inf
+    firsts, seconds = _ordered_samples(top, bottom)
     for k in range(n):
         t_col = times[k] - (cols - 1 - x) / b
-        first, second = _ordered_samples(top[k], bottom[k])
+        first, second = firsts[k], seconds[k]
         keep = (t_col > newest + 0.5 / b) & ~np.isnan(first)
         if keep.any():
             t_parts.append(t_col[keep])
@@ -270,10 +283,14 @@ def recover_trace(mask: np.ndarray, times: np.ndarray, mode: str | None = None) 
     """
     top, bottom = column_runs(mask)
     check_trace(top, bottom, mask.shape[1])
-    mode = mode or detect_mode(~np.isnan(top))
+    cursor = erase_gaps(~np.isnan(top))
+    mode = mode or detect_mode(~np.isnan(top), cursor)
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    out = recover_sweep(top, bottom, times) if mode == "sweep" else recover_scroll(top, bottom, times)
+    if mode == "sweep":
+        out = recover_sweep(top, bottom, times, cursor)
+    else:
+        out = recover_scroll(top, bottom, times)
     strip_s = mask.shape[2] / out.px_per_s
     cine_s = float(times[-1] - times[0]) + (times[1] - times[0] if len(times) > 1 else 0.0)
     if strip_s > cine_s:
@@ -307,20 +324,23 @@ def qrs_share(sig: np.ndarray, fs: float) -> float:
     wide = sps.detrend(np.asarray(sig, dtype=np.float64)).std()
     if wide <= 0:
         return 0.0
-    sos = sps.butter(2, [8.0, min(20.0, 0.45 * fs)], btype="bandpass", fs=fs, output="sos")
+    from echopulse.transforms.ecg import butter_bandpass
+
+    sos = butter_bandpass(8.0, min(20.0, 0.45 * fs), float(fs))
     return float(sps.sosfiltfilt(sos, sig).std() / wide)
 
 
 def split_runs_share(mask: np.ndarray, min_gap: int = 3) -> float:
     """Share of drawn columns (frame 0) holding two or more vertical runs separated by ``min_gap``
     empty rows: two traces drawn in one colour."""
-    col = mask[0]  # (rows, cols)
-    drawn = col.any(axis=0)
+    from scipy import ndimage
+
+    frame = mask[0]  # (rows, cols)
+    drawn = frame.any(axis=0)
     if not drawn.any():
         return 0.0
-    multi = 0
-    for x in np.flatnonzero(drawn):
-        ys = np.flatnonzero(col[:, x])
-        if np.any(np.diff(ys) > min_gap):
-            multi += 1
-    return multi / drawn.sum()
+    # close gaps of up to min_gap rows, then count the runs that start in each column
+    closed = ndimage.binary_closing(frame, structure=np.ones((min_gap + 1, 1), dtype=bool))
+    closed |= frame
+    starts = closed & ~np.vstack([np.zeros((1, frame.shape[1]), dtype=bool), closed[:-1]])
+    return float((starts.sum(axis=0) >= 2).sum() / drawn.sum())
