@@ -196,7 +196,8 @@ def make_ingest_fn(clip: ClipConfig, base_dir: str, salt: str | None = None,
         echo_path = resolve_input(base_dir, echo_uri, options.allow_roots)
         ecg_path = resolve_input(base_dir, ecg_uri, options.allow_roots) if ecg_uri and not screen else ""
 
-        frames, echo_meta = _read_echo(row, echo_uri, echo_path, options, keep_color=screen or (not ecg_uri and options.screen_ecg))
+        keep_color = screen or (not ecg_uri and options.screen_ecg)  # the trace is found by its colour
+        frames, echo_meta = _read_echo(row, echo_uri, echo_path, options, keep_color=keep_color)
         ecg_meta, prepared = _read_prepare_ecg(row, echo_uri, echo_path, echo_meta, ecg_uri, ecg_path, options)
 
         region, region_source = echo_meta["region"], "dicom"

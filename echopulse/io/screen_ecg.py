@@ -116,7 +116,8 @@ def colour_groups(strip: np.ndarray, photometric: str) -> list[tuple[str, np.nda
     if np.hypot(bg_cb, bg_cr) >= _GREY_CHROMA:
         # a coloured strip: a white (or grey) trace on it
         groups.append(("white", group((chroma < _GREY_CHROMA) & (y > bg_y + 60))))
-        coloured = (chroma > _TRACE_CHROMA) & (_hue_distance(hue, float(np.degrees(np.arctan2(bg_cr, bg_cb)) % 360.0)) > 40)
+        bg_hue = float(np.degrees(np.arctan2(bg_cr, bg_cb)) % 360.0)
+        coloured = (chroma > _TRACE_CHROMA) & (_hue_distance(hue, bg_hue) > 40)
     else:
         coloured = (chroma > _TRACE_CHROMA) & (y > 25)
     counts, edges = np.histogram(hue[coloured & (where[0] == 0)], bins=36, range=(0, 360))

@@ -102,7 +102,8 @@ def lead_with_history(ecg: SimulatedECG, history_s: float, seed: int,
     return times, values, np.unique(np.round(peaks, 6))
 
 
-def _column_envelopes(times: np.ndarray, values: np.ndarray, edges: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _column_envelopes(times: np.ndarray, values: np.ndarray,
+                      edges: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Min and max of the signal over each column's span [edges[i], edges[i+1]], joined to the
     neighbouring columns (the span's end samples are shared)."""
     idx = np.clip(np.searchsorted(times, edges), 0, len(times) - 1)
