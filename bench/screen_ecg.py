@@ -21,6 +21,7 @@ Prints a table and writes ``{"r_peaks_recovered", "median_error_ms", "slowdown",
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -45,7 +46,19 @@ TOLERANCE_S = 0.040
 EDGE_S = 0.050  # a peak cut by either end of the recovered span is not fully drawn
 
 
-def make_studies(work: Path, rates: list[float], seconds: float) -> list[dict]:
+def upscale(study, screen, factor: int):
+    """The study and its screen ``factor`` times larger (pixel repeat): archive cines are 400-800
+    pixels a side, and the cost ratio should be paid at a realistic decode and resize size."""
+    if factor == 1:
+        return study, screen
+    big = lambda a: np.repeat(np.repeat(a, factor, axis=1), factor, axis=2)  # noqa: E731
+    x0, y0, x1, y1 = study.region
+    region = (x0 * factor, y0 * factor, (x1 + 1) * factor - 1, (y1 + 1) * factor - 1)
+    return (dataclasses.replace(study, frames=big(study.frames), region=region),
+            dataclasses.replace(screen, frames=big(screen.frames)))
+
+
+def make_studies(work: Path, rates: list[float], seconds: float, factor: int = 1) -> list[dict]:
     studies = []
     for mode, color in (("sweep", GE_GREEN), ("scroll", PHILIPS_YELLOW)):
         for i, hr in enumerate(rates):
@@ -53,6 +66,7 @@ def make_studies(work: Path, rates: list[float], seconds: float) -> list[dict]:
             study = make_study(seed, heart_rate_bpm=hr, duration_s=seconds)
             style = TraceStyle(mode=mode, color=color, start_phase=(i * 0.37) % 1.0)
             screen = draw_screen_trace(study.frames, study.fps, study.ecg, seed=seed + 1, style=style)
+            study, screen = upscale(study, screen, factor)
             name = f"{mode}_{i:02d}"
             write_study_dicom(study, work / f"{name}.dcm", seed=seed, screen=screen)
             write_study_wfdb(study, work, name)
@@ -92,6 +106,8 @@ def main(argv=None) -> int:
     parser.add_argument("--rates", type=int, default=6, help="heart rates per mode, 50-150 bpm (default: %(default)s)")
     parser.add_argument("--quick", action="store_true", help="3 heart rates per mode, 1 timing pass")
     parser.add_argument("--seconds", type=float, default=4.0, help="study length (default: %(default)s)")
+    parser.add_argument("--upscale", type=int, default=3,
+                        help="enlarge the 128x160 phantom frames (and strip) this many times (default: %(default)s)")
     parser.add_argument("--repeats", type=int, default=3, help="timing passes, best kept (default: %(default)s)")
     parser.add_argument("--recipe", default="demo", help="clip geometry from this recipe (default: %(default)s)")
     parser.add_argument("--workdir", default=None, help="where the studies go (default: a temp dir)")
@@ -105,7 +121,7 @@ def main(argv=None) -> int:
         work = Path(args.workdir or tmp)
         work.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
-        studies = make_studies(work, rates, args.seconds)
+        studies = make_studies(work, rates, args.seconds, args.upscale)
         log.warning("rendered %d studies in %.1f s", len(studies), time.perf_counter() - t0)
         rows = []
         for s in studies:
@@ -143,6 +159,7 @@ def main(argv=None) -> int:
         "studies": len(studies),
         "rates_bpm": rates,
         "seconds": args.seconds,
+        "upscale": args.upscale,
         "recipe": args.recipe,
     }
     print(f"\nR-peaks recovered within {TOLERANCE_S * 1000:.0f} ms: {recovered}/{truth} "
