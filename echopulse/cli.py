@@ -348,7 +348,7 @@ def add_synth_parser(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("--no-screen-trace", action="store_true",
                    help="do not draw the ECG strip (lead II, sweep mode) under each echo")
     p.add_argument("--screen-only-every", type=int, default=0, metavar="N",
-                   help="every N-th study gets no WFDB file: its on-screen trace is its only ECG "
+                   help="every N-th train study gets no WFDB file: its on-screen trace is its only ECG "
                         "(manifest ecg 'screen'; default: %(default)s, none)")
 
 

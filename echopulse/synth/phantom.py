@@ -516,8 +516,9 @@ def write_corpus(out_dir: str | Path, studies: int, seed: int, duration_s: float
     With ``screen_trace`` every echo also shows its lead II in a strip under the image, as a scanner
     draws it (sweep mode, GE green or Philips yellow, the cursor starting anywhere); ``truth.json``
     then lists every R-peak drawn, on the echo's clock (``screen_r_peaks_s``, history before frame 0
-    included). Every ``screen_only_every``-th study (0: none) gets no WFDB file and ``ecg`` =
-    ``screen``: the trace is its only ECG.
+    included). Every ``screen_only_every``-th train study (0: none) gets no WFDB file and ``ecg`` =
+    ``screen``: the trace is its only ECG (val studies keep theirs, so generation from a held-out
+    ECG file always has one).
 
     Args:
         out_dir: output folder (created).
@@ -525,7 +526,7 @@ def write_corpus(out_dir: str | Path, studies: int, seed: int, duration_s: float
         seed: corpus seed; the same seed writes identical files.
         duration_s: seconds per study.
         screen_trace: draw the ECG strip under each echo.
-        screen_only_every: make every n-th study's on-screen trace its only ECG (needs
+        screen_only_every: make every n-th train study's on-screen trace its only ECG (needs
             ``screen_trace``).
 
     Returns:
@@ -537,6 +538,7 @@ def write_corpus(out_dir: str | Path, studies: int, seed: int, duration_s: float
     split_rng = np.random.default_rng([seed, 2**20])
     val_ids = set(split_rng.choice(studies, size=n_val, replace=False).tolist()) if n_val else set()
     rows, truth = [], []
+    n_train = 0
     for i in tqdm(range(studies), desc="synth", unit="study", disable=None):
         rng = np.random.default_rng([seed, i])  # study i does not depend on how many studies there are
         name = f"study_{i:04d}"
@@ -552,11 +554,12 @@ def write_corpus(out_dir: str | Path, studies: int, seed: int, duration_s: float
                                sweep_s=min(1.6, 0.6 * duration_s))
             screen = draw_screen_trace(study.frames, study.fps, study.ecg, seed=study_seed + 1, style=style)
         write_study_dicom(study, out_dir / echo_rel, seed=study_seed, screen=screen)
-        if screen is not None and screen_only_every and i % screen_only_every == screen_only_every - 1:
+        split = "val" if i in val_ids else "train"
+        n_train += split == "train"
+        if screen is not None and screen_only_every and split == "train" and n_train % screen_only_every == 0:
             ecg_rel = "screen"
         else:
             write_study_wfdb(study, out_dir / "ecg", name)
-        split = "val" if i in val_ids else "train"
         rows.append(
             {"echo": echo_rel, "ecg": ecg_rel, "view": view, "ef": ef, "heart_rate_bpm": hr, "split": split}
         )

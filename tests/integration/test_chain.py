@@ -37,7 +37,8 @@ def test_ingest_output_is_clips_v1(chain):
     assert info["schema"] == "clips/v1" and info["counts"]["clips"] == table.num_rows
     # the demo corpus has studies whose only ECG is the trace on screen; their clips are synchronized
     sources = table.column("ecg_source").to_pylist()
-    assert "screen" in sources and "wfdb" in sources
+    splits = table.column("split").to_pylist()
+    assert ("screen", "train") in set(zip(sources, splits)) and "wfdb" in sources
     assert all(table.column("ecg_sync").to_pylist())
     assert summary["clips_ecg_synchronized"] == table.num_rows and summary["clips_ecg_unsynchronized"] == 0
     tokens = pq.read_table(work / "tokens" / "tokens", columns=["ecg_sync"])
