@@ -7,9 +7,9 @@ import pyarrow as pa
 import pytest
 
 from echopulse.errors import EchoPulseError
+from echopulse.tokenize import _ecg_sync
+from jobs.datasets import _ecg_flags, _with_ecg, tokens_datasets
 from jobs.recipes import tiny
-from jobs.train_generator import _ecg_flags, _with_ecg, tokens_datasets
-from pipelines.tokenize import _ecg_sync
 
 
 def _batch():
