@@ -98,7 +98,7 @@ def _chain(work: Path, recipe: Recipe, seed: int, uri: str, parent: str, parent_
     from pipelines.tokenize import run_tokenize
 
     t = stage(2, "DICOM + WFDB or on-screen ECG -> clips/v1 (Ray Data)")
-    summary = run_ingest(str(manifest), str(work / "clips"), recipe.clip)
+    summary = run_ingest(outputs["manifest"], str(work / "clips"), recipe.clip)
     outputs["clips"] = str(work / "clips")
     parent_log.log_metrics({f"ingest_{k}": v for k, v in summary.as_dict().items()}, step=0)
     done(t, f"{summary.clips} clips from {summary.inputs_with_clips}/{summary.inputs} inputs, "
