@@ -62,7 +62,8 @@ def upscale_dicom(path: Path, factor: int) -> None:
 def build_corpus(root: Path, studies: int, unique: int, seconds: float, factor: int) -> Path:
     """``studies`` inputs from ``unique`` rendered phantoms: even ones uncompressed, odd ones JPEG."""
     base = root / "base"
-    base_manifest = write_corpus(base, studies=unique, seed=0, duration_s=seconds)
+    # grey cines without the ECG strip: the figures stay comparable with earlier runs
+    base_manifest = write_corpus(base, studies=unique, seed=0, duration_s=seconds, screen_trace=False)
     base_rows = list(csv.DictReader(open(base_manifest, newline="")))
     if factor > 1:
         for r in base_rows:

@@ -127,7 +127,8 @@ def write_clips(out: Path, recipe, n: int, parts: int, seed: int = 0) -> None:
             "fps": [clip.fps] * k,
             "ecg": pa.FixedShapeTensorArray.from_numpy_ndarray(
                 rng.standard_normal((k, 12, clip.ecg_samples)).astype(np.float32)),
-            "ecg_leads": [[True] * 12] * k, "ecg_source": ["wfdb"] * k, "heart_rate_bpm": [60.0] * k,
+            "ecg_leads": [[True] * 12] * k, "ecg_source": ["wfdb"] * k, "ecg_sync": [True] * k,
+            "heart_rate_bpm": [60.0] * k,
             "r_peaks": [[0]] * k, "t_start_s": [0.0] * k, "t_end_s": [1.0] * k, "ef": [0.6] * k,
             "source_uri": ["bench"] * k, "provenance": ["{}"] * k,
         }

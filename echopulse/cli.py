@@ -62,7 +62,8 @@ def _print_json(data: Any) -> None:
 def cmd_synth(args: argparse.Namespace) -> int:
     from echopulse.synth.phantom import write_corpus
 
-    manifest = write_corpus(args.out, studies=args.studies, seed=args.seed, duration_s=args.seconds)
+    manifest = write_corpus(args.out, studies=args.studies, seed=args.seed, duration_s=args.seconds,
+                            screen_trace=not args.no_screen_trace, screen_only_every=args.screen_only_every)
     print(f"wrote {args.studies} phantom studies; manifest: {manifest}")
     return EXIT_OK
 
@@ -74,7 +75,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
     clip = clip_for_mode(_recipe(args.recipe).clip, args.clip_mode, seconds=args.seconds, fps=args.fps)
     options = IngestOptions(clip_mode=args.clip_mode, allow_roots=tuple(args.allow_root or ()),
-                            ecg_fs=args.ecg_fs)
+                            ecg_fs=args.ecg_fs, screen_ecg=not args.no_screen_ecg)
     if args.shard_mb <= 0 or args.inputs_per_task < 1:
         raise EchoPulseError("--shard-mb must be positive and --inputs-per-task at least 1")
     shards = ShardConfig(shard_mb=args.shard_mb, inputs_per_task=args.inputs_per_task,
@@ -119,7 +120,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                           freeze=args.freeze_ecg or ecg.freeze)
             recipe = replace(recipe, generator=replace(recipe.generator, ecg=ecg))
         result = train_generator(args.tokens, args.tokenizer, args.out, recipe, _tracking(args),
-                                 workers=args.workers, use_gpu=use_gpu, register=args.register)
+                                 workers=args.workers, use_gpu=use_gpu, register=args.register,
+                                 allow_unsynchronized=args.allow_unsynchronized)
     _print_json(summarize(args.model, result))
     return EXIT_OK
 
@@ -414,6 +416,11 @@ def add_synth_parser(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("--studies", type=int, default=8, help="number of studies (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     p.add_argument("--seconds", type=float, default=4.0, help="study length (default: %(default)s)")
+    p.add_argument("--no-screen-trace", action="store_true",
+                   help="do not draw the ECG strip (lead II, sweep mode) under each echo")
+    p.add_argument("--screen-only-every", type=int, default=0, metavar="N",
+                   help="every N-th train study gets no WFDB file: its on-screen trace is its only ECG "
+                        "(manifest ecg 'screen'; default: %(default)s, none)")
 
 
 def _max_gap(text: str):
@@ -514,6 +521,9 @@ def add_ingest_parser(sub, common: argparse.ArgumentParser) -> None:
                    help="with --tokenizer: clips per encode call (default: %(default)s)")
     p.add_argument("--gpu", action="store_true",
                    help="with --tokenizer: one GPU per actor (default: when the cluster has GPUs)")
+    p.add_argument("--no-screen-ecg", action="store_true",
+                   help="for rows with an empty ecg, do not read the ECG trace drawn on screen "
+                        "(rows with ecg 'screen' still do)")
     storage_flags(p)
 
 
@@ -538,6 +548,9 @@ def add_train_parser(sub, common: argparse.ArgumentParser) -> None:
             p.add_argument("--register", default=None, metavar="NAME",
                            help="register the trained model (logged as runs:/RUN_ID/model) as a new "
                                 "version of NAME in the MLflow Model Registry")
+            p.add_argument("--allow-unsynchronized", action="store_true",
+                           help="also train on clips whose ECG was not recorded with the echo "
+                                "(ecg_sync false: paired only by patient and nearest time)")
         p.add_argument("--out", required=True,
                        help="output directory or URI (s3://bucket/prefix: Ray Train's checkpoints "
                             "go under OUT/ray/, the same command again resumes from there)")

@@ -7,9 +7,13 @@ birth dates, accession numbers, institutions or raw UIDs: the study UID is only 
 frames are cropped to the ultrasound region and masked outside the sector, which drops burned-in
 header text.
 
-Manifest columns: ``echo`` (required: a DICOM cine or a video), ``ecg`` (optional: empty means the
-ECG embedded in the echo DICOM when there is one, else an ECG-less clip), ``ecg_offset_s`` (echo frame
-0 on the ECG's clock; default from the acquisition times when both files carry them, else 0),
+Manifest columns: ``echo`` (required: a DICOM cine or a video), ``ecg`` (optional: ``screen`` reads
+the ECG trace the scanner drew on the echo's frames; empty means the ECG embedded in the echo DICOM
+when there is one, else the on-screen trace when the frames show one, else an ECG-less clip),
+``ecg_offset_s`` (echo frame 0 on the ECG's clock; default from the acquisition times when both
+files carry them, else 0; an on-screen trace is on the echo's clock already), ``ecg_sync``
+(``true``/``false``: whether the ECG was recorded with the echo; empty derives it: true for every
+source but a pairing the manifest marks false, see :func:`ecg_synchronized`),
 ``view``, ``ef``, ``split``, ``study`` (groups files into one study key), ``fps`` (for videos), and
 for CSV/NPY ECGs ``ecg_fs``, ``ecg_leads`` (comma-separated names) and ``ecg_units``.
 """
@@ -32,6 +36,7 @@ from echopulse.config import ECG_FS, ClipConfig
 from echopulse.io.dicom_cine import DEIDENTIFICATION_METHOD
 from echopulse.io.dicom_echo import MAX_DECODED_BYTES, EchoReadError, read_echo_dicom
 from echopulse.io.ecg import ECGReadError, read_ecg
+from echopulse.io.screen_ecg import SOURCE as SCREEN, NoTraceError, ScreenECGError, read_screen_ecg
 from echopulse.io.video import is_video, read_echo_video
 from echopulse.io.volume import is_volume, read_echo_volume
 from echopulse.transforms.clips import CLIP_MODES, cut_clip, cycle_spans, window_spans
@@ -69,6 +74,8 @@ class IngestOptions:
         ecg_fs: sampling rate of CSV/NPY ECGs whose row has no ``ecg_fs``.
         max_decoded_bytes: the most memory one echo's decoded frames may take.
         mask_sector: zero everything outside the moving sector after the crop.
+        screen_ecg: for a row that names no ECG on an echo without a Waveform Sequence, read the
+            ECG trace drawn on screen when there is one (``ecg`` = ``screen`` always reads it).
     """
 
     clip_mode: str = "window"
@@ -76,6 +83,7 @@ class IngestOptions:
     ecg_fs: float | None = None
     max_decoded_bytes: int = MAX_DECODED_BYTES
     mask_sector: bool = True
+    screen_ecg: bool = True
 
     def __post_init__(self) -> None:
         if self.clip_mode not in CLIP_MODES:
@@ -151,6 +159,8 @@ def _text(value: Any) -> str:
 def ecg_offset(row: dict, echo_meta: dict, ecg_meta: dict | None) -> tuple[float, str]:
     """Echo frame 0 on the ECG's clock, and where that came from ("manifest", "acquisition_time",
     "default")."""
+    if ecg_meta is not None and ecg_meta.get("source") == SCREEN:
+        return float(ecg_meta["offset_s"]), "screen"
     given = _optional_float(row.get("ecg_offset_s"))
     if given is not None:
         return given, "manifest"
@@ -180,14 +190,25 @@ def make_ingest_fn(clip: ClipConfig, base_dir: str, salt: str | None = None,
         echo_uri, ecg_uri = _text(row.get("echo")), _text(row.get("ecg"))
         if not echo_uri:
             raise IngestError("manifest", f"row has no 'echo' path (ecg={ecg_uri!r})")
+        screen = ecg_uri.lower() == SCREEN
+        sync = _sync_flag(row, echo_uri)
+        if screen and is_video(echo_uri):
+            raise IngestError("manifest", f"{echo_uri}: ecg 'screen' needs a DICOM cine (its colour "
+                                          "frames and timing); this is a video file")
         echo_path = resolve_input(base_dir, echo_uri, options.allow_roots)
-        ecg_path = resolve_input(base_dir, ecg_uri, options.allow_roots) if ecg_uri else ""
+        ecg_path = resolve_input(base_dir, ecg_uri, options.allow_roots) if ecg_uri and not screen else ""
 
-        frames, echo_meta = _read_echo(row, echo_uri, echo_path, options)
+        keep_color = screen or (not ecg_uri and options.screen_ecg)  # the trace is found by its colour
+        frames, echo_meta = _read_echo(row, echo_uri, echo_path, options, keep_color=keep_color)
         ecg_meta, prepared = _read_prepare_ecg(row, echo_uri, echo_path, echo_meta, ecg_uri, ecg_path, options)
 
         region, region_source = echo_meta["region"], "dicom"
         if region is None:
+            if ecg_meta is not None and ecg_meta.get("source") == SCREEN:
+                # the moving trace would pull the estimated imaging box over the strip
+                x0, y0, x1, y1 = ecg_meta["strip"]
+                frames = frames.copy()
+                frames[:, y0 : y1 + 1, x0 : x1 + 1] = 0
             region, region_source = estimate_region(frames), "estimated"
         frames = crop_region(frames, region)
         if options.mask_sector:
@@ -204,6 +225,7 @@ def make_ingest_fn(clip: ClipConfig, base_dir: str, salt: str | None = None,
         split = _text(row.get("split")).lower()
         split = split if split in schema.SPLITS else schema.split_for(key)
         source = ecg_meta["source"] if ecg_meta else NO_ECG
+        synchronized = ecg_synchronized(source, sync)
         provenance = json.dumps(
             {
                 "ecg": ecg_uri,
@@ -212,6 +234,9 @@ def make_ingest_fn(clip: ClipConfig, base_dir: str, salt: str | None = None,
                 "transfer_syntax": echo_meta.get("transfer_syntax", ""),
                 "source_fps": fps,
                 "ecg_fs": float(ecg_meta["fs"]) if ecg_meta else None,
+                **({"screen": {"mode": ecg_meta["mode"], "px_per_s": round(float(ecg_meta["px_per_s"]), 3),
+                               "history_s": round(float(ecg_meta["offset_s"]), 4)}}
+                   if source == SCREEN else {}),
                 "ecg_offset_s": round(offset, 6),
                 "ecg_offset_source": offset_source,
                 "clip_mode": options.clip_mode,
@@ -245,6 +270,7 @@ def make_ingest_fn(clip: ClipConfig, base_dir: str, salt: str | None = None,
                     "ecg": ecg,
                     "ecg_leads": [bool(m) for m in prepared.lead_mask] if prepared else [False] * 12,
                     "ecg_source": source,
+                    "ecg_sync": synchronized,
                     "heart_rate_bpm": heart_rate,
                     "r_peaks": [int(p) for p in peaks],
                     "t_start_s": float(span.t_start_s),
@@ -260,7 +286,7 @@ def make_ingest_fn(clip: ClipConfig, base_dir: str, salt: str | None = None,
     return ingest
 
 
-def _read_echo(row: dict, echo_uri: str, echo_path: str, options: IngestOptions):
+def _read_echo(row: dict, echo_uri: str, echo_path: str, options: IngestOptions, keep_color: bool = False):
     try:
         if is_video(echo_path):
             return read_echo_video(echo_path, fps=_optional_float(row.get("fps")),
@@ -268,7 +294,7 @@ def _read_echo(row: dict, echo_uri: str, echo_path: str, options: IngestOptions)
         if is_volume(echo_path):
             return read_echo_volume(echo_path, fps=_optional_float(row.get("fps")),
                                     max_decoded_bytes=options.max_decoded_bytes)
-        return read_echo_dicom(echo_path, max_decoded_bytes=options.max_decoded_bytes)
+        return read_echo_dicom(echo_path, max_decoded_bytes=options.max_decoded_bytes, keep_color=keep_color)
     except EchoReadError as exc:
         raise IngestError("read_echo", _relabel(str(exc), echo_path, echo_uri)) from None
     except Exception as exc:  # a reader bug must still quarantine, not kill the dataset
@@ -281,7 +307,29 @@ def _echo_reader(echo_uri: str) -> str:
 
 def _read_prepare_ecg(row, echo_uri, echo_path, echo_meta, ecg_uri, ecg_path, options):
     """The row's ECG, read and prepared; (None, None) for an ECG-less clip."""
-    if ecg_path:
+    color = echo_meta.pop("color_frames", None)  # only the screen reader needs it; free it after
+    if ecg_uri.lower() == SCREEN or (not ecg_uri and not echo_meta.get("has_waveform") and color is not None):
+        shown = f"{echo_uri} (on-screen ECG)"
+        try:
+            signal, meta = read_screen_ecg(color, echo_meta.get("color_photometric", echo_meta.get("photometric", "")),
+                                           echo_meta["region"],
+                                           float(echo_meta["fps"]), shown=echo_uri)
+        except NoTraceError as exc:
+            if ecg_uri:
+                raise IngestError("read_ecg", str(exc)) from None
+            log.debug("%s", exc)  # an echo without an ECG strip: an ECG-less clip, as before
+            return None, None
+        except ScreenECGError as exc:
+            if ecg_uri:
+                raise IngestError("read_ecg", str(exc)) from None
+            # only a try (the manifest named no ECG): the cine still serves as an ECG-less clip,
+            # as a real cine with text or a second trace under the image must (e.g. SonoSite)
+            log.warning("%s; ingested without an ECG", exc)
+            return None, None
+        except Exception as exc:
+            raise IngestError("read_ecg", f"{shown}: {type(exc).__name__}: {exc}") from None
+        call = lambda: (signal, meta)  # noqa: E731
+    elif ecg_path:
         shown = ecg_uri
         leads = [x.strip() for x in _text(row.get("ecg_leads")).split(",") if x.strip()] or None
         fs = _optional_float(row.get("ecg_fs")) or options.ecg_fs
@@ -305,11 +353,37 @@ def _read_prepare_ecg(row, echo_uri, echo_path, echo_meta, ecg_uri, ecg_path, op
     return meta, prepared
 
 
+def _sync_flag(row: dict, echo_uri: str) -> bool | None:
+    """The manifest's ``ecg_sync`` as a bool, None when empty or absent."""
+    text = _text(row.get("ecg_sync")).lower()
+    if not text:
+        return None
+    if text in ("true", "1", "yes", "y", "t"):
+        return True
+    if text in ("false", "0", "no", "n", "f"):
+        return False
+    raise IngestError("manifest", f"{echo_uri}: ecg_sync must be true, false or empty, got {text!r}")
+
+
+def ecg_synchronized(source: str, given: bool | None) -> bool:
+    """Whether a clip's ECG was recorded with its echo (``ecg_sync`` of ``clips/v1``).
+
+    An ECG-less clip is never synchronized. Otherwise the manifest's ``ecg_sync`` wins when given
+    (a manifest that pairs an ECG by patient and nearest time says false); when it is empty, every
+    source counts as synchronized: the on-screen trace and the embedded Waveform Sequence are
+    recorded with the cine by the scanner, and a separate file named in a manifest row without
+    ``ecg_sync`` is taken to be time-aligned as the row claims, as before this column existed.
+    """
+    if source == NO_ECG:
+        return False
+    return True if given is None else bool(given)
+
+
 def _check_coverage(echo_uri: str, video_s: float, ecg_s: float, offset: float, offset_source: str) -> None:
     covered = max(0.0, min(video_s, ecg_s - offset) - max(0.0, -offset))
     if covered < MIN_ECG_COVERAGE * video_s:
         where = {"manifest": "from the manifest", "acquisition_time": "from the acquisition times",
-                 "default": "assumed"}[offset_source]
+                 "default": "assumed", "screen": "the history drawn on screen"}[offset_source]
         raise IngestError(
             "pair",
             f"{echo_uri}: ECG shorter than the echo: the ECG ({ecg_s:.2f} s, echo frame 0 at "

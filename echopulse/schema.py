@@ -47,6 +47,7 @@ def clip_schema(frames: int, size: int, ecg_samples: int) -> pa.Schema:
             ("ecg", pa.fixed_shape_tensor(pa.float32(), [12, ecg_samples])),
             ("ecg_leads", pa.list_(pa.bool_())),
             ("ecg_source", pa.string()),
+            ("ecg_sync", pa.bool_()),
             ("heart_rate_bpm", pa.float32()),
             ("r_peaks", pa.list_(pa.int32())),
             ("t_start_s", pa.float32()),
@@ -60,6 +61,10 @@ def clip_schema(frames: int, size: int, ecg_samples: int) -> pa.Schema:
 
 
 CLIP_COLUMNS = tuple(clip_schema(1, 1, 1).names)
+# added to clips/v1 after its first release: readers accept datasets without them (see README,
+# "Synchronized or not"); ingest always writes them
+OPTIONAL_CLIP_COLUMNS = ("ecg_sync",)
+REQUIRED_CLIP_COLUMNS = tuple(c for c in CLIP_COLUMNS if c not in OPTIONAL_CLIP_COLUMNS)
 TOKEN_COLUMNS = ("clip_id", "tokens", "token_grid", "tokenizer_id", "ecg", "view", "ef", "split")
 # one quarantine table for every stage: what was set aside (the input's URI and, once known, the
 # clip), in which stage, why (one line) and the longer detail

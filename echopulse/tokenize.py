@@ -24,11 +24,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from echopulse import storage
-from echopulse.schema import CLIP_COLUMNS, missing_columns
+from echopulse.schema import REQUIRED_CLIP_COLUMNS, missing_columns
 
 log = logging.getLogger(__name__)
 
 CARRIED = ("clip_id", "frames", "ecg", "view", "ef", "split")
+CARRIED_IF_PRESENT = ("ecg_sync",)  # clips/v1 columns older datasets lack
 # flag columns on every output batch (empty for good rows); the pipeline drops them
 ERROR, STAGE, SOURCE = "_error", "_stage", "_source"
 
@@ -102,8 +103,10 @@ class PartTokenizer:
         try:
             fs, path = storage.filesystem(part)
             with fs.open(path, "rb") as f:
-                for record_batch in pq.ParquetFile(f).iter_batches(batch_size=self.batch_size,
-                                                                   columns=list(CARRIED)):
+                parquet = pq.ParquetFile(f)
+                names = parquet.schema_arrow.names
+                columns = [*CARRIED, *[c for c in CARRIED_IF_PRESENT if c in names]]
+                for record_batch in parquet.iter_batches(batch_size=self.batch_size, columns=columns):
                     out = self.encode_table(pa.Table.from_batches([record_batch]), part)
                     done.update(str(c) for c in out["clip_id"])
                     yield out
@@ -129,6 +132,7 @@ class PartTokenizer:
             "view": np.asarray([""] * n, dtype=object),
             "ef": np.full(n, np.nan, dtype=np.float32),
             "split": np.asarray([""] * n, dtype=object),
+            "ecg_sync": np.zeros(n, dtype=bool),
             SOURCE: np.asarray([part] * n, dtype=object),
             STAGE: np.asarray([stage] * n, dtype=object),
             ERROR: np.asarray([error] * n, dtype=object),
@@ -183,10 +187,20 @@ class PartTokenizer:
             "view": column("view", ""),
             "ef": table.column("ef").to_numpy(zero_copy_only=False).astype(np.float32),
             "split": column("split", ""),
+            "ecg_sync": _ecg_sync(table, ecg),
             SOURCE: np.asarray([source] * n, dtype=object),
             STAGE: np.asarray([e[0] if e else "" for e in errors], dtype=object),
             ERROR: np.asarray([e[1] if e else "" for e in errors], dtype=object),
         }
+
+
+def _ecg_sync(table: pa.Table, ecg: np.ndarray) -> np.ndarray:
+    """Per clip, whether its ECG was recorded with the echo: the ``ecg_sync`` column, or for a
+    clips dataset written before that column, any clip with an ECG (those came only from embedded
+    waveforms and manifest pairs taken as time-aligned)."""
+    if "ecg_sync" in table.column_names:
+        return np.asarray([bool(v) for v in table.column("ecg_sync").to_pylist()], dtype=bool)
+    return np.abs(ecg.reshape(len(ecg), -1)).max(axis=1) > 0 if len(ecg) else np.zeros(0, dtype=bool)
 
 
 def make_tokenize_fn(model, tokenizer_id: str, batch_size: int = 16, ecg_samples: int = 0,
@@ -251,7 +265,7 @@ def check_parts(parts: list[str], frames_shape: tuple[int, ...],
                          "detail": str(exc)[:500]})
             continue
         problem = None
-        missing = missing_columns(schema.names, CLIP_COLUMNS)
+        missing = missing_columns(schema.names, REQUIRED_CLIP_COLUMNS)
         if missing:
             problem = f"lacks column(s) {', '.join(missing)}"
         else:

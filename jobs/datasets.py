@@ -52,13 +52,25 @@ def has_ecg(batch: dict[str, Any]):
     return np.abs(ecg.reshape(len(ecg), -1)).max(axis=1) > 0
 
 
-def _with_ecg(batch: dict[str, Any]) -> dict[str, Any]:
+def is_synchronized(batch: dict[str, Any]):
+    """Which rows' ECG was recorded with the echo: the ``ecg_sync`` column when the tokens carry it,
+    else every row (tokens made before the column existed; see README, "Real archives")."""
+    import numpy as np
+
+    if "ecg_sync" in batch:
+        return np.asarray(batch["ecg_sync"], dtype=bool)
+    return np.ones(len(batch["split"]), dtype=bool)
+
+
+def _with_ecg(batch: dict[str, Any], allow_unsynchronized: bool = False) -> dict[str, Any]:
     keep = has_ecg(batch)
+    if not allow_unsynchronized:
+        keep &= is_synchronized(batch)
     return {k: v[keep] for k, v in batch.items()}
 
 
 def _ecg_flags(batch: dict[str, Any]) -> dict[str, Any]:
-    return {"split": batch["split"], "has_ecg": has_ecg(batch)}
+    return {"split": batch["split"], "has_ecg": has_ecg(batch), "sync": is_synchronized(batch)}
 
 
 def _flag_columns(ds) -> list[str]:
@@ -68,27 +80,37 @@ def _flag_columns(ds) -> list[str]:
 
 
 def ecg_counts(tokens: str) -> dict[str, dict[str, int]]:
-    """Per split, how many rows of a ``tokens/v1`` dataset have an ECG and how many have none
-    (one pass over the ECG column, or over ``ecg_source`` when the dataset carries it)."""
+    """Per split, how many rows of a ``tokens/v1`` dataset have an ECG and how many have none, and
+    how many of those with an ECG are not synchronized with their echo (``unsynchronized``; one pass
+    over the ECG column, or over ``ecg_source`` when the dataset carries it)."""
     from collections import Counter
 
     from pipelines.common import read_parquet_dir
 
     ds = read_parquet_dir(storage.join(tokens, "tokens"))
-    flags = ds.select_columns([*_flag_columns(ds), "split"]).map_batches(_ecg_flags, batch_format="numpy")
+    flags = ds.select_columns([*_flag_columns(ds), *_sync_column(ds), "split"]).map_batches(
+        _ecg_flags, batch_format="numpy")
     counts: Counter = Counter()
     for batch in flags.iter_batches(batch_format="numpy"):
-        counts.update(zip(batch["split"].tolist(), batch["has_ecg"].tolist()))
-    splits = sorted({split for split, _ in counts})
-    return {split: {"with_ecg": counts[(split, True)], "without_ecg": counts[(split, False)]}
+        counts.update(zip(batch["split"].tolist(), batch["has_ecg"].tolist(), batch["sync"].tolist()))
+    splits = sorted({split for split, _, _ in counts})
+    return {split: {"with_ecg": counts[(split, True, True)] + counts[(split, True, False)],
+                    "without_ecg": counts[(split, False, True)] + counts[(split, False, False)],
+                    "unsynchronized": counts[(split, True, False)]}
             for split in splits}
 
 
-def tokens_datasets(tokens: str, recipe: Recipe,
-                    counts: dict[str, dict[str, int]] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+def _sync_column(ds) -> list[str]:
+    return ["ecg_sync"] if "ecg_sync" in ds.schema().names else []
+
+
+def tokens_datasets(tokens: str, recipe: Recipe, counts: dict[str, dict[str, int]] | None = None,
+                    allow_unsynchronized: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
     """Train and val Ray datasets of a ``tokens/v1`` dataset, checked against the recipe.
 
-    Clips without an ECG are filtered out (the generator is conditioned on it). ``counts``
+    Clips without an ECG are filtered out (the generator is conditioned on it), and so are clips
+    whose ECG was not recorded with the echo (``ecg_sync`` false: paired only by patient and nearest
+    time) unless ``allow_unsynchronized``: such an ECG says nothing about the frames. ``counts``
     (:func:`ecg_counts`, read by the caller) picks the val fallback and refuses a dataset with no
     train clip that has an ECG; without it the filter is lazy (no pass over the data here, as in a
     Tune trial) and the val split is taken when ``dataset.json`` counts one.
@@ -101,15 +123,28 @@ def tokens_datasets(tokens: str, recipe: Recipe,
     info = check_tokens_info(tokens, recipe)
     if counts is not None:
         skipped = sum(c["without_ecg"] for c in counts.values())
-        train_n = counts.get("train", {}).get("with_ecg", 0)
+        unsync = 0 if allow_unsynchronized else sum(c.get("unsynchronized", 0) for c in counts.values())
+
+        def usable(split: str) -> int:
+            c = counts.get(split, {})
+            return c.get("with_ecg", 0) - (0 if allow_unsynchronized else c.get("unsynchronized", 0))
+
         if skipped:
             log.warning("%s: skipping %d clip(s) without an ECG (%s)", tokens, skipped,
                         ", ".join(f"{k}: {v['without_ecg']}" for k, v in counts.items() if v["without_ecg"]))
-        if not train_n:
+        if unsync:
+            log.warning("%s: skipping %d clip(s) whose ECG is not synchronized with the echo "
+                        "(--allow-unsynchronized keeps them)", tokens, unsync)
+        train = counts.get("train", {})
+        if not train.get("with_ecg", 0):
             raise EchoPulseError(
-                f"{tokens}: no train clip has an ECG ({counts.get('train', {}).get('without_ecg', 0)} "
+                f"{tokens}: no train clip has an ECG ({train.get('without_ecg', 0)} "
                 f"without one skipped); the generator is conditioned on the ECG")
-        has_val = bool(counts.get("val", {}).get("with_ecg"))
+        if not usable("train"):
+            raise EchoPulseError(
+                f"{tokens}: no train clip has an ECG recorded with its echo ({train['with_ecg']} paired "
+                "only by patient and time skipped); --allow-unsynchronized trains on them anyway")
+        has_val = bool(usable("val"))
     else:
         has_val = bool(info["split_counts"].get("val"))
     ds = read_parquet_dir(storage.join(tokens, "tokens"))
@@ -118,8 +153,9 @@ def tokens_datasets(tokens: str, recipe: Recipe,
     conditions = [c for c, on in (("view", gen.num_views > 0), ("ef", gen.ef_conditioning)) if on]
     columns = ["tokens", "ecg", *conditions]
     flags = [c for c in _flag_columns(ds) if c != "ecg"]
-    ds = ds.select_columns(["tokens", "ecg", "split", *conditions, *flags])
-    ds = ds.map_batches(_with_ecg, batch_format="numpy")
+    ds = ds.select_columns(["tokens", "ecg", "split", *conditions, *flags, *_sync_column(ds)])
+    ds = ds.map_batches(_with_ecg, batch_format="numpy",
+                        fn_kwargs={"allow_unsynchronized": allow_unsynchronized})
     if conditions:
         ds = ds.map_batches(make_condition_columns_fn(gen.num_views, gen.ef_conditioning), batch_format="numpy")
     train = ds.filter(lambda r: r["split"] == "train").select_columns(columns)

@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 
 from echopulse import storage
 from echopulse.errors import EchoPulseError
-from echopulse.schema import CLIP_COLUMNS, CLIPS_SCHEMA, TOKEN_COLUMNS, TOKENS_SCHEMA, missing_columns
+from echopulse.schema import CLIPS_SCHEMA, REQUIRED_CLIP_COLUMNS, TOKEN_COLUMNS, TOKENS_SCHEMA, missing_columns
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ def check_clips(clips: str, recipe) -> dict[str, Any]:
 
     info = read_dataset_info(clips, CLIPS_SCHEMA)
     _, path, schema = first_rows_part(clips, "clips")
-    missing = missing_columns(schema.names, CLIP_COLUMNS)
+    missing = missing_columns(schema.names, REQUIRED_CLIP_COLUMNS)
     if missing:
         raise EchoPulseError(f"{clips}: not a clips/v1 dataset ({path} lacks column(s) "
                              f"{', '.join(missing)})")

@@ -19,6 +19,7 @@ from echopulse.tracking import RunLogger, create_run, resolve_tracking_uri
 
 log = logging.getLogger(__name__)
 
+SCREEN_ONLY_EVERY = 3
 STAGES = ("synth", "ingest", "train tokenizer", "tokenize", "train generator", "tune", "generate")
 
 
@@ -99,8 +100,9 @@ def quickstart(workdir: str, recipe: Recipe, seed: int = 0, tracking_uri: str | 
         report(f"      done in {time.perf_counter() - t0:.1f} s: {text}")
 
     t = stage(1, f"{recipe.synth_studies} phantom studies -> {work / 'synth'}")
+    # every third train study's only ECG is the trace on its screen, as in archives like MIMIC-IV-ECHO
     manifest = write_corpus(work / "synth", studies=recipe.synth_studies, seed=seed,
-                            duration_s=recipe.synth_seconds)
+                            duration_s=recipe.synth_seconds, screen_only_every=SCREEN_ONLY_EVERY)
     outputs["manifest"] = str(manifest)
     if vendor_cine if vendor_cine is not None else recipe.name != "tiny":
         outputs["vendor_cine"] = add_vendor_cine(work / "synth")
@@ -134,8 +136,8 @@ def _chain(work: Path, recipe: Recipe, seed: int, uri: str, parent: str, parent_
     from pipelines.ingest import run_ingest
     from pipelines.tokenize import run_tokenize
 
-    t = stage(2, "DICOM + WFDB -> clips/v1 (Ray Data)")
-    summary = run_ingest(str(manifest), str(work / "clips"), recipe.clip)
+    t = stage(2, "DICOM + WFDB or on-screen ECG -> clips/v1 (Ray Data)")
+    summary = run_ingest(outputs["manifest"], str(work / "clips"), recipe.clip)
     outputs["clips"] = str(work / "clips")
     parent_log.log_metrics({f"ingest_{k}": v for k, v in summary.as_dict().items()}, step=0)
     done(t, f"{summary.clips} clips from {summary.inputs_with_clips}/{summary.inputs} inputs, "

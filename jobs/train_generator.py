@@ -218,7 +218,8 @@ def bundle_tokenizer(tokenizer: str):
 
 def train_generator(tokens: str, tokenizer: str, out: str, recipe: Recipe, tracking_uri: str,
                     workers: int | None = None, use_gpu: bool | None = None,
-                    parent_run_id: str | None = None, register: str | None = None) -> TrainResult:
+                    parent_run_id: str | None = None, register: str | None = None,
+                    allow_unsynchronized: bool = False) -> TrainResult:
     """Train the generator on ``tokens`` and write ``OUT/checkpoint`` (tokenizer bundled).
 
     Args:
@@ -231,6 +232,7 @@ def train_generator(tokens: str, tokenizer: str, out: str, recipe: Recipe, track
         use_gpu: one GPU per worker (default: when CUDA is available).
         parent_run_id: nest the MLflow run under this one.
         register: also register the run's model (``runs:/RUN_ID/model``) as a version of this name.
+        allow_unsynchronized: also train on clips whose ECG was not recorded with the echo.
     """
     from echopulse.registry import publish_training_run
     from echopulse.runtime import init_ray
@@ -241,12 +243,16 @@ def train_generator(tokens: str, tokenizer: str, out: str, recipe: Recipe, track
     resume_from = latest_checkpoint(out, to_dict(recipe.generator))
     init_ray()
     counts = ecg_counts(tokens)
-    datasets, _ = tokens_datasets(tokens, recipe, counts)
+    datasets, _ = tokens_datasets(tokens, recipe, counts, allow_unsynchronized)
     storage.makedirs(out)
     name = run_name("generator")
-    params = {"recipe": to_dict(recipe), "tokens": tokens, "tokenizer": tokenizer, "out": out}
+    params = {"recipe": to_dict(recipe), "tokens": tokens, "tokenizer": tokenizer, "out": out,
+              "allow_unsynchronized": allow_unsynchronized}
+    unsync = sum(c.get("unsynchronized", 0) for c in counts.values())
     run_id = create_run(tracking_uri, name,
-                        {**params, "clips_without_ecg": sum(c["without_ecg"] for c in counts.values())},
+                        {**params, "clips_without_ecg": sum(c["without_ecg"] for c in counts.values()),
+                         "clips_ecg_synchronized": sum(c["with_ecg"] for c in counts.values()) - unsync,
+                         "clips_ecg_unsynchronized": unsync},
                         parent_run_id=parent_run_id, tags={"echopulse.stage": "train_generator"})
     logger = RunLogger(tracking_uri, run_id)
     log_config_artifact(logger, params)

@@ -55,11 +55,15 @@ class IngestSummary:
     out: str
     clips_without_ecg: int = 0
     duplicates: int = 0
+    clips_ecg_synchronized: int = 0
+    clips_ecg_unsynchronized: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return {"inputs": self.inputs, "inputs_with_clips": self.inputs_with_clips,
                 "quarantined": self.quarantined, "clips": self.clips,
-                "clips_without_ecg": self.clips_without_ecg, "duplicates": self.duplicates}
+                "clips_without_ecg": self.clips_without_ecg, "duplicates": self.duplicates,
+                "clips_ecg_synchronized": self.clips_ecg_synchronized,
+                "clips_ecg_unsynchronized": self.clips_ecg_unsynchronized}
 
 
 def read_manifest(manifest: str) -> list[dict[str, Any]]:
@@ -150,7 +154,8 @@ def make_input_fn(clip: ClipConfig, base_dir: str, salt: str | None,
     def process(row: dict[str, Any]) -> tuple[dict[str, Any], pa.Table | None]:
         manifest_row = {k: v for k, v in row.items() if not k.startswith("_")}
         outcome = {"_key": row["_key"], "echo": str(row.get("echo")), "ecg": str(row.get("ecg")),
-                   "clips": 0, "clips_without_ecg": 0, "stage": "", "error": "", "detail": ""}
+                   "clips": 0, "clips_without_ecg": 0, "clips_ecg_synchronized": 0,
+                   "stage": "", "error": "", "detail": ""}
         table = None
         try:
             clips = ingest_one(manifest_row)
@@ -159,6 +164,7 @@ def make_input_fn(clip: ClipConfig, base_dir: str, salt: str | None,
             table = clips_to_table(clips, clip)
             outcome["clips"] = len(clips)
             outcome["clips_without_ecg"] = sum(1 for c in clips if c["ecg_source"] == NO_ECG)
+            outcome["clips_ecg_synchronized"] = sum(1 for c in clips if c["ecg_sync"])
         except IngestError as exc:
             outcome.update(stage=exc.stage, error=str(exc), detail=exc.detail or "")
         except Exception as exc:  # an unexpected failure is quarantined too, with its type
@@ -316,6 +322,9 @@ def finish(out: str, rows: list[dict[str, Any]], duplicates: int) -> IngestSumma
         out=out,
         clips_without_ecg=sum(o["clips_without_ecg"] for o in ordered),
         duplicates=duplicates,
+        clips_ecg_synchronized=sum(o["clips_ecg_synchronized"] or 0 for o in ordered),
+        clips_ecg_unsynchronized=sum(o["clips"] - o["clips_without_ecg"] - (o["clips_ecg_synchronized"] or 0)
+                                     for o in ordered),
     )
     storage.write_text(storage.join(out, "summary.json"), json.dumps(summary.as_dict(), indent=2))
     for o in bad[:20]:

@@ -39,6 +39,7 @@ OUTCOME_SCHEMA = pa.schema([
     ("ecg", pa.string()),
     ("clips", pa.int64()),
     ("clips_without_ecg", pa.int64()),
+    ("clips_ecg_synchronized", pa.int64()),
     ("stage", pa.string()),
     ("error", pa.string()),
     ("detail", pa.string()),

@@ -204,7 +204,14 @@ def test_embedded_waveform_apple_watch_and_no_ecg(corpus, tmp_path):
     assert clips and clips[0]["ecg_source"] == "apple_health" and sum(clips[0]["ecg_leads"]) == 1
     assert "Alex" not in json.dumps([c["provenance"] for c in clips])
 
-    bare = pydicom.dcmread(root / rows[0]["echo"])
+    # no Waveform Sequence and no ECG named: the trace on the phantom's screen is read
+    clips = make_ingest_fn(CLIP, str(root))({"echo": rows[0]["echo"]})
+    assert clips and all(c["ecg_source"] == "screen" and c["ecg_sync"] for c in clips)
+    bare = pydicom.dcmread(root / rows[0]["echo"])  # the same cine in grey, no strip: no ECG at all
+    grey = bare.pixel_array[:, : bare.SequenceOfUltrasoundRegions[0].RegionLocationMaxY1 + 1, :, 0]
+    bare.Rows, bare.SamplesPerPixel, bare.PhotometricInterpretation = grey.shape[1], 1, "MONOCHROME2"
+    del bare.PlanarConfiguration
+    bare.PixelData = grey.tobytes()
     bare.save_as(tmp_path / "bare.dcm")
     clips = make_ingest_fn(CLIP, str(root))({"echo": str(tmp_path / "bare.dcm")})
     assert clips and all(c["ecg_source"] == "none" and not any(c["ecg_leads"]) and not c["ecg"].any()
@@ -256,3 +263,46 @@ def test_echonet_layout(tmp_path):
     assert c["ecg_source"] == "none" and c["ef"] == pytest.approx(0.615) and c["view"] == "A4C"
     assert c["split"] == "train" and second[0]["split"] == "val"
     assert c["frames"].shape == (5, 32, 32) and c["frames"].max() > 50
+
+
+def test_screen_only_study_ingests_end_to_end(corpus):
+    """``ecg`` = ``screen``: the lead II drawn under the phantom's image becomes the clips' ECG, on
+    the echo's clock (R-peaks within 25 ms of where they were drawn), and the strip is cropped away."""
+    root, rows = corpus
+    truth = {t["echo"]: t for t in json.loads((root / "truth.json").read_text())["studies"]}
+    fn = make_ingest_fn(CLIP, str(root))
+    for row in rows:
+        screen = fn({**row, "ecg": "screen"})
+        paired = fn(dict(row))
+        assert len(screen) == len(paired)
+        drawn = np.asarray(truth[row["echo"]]["screen_r_peaks_s"])
+        for s, p in zip(screen, paired):
+            assert s["ecg_source"] == "screen" and s["ecg_sync"] is True
+            assert s["ecg_leads"] == [name == "II" for name in ("I", "II", "III", "aVR", "aVL", "aVF",
+                                                               "V1", "V2", "V3", "V4", "V5", "V6")]
+            np.testing.assert_array_equal(s["frames"], p["frames"])  # trace and strip gone
+            found = s["t_start_s"] + np.asarray(s["r_peaks"]) / 250.0
+            inside = drawn[(drawn > s["t_start_s"] + 0.05) & (drawn < s["t_end_s"] - 0.05)]
+            assert len(found) >= len(inside) >= 1
+            assert max(np.min(np.abs(found - t)) for t in inside) < 0.025
+            screen_info = json.loads(s["provenance"])["screen"]
+            assert screen_info["mode"] == "sweep" and screen_info["history_s"] > 1.0
+            assert json.loads(s["provenance"])["ecg_offset_source"] == "screen"
+
+
+def test_ecg_sync_from_the_manifest_and_bad_screen_rows(corpus, tmp_path):
+    root, rows = corpus
+    fn = make_ingest_fn(CLIP, str(root))
+    assert all(c["ecg_sync"] for c in fn({**rows[0], "ecg_sync": ""}))
+    assert not any(c["ecg_sync"] for c in fn({**rows[0], "ecg_sync": "false"}))
+    with pytest.raises(IngestError, match="ecg_sync must be true, false or empty, got 'maybe'"):
+        fn({**rows[0], "ecg_sync": "maybe"})
+    ds = pydicom.dcmread(root / rows[0]["echo"])
+    ds.PixelData = ds.pixel_array[..., 0].tobytes()  # the same cine in grey: the trace is gone
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    del ds.PlanarConfiguration
+    ds.save_as(tmp_path / "grey.dcm")
+    with pytest.raises(IngestError, match="grey.dcm: grey-scale file") as err:
+        fn({"echo": str(tmp_path / "grey.dcm"), "ecg": "screen"})
+    assert err.value.stage == "read_ecg"
+    assert all(c["ecg_source"] == "none" and not c["ecg_sync"] for c in fn({"echo": str(tmp_path / "grey.dcm")}))

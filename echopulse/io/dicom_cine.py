@@ -1,4 +1,4 @@
-"""The one writer of 8-bit grayscale multi-frame ultrasound cines (generated videos, the phantom)."""
+"""The one writer of 8-bit multi-frame ultrasound cines (generated videos, the phantom): grey, or RGB."""
 
 from __future__ import annotations
 
@@ -39,7 +39,8 @@ def set_cine_pixel_module(ds: Dataset, rows: int, cols: int, n_frames: int, fps:
 def write_cine(path: Any, frames: np.ndarray, fps: float, *, uids: dict[str, str], date: str, time: str,
                attributes: dict[str, Any], deidentification: tuple[str, tuple[tuple[str, str], ...]] = (
                    DEIDENTIFICATION_METHOD, DEIDENTIFICATION_CODES)) -> None:
-    """Write ``frames`` (uint8 ``(n, rows, cols)``) as an explicit-VR little-endian US multi-frame file.
+    """Write ``frames`` (uint8 ``(n, rows, cols)``, or ``(n, rows, cols, 3)`` RGB) as an explicit-VR
+    little-endian US multi-frame file.
 
     Args:
         path: output file.
@@ -52,7 +53,7 @@ def write_cine(path: Any, frames: np.ndarray, fps: float, *, uids: dict[str, str
         deidentification: the DeidentificationMethod text and its CID 7050 codes (PatientIdentity-
             Removed is always YES: nothing the project writes carries a real identity).
     """
-    n_frames, rows, cols = frames.shape
+    n_frames, rows, cols = frames.shape[:3]
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = US_MULTIFRAME_SOP_CLASS
     meta.MediaStorageSOPInstanceUID = uids["sop"]
@@ -74,6 +75,8 @@ def write_cine(path: Any, frames: np.ndarray, fps: float, *, uids: dict[str, str
     for keyword, value in attributes.items():
         setattr(ds, keyword, value)
     set_cine_pixel_module(ds, rows, cols, n_frames, fps)
+    if frames.ndim == 4:  # colour, as a scanner saves a cine with its coloured ECG strip
+        ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, "RGB", 0
     ds.PixelData = np.ascontiguousarray(frames, dtype=np.uint8).tobytes()
     ds.save_as(path, enforce_file_format=True, implicit_vr=False, little_endian=True)
 

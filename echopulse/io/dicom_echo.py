@@ -27,7 +27,7 @@ class EchoReadError(ValueError):
 
 
 def read_echo_dicom(
-    path: str | Path, max_decoded_bytes: int = MAX_DECODED_BYTES
+    path: str | Path, max_decoded_bytes: int = MAX_DECODED_BYTES, keep_color: bool = False
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """Read a multi-frame ultrasound cine.
 
@@ -40,13 +40,15 @@ def read_echo_dicom(
     Args:
         path: a DICOM file (local path or remote URI).
         max_decoded_bytes: the most memory the decoded frames may take.
+        keep_color: also return the colour frames as decoded (for the on-screen ECG trace).
 
     Returns:
         ``frames`` uint8 (T, H, W) grayscale, and metadata with ``fps``, ``region`` ((x0, y0, x1, y1)
         inclusive from the first 2-D item of SequenceOfUltrasoundRegions, else the first item, else
         None), ``study_uid``, ``sop_uid``, ``n_frames``, ``photometric``, ``transfer_syntax``,
         ``has_waveform`` (an ECG Waveform Sequence is embedded) and ``start`` (acquisition time as a
-        naive local ``datetime``, or None). The UIDs and ``start`` are for hashing and alignment
+        naive local ``datetime``, or None), and with ``keep_color`` ``color_frames`` ((T, H, W, 3)
+        as decoded: RGB, or YBR as ``photometric`` says; None for a grey file). The UIDs and ``start`` are for hashing and alignment
         only; they must never be written out.
 
     Raises:
@@ -59,10 +61,11 @@ def read_echo_dicom(
     if not storage.exists(shown):
         raise EchoReadError(f"{shown}: file not found")
     with storage.local_path(shown) as local:
-        return _read_local(local, shown, max_decoded_bytes)
+        return _read_local(local, shown, max_decoded_bytes, keep_color)
 
 
-def _read_local(path: Path, shown: str, max_decoded_bytes: int) -> tuple[np.ndarray, dict[str, Any]]:
+def _read_local(path: Path, shown: str, max_decoded_bytes: int,
+                keep_color: bool = False) -> tuple[np.ndarray, dict[str, Any]]:
     import pydicom
     from pydicom.errors import InvalidDicomError
 
@@ -87,7 +90,7 @@ def _read_local(path: Path, shown: str, max_decoded_bytes: int) -> tuple[np.ndar
     fps = _frame_rate(ds, shown)
     _check_pixel_length(ds, n_frames, shown, max_decoded_bytes)
 
-    frames = decode_gray(ds, shown)
+    frames, color, decoded_photometric = decode_frames(ds, shown, keep_color=keep_color)
     syntax = getattr(ds, "file_meta", {}).get("TransferSyntaxUID", "")
     meta = {
         "fps": fps,
@@ -100,6 +103,9 @@ def _read_local(path: Path, shown: str, max_decoded_bytes: int) -> tuple[np.ndar
         "has_waveform": bool(ds.get("WaveformSequence")),
         "start": acquisition_start(ds),
     }
+    if keep_color:
+        meta["color_frames"] = color
+        meta["color_photometric"] = decoded_photometric  # J2K YBR_ICT/RCT decode to RGB
     log.debug("read echo %s: %d frames at %.1f fps", path.name, frames.shape[0], fps)
     return frames, meta
 
@@ -211,7 +217,16 @@ def _check_pixel_length(ds: Any, n_frames: int, path: str, max_decoded_bytes: in
 
 
 def decode_gray(ds: Any, shown: str = "") -> np.ndarray:
-    """Decode a dataset's pixel data to uint8 (T, H, W) luma, whatever its colour model.
+    """Decode a dataset's pixel data to uint8 (T, H, W) luma, whatever its colour model
+    (:func:`decode_frames` without the colour frames)."""
+    return decode_frames(ds, shown)[0]
+
+
+def decode_frames(ds: Any, shown: str = "", keep_color: bool = False
+                  ) -> tuple[np.ndarray, np.ndarray | None, str]:
+    """Decode a dataset's pixel data to uint8 (T, H, W) luma, whatever its colour model; with
+    ``keep_color`` also the uint8 colour frames as decoded ((T, H, W, 3); None for a grey file), and
+    the photometric interpretation of the decoded pixels (what the colour frames are in).
 
     The photometric interpretation that matters is the one of the decoded pixels, which the decoder
     reports: JPEG 2000 files labelled YBR_ICT/YBR_RCT decode to RGB (the colour transform is part of
@@ -241,6 +256,9 @@ def decode_gray(ds: Any, shown: str = "") -> np.ndarray:
     color = frames.ndim == (4 if n_frames > 1 else 3)
     if n_frames == 1 or frames.ndim == (3 if color else 2):
         frames = frames[None]  # one frame comes without its frame axis
+    kept = None
+    if color and keep_color:  # the on-screen ECG trace is found by its hue (the reader converts YBR)
+        kept = frames if frames.dtype == np.uint8 else (frames >> 8).astype(np.uint8)
     if color:
         if photometric in _YBR:
             frames = frames[..., 0]
@@ -256,7 +274,7 @@ def decode_gray(ds: Any, shown: str = "") -> np.ndarray:
         lo, hi = float(np.min(frames)), float(np.max(frames))
         scale = 255.0 / (hi - lo) if hi > lo else 0.0
         frames = np.round((frames.astype(np.float64) - lo) * scale).astype(np.uint8)
-    return np.ascontiguousarray(frames)
+    return np.ascontiguousarray(frames), kept, photometric
 
 
 def _region(ds: Any, shape: tuple[int, int]) -> tuple[int, int, int, int] | None:

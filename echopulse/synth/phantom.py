@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from echopulse.config import ECG_LEADS
 from echopulse.synth.ecg_sim import SimulatedECG, simulate_ecg
+from echopulse.synth.screen_trace import GE_GREEN, PHILIPS_YELLOW, ScreenTrace, TraceStyle, draw_screen_trace
 
 log = logging.getLogger(__name__)
 
@@ -460,7 +461,7 @@ def make_study(
     )
 
 
-def write_study_dicom(study: Study, path: str | Path, seed: int) -> Path:
+def write_study_dicom(study: Study, path: str | Path, seed: int, screen: ScreenTrace | None = None) -> Path:
     """Write a study as an Ultrasound Multi-frame Image Storage file (explicit VR little endian).
 
     Patient fields hold fake values; UIDs are derived deterministically from ``seed``.
@@ -469,6 +470,8 @@ def write_study_dicom(study: Study, path: str | Path, seed: int) -> Path:
         study: the study to write.
         path: output ``.dcm`` path (parent folders are created).
         seed: the study seed, the entropy source of its UIDs.
+        screen: the study's frames with the ECG strip drawn under them (written as RGB; the
+            ultrasound region stays the image above the strip), or None for a grey cine.
     """
     from pydicom.dataset import Dataset
     from pydicom.sequence import Sequence
@@ -495,7 +498,8 @@ def write_study_dicom(study: Study, path: str | Path, seed: int) -> Path:
     region.PhysicalDeltaY = delta_cm
     region.ReferencePixelX0 = (x1 - x0) // 2
     region.ReferencePixelY0 = 0
-    write_cine(path, study.frames, study.fps, uids=uid, date="20000101", time="120000", attributes={
+    pixels = study.frames if screen is None else screen.frames  # RGB with the ECG strip
+    write_cine(path, pixels, study.fps, uids=uid, date="20000101", time="120000", attributes={
         "Manufacturer": "EchoPulse phantom",
         "PatientName": HEADER_TEXT.split(" ")[0],
         "PatientID": f"PHANTOM{seed:06d}",
@@ -554,7 +558,7 @@ def corpus_heart_rate(i: int, seed: int) -> float:
 
 
 def write_corpus(out_dir: str | Path, studies: int, seed: int, duration_s: float = 4.0,
-                 variety: bool = False) -> Path:
+                 variety: bool = False, screen_trace: bool = True, screen_only_every: int = 0) -> Path:
     """Write a paired corpus: DICOM echoes, WFDB ECGs, ``manifest.csv`` and ``truth.json``.
 
     Views and EFs (0.35-0.70) vary per study from ``seed``; heart rates cover 40-150 bpm evenly
@@ -563,6 +567,13 @@ def write_corpus(out_dir: str | Path, studies: int, seed: int, duration_s: float
     (``echo/study_0000.dcm``, ``ecg/study_0000.hea``); about a fifth of the studies (at least one
     when there are three or more) are ``val``.
 
+    With ``screen_trace`` every echo also shows its lead II in a strip under the image, as a scanner
+    draws it (sweep mode, GE green or Philips yellow, the cursor starting anywhere); ``truth.json``
+    then lists every R-peak drawn, on the echo's clock (``screen_r_peaks_s``, history before frame 0
+    included). Every ``screen_only_every``-th train study (0: none) gets no WFDB file and ``ecg`` =
+    ``screen``: the trace is its only ECG (val studies keep theirs, so generation from a held-out
+    ECG file always has one).
+
     Args:
         out_dir: output folder (created).
         studies: number of studies.
@@ -570,6 +581,9 @@ def write_corpus(out_dir: str | Path, studies: int, seed: int, duration_s: float
         duration_s: seconds per study.
         variety: give each study its own :meth:`Appearance.draw` (sector, depth gain, display
             gain, blur, speckle, chamber shapes) so a tokenizer sees more than one look.
+        screen_trace: draw the ECG strip under each echo.
+        screen_only_every: make every n-th train study's on-screen trace its only ECG (needs
+            ``screen_trace``).
 
     Returns:
         The path of ``manifest.csv``.
@@ -580,6 +594,7 @@ def write_corpus(out_dir: str | Path, studies: int, seed: int, duration_s: float
     split_rng = np.random.default_rng([seed, 2**20])
     val_ids = set(split_rng.choice(studies, size=n_val, replace=False).tolist()) if n_val else set()
     rows, truth = [], []
+    n_train = 0
     for i in tqdm(range(studies), desc="synth", unit="study", disable=None):
         rng = np.random.default_rng([seed, i])  # study i does not depend on how many studies there are
         name = f"study_{i:04d}"
@@ -591,9 +606,18 @@ def write_corpus(out_dir: str | Path, studies: int, seed: int, duration_s: float
         study = make_study(study_seed, view=view, heart_rate_bpm=hr, ef=ef, duration_s=duration_s,
                            appearance=look)
         echo_rel, ecg_rel = f"echo/{name}.dcm", f"ecg/{name}.hea"
-        write_study_dicom(study, out_dir / echo_rel, seed=study_seed)
-        write_study_wfdb(study, out_dir / "ecg", name)
+        screen = None
+        if screen_trace:
+            style = TraceStyle(color=(GE_GREEN, PHILIPS_YELLOW)[i % 2], start_phase=float(rng.uniform()),
+                               sweep_s=min(1.6, 0.6 * duration_s))
+            screen = draw_screen_trace(study.frames, study.fps, study.ecg, seed=study_seed + 1, style=style)
+        write_study_dicom(study, out_dir / echo_rel, seed=study_seed, screen=screen)
         split = "val" if i in val_ids else "train"
+        n_train += split == "train"
+        if screen is not None and screen_only_every and split == "train" and n_train % screen_only_every == 0:
+            ecg_rel = "screen"
+        else:
+            write_study_wfdb(study, out_dir / "ecg", name)
         rows.append(
             {"echo": echo_rel, "ecg": ecg_rel, "view": view, "ef": ef, "heart_rate_bpm": hr, "split": split}
         )
@@ -605,6 +629,8 @@ def write_corpus(out_dir: str | Path, studies: int, seed: int, duration_s: float
             "es_frames": study.es_frames,
             "r_peaks_s": [round(float(x), 6) for x in study.ecg.r_peaks_s],
             "fps": study.fps,
+            **({"screen_r_peaks_s": [round(float(x), 6) for x in screen.r_peaks_s],
+                "screen_mode": screen.style.mode} if screen is not None else {}),
         })
         log.info("phantom study %d/%d: %s hr=%.0f ef=%.2f", i + 1, studies, view, hr, ef)
     manifest = out_dir / "manifest.csv"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from fractions import Fraction
+from functools import lru_cache
 
 import numpy as np
 from scipy import signal as sps
@@ -71,11 +72,17 @@ def bandpass(sig: np.ndarray, fs: float, low: float = 0.67, high: float = 40.0) 
         low: high-pass corner in Hz.
         high: low-pass corner in Hz (clipped below Nyquist).
     """
-    high = min(high, 0.45 * fs)
-    sos = sps.butter(2, [low, high], btype="bandpass", fs=fs, output="sos")
+    sos = butter_bandpass(float(low), float(min(high, 0.45 * fs)), float(fs))
     # even (mirror) padding: a record that starts on an R wave mirrors into a whole beat; the default
     # odd padding turned that edge into a step whose ringing read as a false beat 40 ms in
     return sps.sosfiltfilt(sos, np.asarray(sig, dtype=np.float64), axis=-1, padtype="even").astype(np.float32)
+
+
+@lru_cache(maxsize=32)
+def butter_bandpass(low: float, high: float, fs: float) -> np.ndarray:
+    """2nd-order Butterworth band-pass SOS, designed once per (low, high, fs): the design costs
+    more than filtering a short single-lead record."""
+    return sps.butter(2, [low, high], btype="bandpass", fs=fs, output="sos")
 
 
 def standardize(sig: np.ndarray, lead_mask: np.ndarray) -> np.ndarray:
@@ -220,8 +227,10 @@ def prepare_ecg(sig: np.ndarray, fs: float, lead_names: list[str]) -> PreparedEC
     if not mask.any():
         raise ECGError(f"no recognisable ECG lead among {list(lead_names)}")
     mask &= twelve.std(axis=1) > _FLAT_MV  # disconnected electrodes read as a constant
-    twelve = resample(twelve, fs, ECG_FS)
-    filtered = bandpass(twelve, ECG_FS)
+    # only the recorded leads are filtered (absent ones stay zero): a one-lead ECG costs one lead
+    real = resample(twelve[mask], fs, ECG_FS)
+    filtered = np.zeros((len(ECG_LEADS), real.shape[1]), dtype=np.float32)
+    filtered[mask] = bandpass(real, ECG_FS)
     mask &= filtered.std(axis=1) > _FLAT_MV
     if not mask.any():
         raise ECGError("ECG is flat: no lead carries a signal")

@@ -35,6 +35,14 @@ def test_ingest_output_is_clips_v1(chain):
     assert len(set(table.column("clip_id").to_pylist())) == table.num_rows
     info = json.loads((work / "clips" / "dataset.json").read_text())
     assert info["schema"] == "clips/v1" and info["counts"]["clips"] == table.num_rows
+    # the demo corpus has studies whose only ECG is the trace on screen; their clips are synchronized
+    sources = table.column("ecg_source").to_pylist()
+    splits = table.column("split").to_pylist()
+    assert ("screen", "train") in set(zip(sources, splits)) and "wfdb" in sources
+    assert all(table.column("ecg_sync").to_pylist())
+    assert summary["clips_ecg_synchronized"] == table.num_rows and summary["clips_ecg_unsynchronized"] == 0
+    tokens = pq.read_table(work / "tokens" / "tokens", columns=["ecg_sync"])
+    assert tokens.num_rows > 0 and all(tokens.column("ecg_sync").to_pylist())  # all train the generator
 
 
 def test_tokens_come_from_the_trained_tokenizer(chain):

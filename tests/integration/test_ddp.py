@@ -54,7 +54,7 @@ def _write_clips(root, n: int, seed: int = 0) -> str:
         "split": ["train"] * n, "view": ["A4C"] * n,
         "frames": pa.FixedShapeTensorArray.from_numpy_ndarray(frames),
         "fps": [clip.fps] * n, "ecg": pa.FixedShapeTensorArray.from_numpy_ndarray(ecg),
-        "ecg_leads": [[True] * 12] * n, "ecg_source": ["synthetic"] * n,
+        "ecg_leads": [[True] * 12] * n, "ecg_source": ["synthetic"] * n, "ecg_sync": [True] * n,
         "heart_rate_bpm": [60.0] * n, "r_peaks": [[0]] * n, "t_start_s": [0.0] * n,
         "t_end_s": [clip.seconds] * n, "ef": [0.6] * n, "source_uri": [f"mem://{i}" for i in range(n)],
         "provenance": ["test_ddp"] * n,

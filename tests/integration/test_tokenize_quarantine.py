@@ -40,7 +40,8 @@ def _clips_table(n: int, frames: int, size: int, samples: int, seed: int, prefix
         "study_key": ["s"] * n, "split": ["train" if i % 3 else "val" for i in range(n)],
         "view": ["A4C"] * n, "frames": frames_col, "fps": [5.0] * n,
         "ecg": pa.FixedShapeTensorArray.from_numpy_ndarray(ecg),
-        "ecg_leads": [[True] * 12] * n, "ecg_source": ["wfdb"] * n, "heart_rate_bpm": [60.0] * n,
+        "ecg_leads": [[True] * 12] * n, "ecg_source": ["wfdb"] * n, "ecg_sync": [True] * n,
+        "heart_rate_bpm": [60.0] * n,
         "r_peaks": [[0]] * n, "t_start_s": [0.0] * n, "t_end_s": [1.0] * n, "ef": [0.6] * n,
         "source_uri": ["x"] * n, "provenance": ["{}"] * n,
     }

@@ -195,3 +195,21 @@ def test_appearance_varies_the_look_not_the_heart():
     assert np.abs(np.diff(f1, axis=1))[inside[:, 1:]].mean() < np.abs(np.diff(f0, axis=1))[inside[:, 1:]].mean()
     # the heart is the same heart: EF and rate are the study's
     assert soft.ef == plain.ef and soft.ed_frames == plain.ed_frames
+def test_corpus_draws_the_ecg_strip_and_screen_only_studies(tmp_path):
+    manifest = write_corpus(tmp_path, studies=2, seed=4, duration_s=2.5, screen_only_every=2)
+    rows = list(csv.DictReader(open(manifest, newline="")))
+    assert rows[0]["ecg"].endswith(".hea") and rows[1]["ecg"] == "screen"
+    assert not (tmp_path / "ecg" / "study_0001.hea").exists()  # the trace is its only ECG
+    truth = json.loads((tmp_path / "truth.json").read_text())["studies"]
+    for r, t in zip(rows, truth):
+        ds = pydicom.dcmread(tmp_path / r["echo"])
+        region = ds.SequenceOfUltrasoundRegions[0]
+        assert ds.PhotometricInterpretation == "RGB" and ds.Rows > region.RegionLocationMaxY1 + 8
+        strip = ds.pixel_array[:, region.RegionLocationMaxY1 + 1 :]  # (T, rows, cols, 3)
+        image = ds.pixel_array[:, : region.RegionLocationMaxY1 + 1]
+        assert (strip.max(axis=-1) - strip.min(axis=-1) > 100).any()  # a coloured trace
+        assert (image[..., 0] == image[..., 1]).all() and (image[..., 1] == image[..., 2]).all()  # grey
+        drawn = np.asarray(t["screen_r_peaks_s"])
+        assert (drawn < 0).any() and t["screen_mode"] == "sweep"  # history before frame 0
+        inside = drawn[(drawn >= 0) & (drawn < 2.5)]
+        np.testing.assert_allclose(inside, t["r_peaks_s"], atol=1e-5)  # the study's own beats
