@@ -34,7 +34,7 @@ from torch.utils import flop_counter  # noqa: E402
 
 from bench._common import pick_device, sync  # noqa: E402
 from echopulse.models.generator import MaskGIT  # noqa: E402
-from echopulse.models.sampling import _gumbel, sample  # noqa: E402
+from echopulse.models.sampling import sample  # noqa: E402
 from echopulse.models.schedules import get_schedule  # noqa: E402
 from jobs.recipes import get_recipe  # noqa: E402
 
@@ -63,12 +63,18 @@ def count_flops(fn) -> tuple[int, object]:
 @torch.no_grad()
 def reference_sample(model: MaskGIT, ecg: torch.Tensor, steps: int, guidance: float, temperature: float = 1.0,
                      schedule: str = "cosine", seed: int = 0) -> torch.Tensor:
-    """The naive loop: two forwards per step, full logits everywhere, Gumbel-max, argsort ranks."""
+    """The naive loop: two forwards per step, full logits everywhere, Gumbel-max, argsort ranks.
+
+    The noise comes from a generator on ``ecg.device`` (drawn where the model runs)."""
     schedule_fn = get_schedule(schedule)
     n, mask_id = model.seq_len, model.mask_id
     device = ecg.device
     b = ecg.shape[0]
-    rng = torch.Generator().manual_seed(seed)
+    rng = torch.Generator(device=device).manual_seed(seed)
+
+    def gumbel(shape):
+        u = torch.rand(shape, generator=rng, device=device).clamp_(1e-20, 1.0 - 1e-7)
+        return -torch.log(-torch.log(u))
     ids = torch.full((b, n), mask_id, dtype=torch.long, device=device)
     context = model.encode_ecg(ecg)
     frames = model.encode_ecg_frames(ecg)  # None without an ECG frame embedding
@@ -81,13 +87,13 @@ def reference_sample(model: MaskGIT, ecg: torch.Tensor, steps: int, guidance: fl
         log_probs = F.log_softmax(cond + guidance * (cond - uncond), dim=-1)  # (b, n, vocab)
         sample_temperature = temperature * (1 - step / steps)
         if sample_temperature > 0:
-            sampled = (log_probs / sample_temperature + _gumbel(log_probs.shape, rng, device)).argmax(-1)
+            sampled = (log_probs / sample_temperature + gumbel(log_probs.shape)).argmax(-1)
         else:
             sampled = log_probs.argmax(-1)
         confidence = log_probs.gather(-1, sampled.unsqueeze(-1)).squeeze(-1)
         noise_scale = temperature * (1 - progress)
         if noise_scale > 0:
-            confidence = confidence + noise_scale * _gumbel(confidence.shape, rng, device)
+            confidence = confidence + noise_scale * gumbel(confidence.shape)
         confidence = confidence.masked_fill(~is_masked, math.inf)
         ids = torch.where(is_masked, sampled, ids)
         num_remask = int(math.floor(float(schedule_fn(progress)) * n))
@@ -202,6 +208,9 @@ def main(argv=None) -> int:
         "ours_s_per_clip": round(ours_s / clips, 3),
         "reference_s_per_clip": round(reference_s / clips, 3) if not args.skip_reference else None,
         "speedup": round(reference_s / ours_s, 2) if not args.skip_reference else None,
+        "time_ratio": round(reference_s / ours_s, 2) if not args.skip_reference else None,
+        "flop_ratio": round(reference_flops / ours_flops, 2),
+        "reference_noise_device": str(device),
         "ours_gflop_per_clip": round(ours_flops / clips / 1e9, 1),
         "reference_gflop_per_clip": round(reference_flops / clips / 1e9, 1),
         "ours_gflops": round(ours_gflops, 1),
