@@ -8,8 +8,14 @@ and log-softmax at every position, Gumbel-max over the vocabulary, fp32. Ours is
 
     .venv/bin/python bench/generate.py --size paper --json bench_generate.json
 
+    .venv/bin/python bench/generate.py --size demo --steps 8 --quality DIR   # + held-out quality
+    python3 bench/generate.py --device cuda --precision bf16 --compile reduce-overhead --batch-sweep 1,8,32
+
 Prints a side-by-side table and writes ``{"ours_s_per_clip", "reference_s_per_clip", "speedup",
-"flops_utilization", ...}``. FLOPs are counted with ``torch.utils.flop_counter.FlopCounterMode``
+"time_ratio", "flop_ratio", "flops_utilization", "default_steps", "s_per_clip_default_steps",
+"s_per_clip_18_steps", "clips_per_s_batchB", ...}``; with ``--quality DIR`` (the models and clips
+``bench/quality.py --save`` left there) also ``"ssim_default_steps", "ssim_18_steps",
+"ecg_sync_default_steps", "ecg_sync_18_steps"`` on its held-out clips. FLOPs are counted with ``torch.utils.flop_counter.FlopCounterMode``
 (matmuls and attention) on a separate run of each sampler; utilization is our achieved FLOP/s over
 the best fp32 matmul throughput (2048x2048) measured in the same run.
 """
