@@ -16,8 +16,9 @@ Prints a side-by-side table and writes ``{"ours_s_per_clip", "reference_s_per_cl
 "s_per_clip_18_steps", "clips_per_s_batchB", ...}``; with ``--quality DIR`` (the models and clips
 ``bench/quality.py --save`` left there) also ``"ssim_default_steps", "ssim_18_steps",
 "ecg_sync_default_steps", "ecg_sync_18_steps"`` on its held-out clips. FLOPs are counted with
-``torch.utils.flop_counter.FlopCounterMode`` (matmuls and attention) on a separate run of each sampler; utilization is our achieved FLOP/s over
-the best fp32 matmul throughput (2048x2048) measured in the same run.
+``torch.utils.flop_counter.FlopCounterMode`` (matmuls and attention) on a separate run of each
+sampler; utilization is our achieved FLOP/s over the best fp32 matmul throughput (2048x2048)
+measured in the same run.
 """
 
 from __future__ import annotations
