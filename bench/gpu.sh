@@ -1,30 +1,43 @@
 #!/usr/bin/env bash
-# The GPU benchmarks in one run (the figures of BENCHMARKS.md's GPU section):
-#   1. bench/generate.py   paper-size sampler, batch 1 (ours vs the naive reference) and batch 32
+# The GPU benchmarks in one run (the figures of BENCHMARKS.md's GPU section), about 8 minutes:
+#   1. bench/generate.py   paper-size sampler against the fair reference (its noise drawn on the
+#                          GPU), fp32, batch 1; then bf16; then bf16 + torch.compile
+#                          (reduce-overhead: CUDA graphs) with a batch-size sweep; then the Halton
+#                          order at 8 steps (each run also times 18 steps)
 #   2. bench/train_step.py paper-size tokenizer and generator training steps, fp32 vs bf16, batch 32
-#   3. bench/quality.py    demo sizes trained on the GPU for QUALITY_MIN minutes, then the same
-#                          generator steps again without the ECG frame embedding (an ablation on
-#                          the same tokenizer and clips)
+#   3. bench/quality.py    (only with QUALITY_MIN > 0, about 2 * QUALITY_MIN + 2 more minutes) demo
+#                          sizes trained on the GPU for QUALITY_MIN minutes, then the same generator
+#                          steps again without the ECG frame embedding (an ablation on the same
+#                          tokenizer and clips)
 #
 #   bench/gpu.sh OUT_DIR [CLIPS.npz]
 #
 # CLIPS.npz is a phantom corpus cut by `bench/quality.py --clips FILE` on a machine with the whole
 # stack (the GPU image may lack pydicom/wfdb); without it, step 3 builds the corpus itself.
-# Each step runs even when an earlier one fails; the exit status is the number of failed steps.
+# Each step runs (under its own time limit) even when an earlier one fails; the exit status is the
+# number of failed steps.
 set -u
 out=${1:?usage: bench/gpu.sh OUT_DIR [CLIPS.npz]}
 clips=${2:-$out/clips.npz}
 py=${PYTHON:-python3}
-quality_min=${QUALITY_MIN:-5}
+quality_min=${QUALITY_MIN:-0}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 failed=0
 log="$out/gpu_log.txt"
-step() { echo "== $*" | tee -a "$log"; "$@" 2>&1 | tee -a "$log"; local rc=${PIPESTATUS[0]}; [ "$rc" = 0 ] || failed=$((failed + 1)); }
+step() { echo "== $*" | tee -a "$log"; timeout "${STEP_LIMIT:-150}" "$@" 2>&1 | tee -a "$log"; local rc=${PIPESTATUS[0]}; [ "$rc" = 0 ] || failed=$((failed + 1)); }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$log"
-step "$py" bench/generate.py --size paper --device cuda --gpu-batch 32 --json "$out/generate_paper.json"
+gen=("$py" bench/generate.py --size paper --device cuda --gpu-batch 0)
+step "${gen[@]}" --json "$out/generate_paper.json"
+step "${gen[@]}" --skip-reference --precision bf16 --json "$out/generate_paper_bf16.json"
+step "${gen[@]}" --skip-reference --precision bf16 --compile reduce-overhead --batch-sweep 1,8,32,128 \
+    --json "$out/generate_paper_bf16_compiled.json"
+step "${gen[@]}" --skip-reference --precision bf16 --compile reduce-overhead --order halton --steps 8 \
+    --batch-sweep 32 --json "$out/generate_paper_bf16_compiled_halton8.json"
 step "$py" bench/train_step.py --recipe paper --device cuda --batch 32 --json "$out/train_step_paper.json"
+if [ "$quality_min" = 0 ]; then echo "failed steps: $failed" | tee -a "$log"; exit "$failed"; fi
+STEP_LIMIT=$((60 * quality_min + 240))
 work=$(mktemp -d)
 step "$py" bench/quality.py --device cuda --batch 32 --clips "$clips" --tokenizer-steps 20000 \
     --generator-steps 40000 --budget-min "$quality_min" --log-every 500 --save --workdir "$work" \

@@ -225,12 +225,34 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class SamplingConfig:
-    """Iterative parallel decoding settings."""
+    """Iterative parallel decoding settings (see :func:`echopulse.models.sampling.sample`).
+
+    ``order``: "confidence" (MaskGIT re-masking) or "halton" (a fixed spread-out order; each step
+    projects only the tokens it decodes). ``precision`` "bf16" and ``compile`` (a
+    ``torch.compile`` mode, e.g. "reduce-overhead"; "" is off) are the GPU path's options.
+    """
 
     steps: int = 8
     guidance: float = 2.0
     temperature: float = 1.0
     schedule: str = "cosine"
+    order: str = "confidence"
+    precision: str = "fp32"
+    compile: str = ""
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ValueError(f"sampling steps must be >= 1, got {self.steps}")
+        if self.order not in ("confidence", "halton"):
+            raise ValueError(f"sampling order must be 'confidence' or 'halton', got {self.order!r}")
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"sampling precision must be 'fp32' or 'bf16', got {self.precision!r}")
+
+    def options(self) -> dict:
+        """The keyword options of ``sample``/``MaskGIT.generate`` this config sets."""
+        return {"steps": self.steps, "guidance": self.guidance, "temperature": self.temperature,
+                "schedule": self.schedule, "order": self.order, "precision": self.precision,
+                "compile_mode": self.compile or None}
 
 
 @dataclass(frozen=True)
@@ -240,8 +262,10 @@ class TuneConfig:
     Training axes (each trial trains one model): ``schedules``, ``mask_ratio_bounds``,
     ``lr_factors`` (times the recipe's generator lr). Sampling axes (each trial's model is evaluated
     at every ``sampling_steps`` value, with its own draw of ``sampling_schedules``, ``guidance``,
-    ``temperature``). ``search`` "grid" takes the first ``trials`` points of the grid; "random"
-    draws ``trials`` points with ``seed``.
+    ``temperature``, ``sampling_orders``). ``search`` "grid" takes the first ``trials`` points of the
+    grid; "random" draws ``trials`` points with ``seed``. The best recipe samples with the fewest
+    ``sampling_steps`` whose validation SSIM and ECG-control score are within ``steps_tolerance``
+    of the most steps' (the best trial's).
     """
 
     trials: int = 2
@@ -253,6 +277,8 @@ class TuneConfig:
     sampling_schedules: tuple[str, ...] = ("cosine",)
     guidance: tuple[float, ...] = (2.0,)
     temperature: tuple[float, ...] = (1.0,)
+    sampling_orders: tuple[str, ...] = ("confidence",)
+    steps_tolerance: float = 0.02
     steps: int = 30
     max_concurrent: int = 1
     asha: bool = True

@@ -285,7 +285,7 @@ class EchoGenerator:
                     steps=steps or s.steps,
                     guidance=s.guidance if guidance is None else guidance,
                     temperature=s.temperature if temperature is None else temperature,
-                    schedule=s.schedule,
+                    schedule=s.schedule, order=s.order, precision=s.precision, compile_mode=s.compile or None,
                     seed=seed + i,
                     prime_tokens=prime,
                     **{k: v for k, v in conditions.items() if v is not None},

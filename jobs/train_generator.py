@@ -109,7 +109,7 @@ def make_sample(model, config: dict[str, Any], recipe: Recipe, val_batches) -> C
                 first = {k: v[:SAMPLE_CLIPS] for k, v in batch.items()}
                 generated = bare.generate(first["ecg"].float(), steps=s.steps,
                                           guidance=s.guidance, temperature=s.temperature,
-                                          schedule=s.schedule, seed=step,
+                                          schedule=s.schedule, order=s.order, seed=step,
                                           **generator_conditions(bare, first, first["ecg"].device))
         finally:
             bare.train()

@@ -58,7 +58,7 @@ def search_space(tune_cfg: TuneConfig, base_lr: float) -> list[dict[str, Any]]:
     Raises:
         ConfigError: an unknown schedule or search, an empty axis, bad bounds or steps.
     """
-    from echopulse.models.schedules import SCHEDULES
+    from echopulse.models.schedules import ORDERS, SCHEDULES
 
     axes = {
         "schedule": tune_cfg.schedules,
@@ -67,6 +67,7 @@ def search_space(tune_cfg: TuneConfig, base_lr: float) -> list[dict[str, Any]]:
         "sampling_schedule": tune_cfg.sampling_schedules,
         "guidance": tune_cfg.guidance,
         "temperature": tune_cfg.temperature,
+        "sampling_order": tune_cfg.sampling_orders,
     }
     empty = [name for name, values in axes.items() if not values]
     if empty or not tune_cfg.sampling_steps or tune_cfg.trials < 1:
@@ -80,6 +81,9 @@ def search_space(tune_cfg: TuneConfig, base_lr: float) -> list[dict[str, Any]]:
     for lo, hi in tune_cfg.mask_ratio_bounds:
         if not 0.0 <= lo < hi <= 1.0:
             raise ConfigError(f"mask ratio bounds must satisfy 0 <= min < max <= 1, got [{lo}, {hi}]")
+    bad_orders = sorted(set(tune_cfg.sampling_orders) - set(ORDERS))
+    if bad_orders:
+        raise ConfigError(f"unknown decoding order(s) {', '.join(bad_orders)}; known: {', '.join(ORDERS)}")
     if any(s < 1 for s in tune_cfg.sampling_steps):
         raise ConfigError(f"sampling steps must be >= 1, got {tune_cfg.sampling_steps}")
     names = list(axes)
@@ -99,7 +103,7 @@ def search_space(tune_cfg: TuneConfig, base_lr: float) -> list[dict[str, Any]]:
         lo, hi = point.pop("mask_ratio_bounds")
         trials.append({"schedule": point["schedule"], "mask_ratio_min": float(lo),
                        "mask_ratio_max": float(hi), "lr": base_lr * point.pop("lr_factor"),
-                       **{k: point[k] for k in ("sampling_schedule", "guidance", "temperature")}})
+                       **{k: point[k] for k in ("sampling_schedule", "guidance", "temperature", "sampling_order")}})
     return trials
 
 
@@ -114,7 +118,8 @@ def trial_recipe(recipe: Recipe, trial: dict[str, Any]) -> Recipe:
         generator_train=replace(recipe.generator_train, steps=steps, lr=trial["lr"],
                                 log_every=max(1, min(recipe.generator_train.log_every, steps))),
         sampling=replace(recipe.sampling, schedule=trial["sampling_schedule"],
-                         guidance=trial["guidance"], temperature=trial["temperature"]),
+                         guidance=trial["guidance"], temperature=trial["temperature"],
+                         order=trial.get("sampling_order", recipe.sampling.order)),
     )
 
 
@@ -156,7 +161,8 @@ def generation_metrics(generator, tokenizer, subset: dict[str, np.ndarray], reci
     Each clip is generated from its real ECG, primed with its real first token frame, and compared
     with the tokenizer's decoding of its real tokens (what a perfect generator would give back).
     Keys: ``gen_ssim_stepsK``, ``gen_psnr_stepsK``, ``gen_ecg_sync_stepsK``, ``gen_s_per_clip_stepsK`` for each K,
-    and the same without ``_stepsK`` at the recipe's own sampling steps (or the largest K).
+    the same without ``_stepsK`` at the recipe's own sampling steps (or the largest K), and
+    ``gen_fewest_steps`` (:func:`fewest_steps`: what the best recipe samples with).
     """
     import torch
 
@@ -170,8 +176,7 @@ def generation_metrics(generator, tokenizer, subset: dict[str, np.ndarray], reci
         reference = tokenizer.decode_from_indices(tokens).clamp(0, 1)  # (n, t, h, w)
         for k in sampling_steps:
             t0 = time.perf_counter()
-            generated = generator.generate(ecg, steps=k, guidance=s.guidance,
-                                           temperature=s.temperature, schedule=s.schedule, seed=0,
+            generated = generator.generate(ecg, **{**s.options(), "steps": k}, seed=0,
                                            prime_tokens=tokens[:, 0])
             video = tokenizer.decode_from_indices(generated).clamp(0, 1)
             seconds = (time.perf_counter() - t0) / len(tokens)
@@ -184,7 +189,21 @@ def generation_metrics(generator, tokenizer, subset: dict[str, np.ndarray], reci
     primary = s.steps if s.steps in sampling_steps else max(sampling_steps)
     for name in ("gen_ssim", "gen_psnr", "gen_ecg_sync", "gen_s_per_clip"):
         out[name] = out[f"{name}_steps{primary}"]
+    out["gen_fewest_steps"] = float(fewest_steps(out, sampling_steps, recipe.tune.steps_tolerance))
     return out
+
+
+def fewest_steps(quality: dict[str, float], sampling_steps: tuple[int, ...], tolerance: float) -> int:
+    """The fewest steps whose SSIM and ECG-control score (``gen_ssim_stepsK``,
+    ``gen_ecg_sync_stepsK``) are within ``tolerance`` of the most steps' (a NaN score is not
+    compared)."""
+    most = max(sampling_steps)
+
+    def close(name: str, k: int) -> bool:
+        value, best = quality[f"{name}_steps{k}"], quality[f"{name}_steps{most}"]
+        return not (value == value and best == best) or value >= best - tolerance
+
+    return min(k for k in sampling_steps if close("gen_ssim", k) and close("gen_ecg_sync", k))
 
 
 def run_trial(config: dict[str, Any]) -> None:
@@ -301,8 +320,11 @@ def tune_masking(tokens: str, tokenizer: str, out: str, recipe: Recipe, tracking
         _close_stopped_children(tracking_uri, run_id)
         rows = _trial_rows(grid)
         best = min(rows, key=lambda r: r[METRIC])
-        best_recipe = replace(trial_recipe(recipe, best), name=f"{recipe.name}-tuned",
-                              generator_train=replace(recipe.generator_train, lr=best["lr"]))
+        best_recipe = trial_recipe(recipe, best)
+        steps = int(best.get("gen_fewest_steps") or best_recipe.sampling.steps)  # NaN-free: ints
+        best_recipe = replace(best_recipe, name=f"{recipe.name}-tuned",
+                              generator_train=replace(recipe.generator_train, lr=best["lr"]),
+                              sampling=replace(best_recipe.sampling, steps=steps))
         best_path = storage.join(out, "best_recipe.json")
         storage.write_text(best_path, json.dumps(to_dict(best_recipe), indent=2))
         table_path = storage.join(out, "trials.csv")
@@ -417,8 +439,8 @@ def _plot(rows: list[dict[str, Any]], steps: tuple[int, ...], out: str) -> str |
 
 
 def _csv(rows: list[dict[str, Any]]) -> str:
-    first = ("schedule", "mask_ratio_min", "mask_ratio_max", "lr", "sampling_schedule", "guidance",
-             "temperature", METRIC, "val_acc", QUALITY)
+    first = ("schedule", "mask_ratio_min", "mask_ratio_max", "lr", "sampling_schedule", "sampling_order",
+             "guidance", "temperature", METRIC, "val_acc", "gen_fewest_steps", QUALITY)
     fields = [f for f in first if any(f in r for r in rows)]
     fields += sorted({k for r in rows for k in r} - set(fields))
     buf = io.StringIO()

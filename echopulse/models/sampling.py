@@ -21,6 +21,7 @@ positions only. Tokens are drawn by inverse CDF
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Iterator
 from typing import Any, Protocol
@@ -29,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-from echopulse.models.schedules import get_schedule
+from echopulse.models.schedules import check_order, get_schedule, halton_order
 
 
 class Decodable(Protocol):
@@ -54,6 +55,8 @@ class Decodable(Protocol):
     def sampling_hidden(self, tokens_in: torch.Tensor, cache: Any) -> torch.Tensor: ...
     def logits(self, tokens_in: torch.Tensor, context: torch.Tensor, **kwargs: Any) -> torch.Tensor: ...
 
+
+PRECISIONS = ("fp32", "bf16")
 
 # logits rows materialised at once (1 GiB in fp32): bounds memory at large batch x vocabulary
 _MAX_LOGIT_ELEMENTS = 1 << 28
@@ -100,6 +103,10 @@ def sample(
     ef: torch.Tensor | None = None,
     cached: bool = True,
     lead_mask: torch.Tensor | None = None,
+    order: str = "confidence",
+    precision: str = "fp32",
+    compile_mode: str | None = None,
+    compile_backend: str = "inductor",
 ) -> torch.Tensor:
     """Generate token ids for each ECG.
 
@@ -117,6 +124,18 @@ def sample(
         view, ef: ``(b,)`` echo view ids / ejection fractions, when the model conditions on them.
         lead_mask: ``(b, 12)`` bool, the recorded leads (default: the ECG's non-zero leads).
         cached: the fast path (module docstring); ``False`` is the straightforward one, for tests.
+        order: which masked positions a step decodes. ``"confidence"`` (MaskGIT): sample every
+            masked position, keep the most confident (with annealed Gumbel noise), re-mask the
+            rest. ``"halton"``: decode the next positions of a fixed Halton order over the token
+            grid (:func:`~echopulse.models.schedules.halton_order`); only those positions are
+            projected to the vocabulary, so a step's projection covers just the tokens it decodes.
+        precision: ``"fp32"``, or ``"bf16"`` to run the transformer and the vocabulary projection
+            under ``torch.autocast(dtype=bfloat16)`` (sampling itself stays fp32).
+        compile_mode: when set, the per-step network (``model.sampling_hidden``; fixed shapes for
+            a given batch) runs through ``torch.compile(mode=compile_mode, dynamic=False)``, e.g.
+            ``"reduce-overhead"`` (CUDA graphs on a GPU). Compiled once per model and setting.
+        compile_backend: the ``torch.compile`` backend (``"eager"``/``"aot_eager"`` trace only:
+            for tests).
 
     Returns:
         ``(b, t', h', w')`` long ids in ``[0, vocab_size)``.
@@ -126,19 +145,26 @@ def sample(
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     schedule_fn = get_schedule(schedule)
+    check_order(order)
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown sampling precision {precision!r}; known: {', '.join(PRECISIONS)}")
     was_training = model.training
     model.eval()
+    device = next(model.parameters()).device
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16"
+                else contextlib.nullcontext())
+    hidden_fn = _compiled_hidden(model, compile_mode, compile_backend) if compile_mode else None
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), autocast:
             ids = _decode(model, ecg, steps, guidance, temperature, schedule_fn, seed, prime_tokens,
-                          view, ef, cached, lead_mask)
+                          view, ef, cached, lead_mask, order, hidden_fn)
     finally:
         model.train(was_training)
     return ids.clone()  # an ordinary tensor: inference tensors cannot enter autograd later
 
 
 def _decode(model, ecg, steps, guidance, temperature, schedule_fn, seed, prime_tokens, view, ef, cached,
-            lead_mask=None):
+            lead_mask=None, order="confidence", hidden_fn=None):
     grid = tuple(model.cfg.token_grid)
     n, mask_id = model.seq_len, model.mask_id
     device = next(model.parameters()).device
@@ -168,6 +194,44 @@ def _decode(model, ecg, steps, guidance, temperature, schedule_fn, seed, prime_t
         if frames is not None:
             frames = torch.cat([frames, torch.zeros_like(frames)])
 
+    def step_logits(select):
+        """Guided logits at the positions ``select`` picks from a ``(b, n, ...)`` tensor, in
+        chunks of rows: ``(r, vocab)`` each."""
+        if cached:
+            if hidden_fn is not None:
+                torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs are read already
+            hidden = (hidden_fn or model.sampling_hidden)(ids, cache)  # (b or 2b, n, d)
+            rows = select(hidden[:b]).float()  # (r, d): a copy
+            if guided:
+                rows = rows.mul_(1 + guidance).sub_(select(hidden[b:]).float(), alpha=guidance)
+            weight, bias = model.to_logits.weight, model.to_logits.bias
+            return (F.linear(chunk, weight, bias) for chunk in rows.split(_chunk_rows(weight.shape[0])))
+        if guided:
+            cond, uncond = model.logits(torch.cat([ids, ids]), context, frames=frames).float().chunk(2)
+            logits = cond + guidance * (cond - uncond)  # (b, n, vocab)
+        else:
+            logits = model.logits(ids, context, frames=frames).float()
+        return select(logits).split(_chunk_rows(logits.shape[-1]))
+
+    if order == "halton":
+        # the unknown positions in Halton order (primed token frames are a prefix: left out)
+        positions = halton_order(grid).to(device)
+        positions = positions[positions >= num_known]  # (num_unknown,)
+        decoded = 0
+        for step in range(steps):
+            if decoded == num_unknown:
+                break
+            progress = (step + 1) / steps
+            remaining = int(math.floor(float(schedule_fn(progress)) * num_unknown))
+            remaining = min(remaining, num_unknown - decoded - 1)  # at least one new token per step
+            now = positions[decoded:num_unknown - remaining]  # (k,): this step's positions
+            chunks = step_logits(lambda t: t[:, now].flatten(0, 1))  # rows (b * k, ...), batch-major
+            sample_temperature = temperature * (1 - step / steps)
+            sampled = torch.cat([_draw(chunk.float(), sample_temperature, rng)[0] for chunk in chunks])
+            ids[:, now] = sampled.view(b, -1)
+            decoded += now.numel()
+        return rearrange(ids, "b (t h w) -> b t h w", t=grid[0], h=grid[1], w=grid[2])
+
     for step in range(steps):
         if num_unknown == 0:
             break
@@ -175,22 +239,8 @@ def _decode(model, ecg, steps, guidance, temperature, schedule_fn, seed, prime_t
         is_masked = ids == mask_id  # (b, n)
         sample_temperature = temperature * (1 - step / steps)
 
-        # guided logits at the masked positions, in chunks of rows: (r, vocab) each
-        if cached:
-            hidden = model.sampling_hidden(ids, cache)  # (b or 2b, n, d)
-            rows = hidden[:b][is_masked]  # (r, d)
-            if guided:
-                rows = rows.mul_(1 + guidance).sub_(hidden[b:][is_masked], alpha=guidance)
-            weight, bias = model.to_logits.weight, model.to_logits.bias
-            chunks = (F.linear(chunk, weight, bias) for chunk in rows.split(_chunk_rows(weight.shape[0])))
-        else:
-            if guided:
-                cond, uncond = model.logits(torch.cat([ids, ids]), context, frames=frames).float().chunk(2)
-                logits = cond + guidance * (cond - uncond)  # (b, n, vocab)
-            else:
-                logits = model.logits(ids, context, frames=frames).float()
-            chunks = logits[is_masked].split(_chunk_rows(logits.shape[-1]))
-
+        # guided logits at the masked positions
+        chunks = step_logits(lambda t: t[is_masked])
         drawn = [_draw(chunk.float(), sample_temperature, rng) for chunk in chunks]
         sampled = torch.cat([d[0] for d in drawn])  # (r,)
         confidence = torch.full((b, n), math.inf, device=device)  # decoded tokens stay
@@ -207,6 +257,16 @@ def _decode(model, ecg, steps, guidance, temperature, schedule_fn, seed, prime_t
             least_confident = confidence.topk(num_remask, dim=-1, largest=False, sorted=False).indices
             ids.scatter_(1, least_confident, mask_id)
     return rearrange(ids, "b (t h w) -> b t h w", t=grid[0], h=grid[1], w=grid[2])
+
+
+def _compiled_hidden(model: Decodable, mode: str, backend: str):
+    """``torch.compile`` of ``model.sampling_hidden``, made once per model and setting (kept on the
+    model, so it goes when the model does)."""
+    compiled = model.__dict__.setdefault("_compiled_sampling_hidden", {})
+    if (mode, backend) not in compiled:
+        options = {"mode": mode} if backend == "inductor" else {}  # modes are inductor's
+        compiled[mode, backend] = torch.compile(model.sampling_hidden, backend=backend, dynamic=False, **options)
+    return compiled[mode, backend]
 
 
 def _chunk_rows(vocab: int) -> int:

@@ -113,3 +113,54 @@ def truncated_schedule(schedule: str | Schedule, low: float = 0.0, high: float =
 
     truncated.__name__ = f"truncated_{getattr(base, '__name__', 'schedule')}"
     return truncated
+
+
+# ---- decoding orders ---------------------------------------------------------------------------
+
+ORDERS = ("confidence", "halton")
+
+
+def _radical_inverse(index: int, base: int) -> float:
+    """The ``index``-th term of the van der Corput sequence in ``base``."""
+    out, scale = 0.0, 1.0 / base
+    while index:
+        index, digit = divmod(index, base)
+        out += digit * scale
+        scale /= base
+    return out
+
+
+def halton_order(grid: tuple[int, ...]) -> torch.Tensor:
+    """Every flat position of ``grid`` once, in the order a Halton sequence visits its cells.
+
+    The Halton scheduler (Besnier et al., ICLR 2025) decodes tokens in this fixed low-discrepancy
+    order instead of by confidence: each step's new tokens are spread over the whole clip, so
+    neighbours (which are strongly correlated and would be drawn independently in one step)
+    rarely land in the same step. Point ``i`` is ``(phi_2(i), phi_3(i), phi_5(i), ...)`` scaled to
+    the grid; a cell enters the order at its first visit (cells the first ``64 * cells`` points
+    miss, if any, follow in raster order).
+
+    Returns:
+        ``(prod(grid),)`` long: a permutation of ``range(prod(grid))`` (row-major flat indices).
+    """
+    bases = (2, 3, 5, 7, 11, 13)[: len(grid)]
+    if len(grid) != len(bases) or any(g < 1 for g in grid):
+        raise ValueError(f"halton_order takes a grid of 1-{len((2, 3, 5, 7, 11, 13))} positive sizes, got {grid}")
+    cells = math.prod(grid)
+    strides = [math.prod(grid[k + 1:]) for k in range(len(grid))]
+    seen: dict[int, None] = {}
+    for i in range(1, 64 * cells + 1):
+        flat = sum(min(g - 1, int(_radical_inverse(i, base) * g)) * stride
+                   for g, base, stride in zip(grid, bases, strides))
+        seen.setdefault(flat, None)
+        if len(seen) == cells:
+            break
+    order = list(seen) + [c for c in range(cells) if c not in seen]
+    return torch.tensor(order, dtype=torch.long)
+
+
+def check_order(name: str) -> str:
+    """``name`` if it is a known decoding order (:data:`ORDERS`), else ValueError listing them."""
+    if name not in ORDERS:
+        raise ValueError(f"unknown decoding order {name!r}; known: {', '.join(ORDERS)}")
+    return name

@@ -126,3 +126,19 @@ def test_interrupted_sweep_resumes_and_tracks_on_a_server(tokens, tmp_path, mlfl
     trained = train_generator(str(tokens_dir), tokenizer, str(tmp_path / "best"), best,
                               f"sqlite:///{tmp_path}/m.db")
     assert Path(trained.checkpoint, "model.safetensors").exists()
+
+
+def test_sampling_orders_axis_and_fewest_steps():
+    from jobs.tune_masking import fewest_steps
+
+    cfg = replace(tiny().tune, trials=2, schedules=("cosine",), lr_factors=(1.0,),
+                  sampling_orders=("confidence", "halton"))
+    assert [t["sampling_order"] for t in search_space(cfg, 1e-3)] == ["confidence", "halton"]
+    with pytest.raises(ConfigError, match="decoding order"):
+        search_space(replace(cfg, sampling_orders=("raster",)), 1e-3)
+    quality = {"gen_ssim_steps4": 0.50, "gen_ecg_sync_steps4": 0.60,
+               "gen_ssim_steps8": 0.61, "gen_ecg_sync_steps8": 0.59,
+               "gen_ssim_steps12": 0.62, "gen_ecg_sync_steps12": 0.60}
+    assert fewest_steps(quality, (4, 8, 12), 0.02) == 8  # 4 steps lose 0.12 SSIM
+    assert fewest_steps(quality, (4, 8, 12), 0.2) == 4
+    assert fewest_steps({**quality, "gen_ecg_sync_steps8": 0.5}, (4, 8, 12), 0.02) == 12

@@ -4,6 +4,7 @@ import torch
 from echopulse.config import GeneratorConfig
 from echopulse.models.generator import MaskGIT
 from echopulse.models.sampling import _draw, sample
+from echopulse.models.schedules import halton_order
 
 
 def test_generate_is_deterministic_and_in_range(trained_generator):
@@ -124,3 +125,78 @@ def test_bad_arguments(trained_generator):
         model.generate(batch["ecg"], steps=0)
     with pytest.raises(ValueError, match="schedule"):
         model.generate(batch["ecg"], schedule="nope")
+
+
+@pytest.mark.parametrize("order", ["confidence", "halton"])
+def test_bf16_sampling_draws_the_fp32_tokens(trained_generator, order):
+    model, batch = trained_generator
+    prime = batch["tokens"][:, 0]
+    fp32 = sample(model, batch["ecg"], steps=6, guidance=3.0, seed=2, order=order, prime_tokens=prime)
+    bf16 = sample(model, batch["ecg"], steps=6, guidance=3.0, seed=2, order=order, prime_tokens=prime,
+                  precision="bf16")
+    assert (bf16 == fp32).float().mean() >= 0.99
+    assert torch.equal(bf16[:, 0], prime)
+
+
+def _neighbour_pairs(positions: list[int], grid: tuple[int, int, int]) -> int:
+    """Pairs of grid neighbours (frame, row or column apart by one) among flat positions."""
+    t, h, w = grid
+    chosen = set(positions)
+    pairs = 0
+    for p in positions:
+        f, r, c = p // (h * w), p % (h * w) // w, p % w
+        pairs += (f + 1 < t and p + h * w in chosen) + (r + 1 < h and p + w in chosen) + (c + 1 < w and p + 1 in chosen)
+    return pairs
+
+
+def test_halton_order_spreads_each_step_over_the_grid():
+    grid = (3, 4, 4)
+    order = halton_order(grid).tolist()
+    assert sorted(order) == list(range(48))
+    # the first quarter (one step's worth) has few neighbouring pairs: fewer than random picks
+    rng = torch.Generator().manual_seed(0)
+    random = sum(_neighbour_pairs(torch.randperm(48, generator=rng)[:12].tolist(), grid) for _ in range(50)) / 50
+    assert _neighbour_pairs(order[:12], grid) < 0.6 * random
+
+
+@pytest.mark.parametrize("guidance", [0.0, 3.0])
+def test_halton_order(trained_generator, guidance, monkeypatch):
+    model, batch = trained_generator
+    prime = batch["tokens"][:, 0]
+    if guidance == 0:
+        # greedy decoding in Halton order recovers the sequences the model was fit to
+        out = sample(model, batch["ecg"], steps=4, guidance=guidance, temperature=0.0, order="halton")
+        assert (out == batch["tokens"]).float().mean() > 0.9
+    # the fast path (only the step's positions projected) draws the plain path's tokens
+    fast = sample(model, batch["ecg"], steps=5, guidance=guidance, seed=3, order="halton", prime_tokens=prime)
+    plain = sample(model, batch["ecg"], steps=5, guidance=guidance, seed=3, order="halton", prime_tokens=prime,
+                   cached=False)
+    assert torch.equal(fast, plain) and torch.equal(fast[:, 0], prime)
+    # each step projects only the positions it decodes: the unknown 32 positions in all, once each
+    rows, linear = [], torch.nn.functional.linear
+
+    def counting_linear(x, weight, bias=None):
+        if weight is model.to_logits.weight:
+            rows.append(x.shape[0])
+        return linear(x, weight, bias)
+
+    monkeypatch.setattr(torch.nn.functional, "linear", counting_linear)
+    sample(model, batch["ecg"], steps=5, guidance=guidance, order="halton", prime_tokens=prime)
+    assert sum(rows) == 4 * 32 and len(rows) == 5
+
+
+def test_compiled_sampling_draws_the_same_tokens(trained_generator):
+    model, batch = trained_generator
+    # the eager backend traces with TorchDynamo (the plumbing) without inductor's code generation
+    plain = sample(model, batch["ecg"][:2], steps=3, guidance=2.0, seed=4)
+    compiled = sample(model, batch["ecg"][:2], steps=3, guidance=2.0, seed=4,
+                      compile_mode="reduce-overhead", compile_backend="eager")
+    assert torch.equal(compiled, plain)
+
+
+def test_bad_sampling_options(trained_generator):
+    model, batch = trained_generator
+    with pytest.raises(ValueError, match="decoding order"):
+        sample(model, batch["ecg"], order="random")
+    with pytest.raises(ValueError, match="precision"):
+        sample(model, batch["ecg"], precision="fp8")
