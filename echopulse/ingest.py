@@ -39,7 +39,7 @@ from echopulse.io.ecg import ECGReadError, read_ecg
 from echopulse.io.screen_ecg import SOURCE as SCREEN, NoTraceError, ScreenECGError, read_screen_ecg
 from echopulse.io.video import is_video, read_echo_video
 from echopulse.io.volume import is_volume, read_echo_volume
-from echopulse.transforms.clips import CLIP_MODES, cut_clip, cycle_spans, window_spans
+from echopulse.transforms.clips import CLIP_MODES, ClipSpan, cut_clip, cycle_spans, window_spans
 from echopulse.transforms.ecg import ECGError, PreparedECG, prepare_ecg
 from echopulse.transforms.video import crop_region, estimate_region, mask_outside_sector
 
@@ -187,32 +187,12 @@ def make_ingest_fn(clip: ClipConfig, base_dir: str, salt: str | None = None,
     version = _version()
 
     def ingest(row: dict) -> list[dict]:
-        echo_uri, ecg_uri = _text(row.get("echo")), _text(row.get("ecg"))
-        if not echo_uri:
-            raise IngestError("manifest", f"row has no 'echo' path (ecg={ecg_uri!r})")
+        echo_uri, ecg_uri, echo_path, ecg_path, sync = _row_inputs(row, base_dir, options)
         screen = ecg_uri.lower() == SCREEN
-        sync = _sync_flag(row, echo_uri)
-        if screen and is_video(echo_uri):
-            raise IngestError("manifest", f"{echo_uri}: ecg 'screen' needs a DICOM cine (its colour "
-                                          "frames and timing); this is a video file")
-        echo_path = resolve_input(base_dir, echo_uri, options.allow_roots)
-        ecg_path = resolve_input(base_dir, ecg_uri, options.allow_roots) if ecg_uri and not screen else ""
-
         keep_color = screen or (not ecg_uri and options.screen_ecg)  # the trace is found by its colour
         frames, echo_meta = _read_echo(row, echo_uri, echo_path, options, keep_color=keep_color)
         ecg_meta, prepared = _read_prepare_ecg(row, echo_uri, echo_path, echo_meta, ecg_uri, ecg_path, options)
-
-        region, region_source = echo_meta["region"], "dicom"
-        if region is None:
-            if ecg_meta is not None and ecg_meta.get("source") == SCREEN:
-                # the moving trace would pull the estimated imaging box over the strip
-                x0, y0, x1, y1 = ecg_meta["strip"]
-                frames = frames.copy()
-                frames[:, y0 : y1 + 1, x0 : x1 + 1] = 0
-            region, region_source = estimate_region(frames), "estimated"
-        frames = crop_region(frames, region)
-        if options.mask_sector:
-            frames = mask_outside_sector(frames)
+        frames, region_source = _crop_frames(frames, echo_meta, ecg_meta, options.mask_sector)
         fps = float(echo_meta["fps"])
         video_s = frames.shape[0] / fps
         offset, offset_source = ecg_offset(row, echo_meta, ecg_meta)
@@ -220,70 +200,141 @@ def make_ingest_fn(clip: ClipConfig, base_dir: str, salt: str | None = None,
             _check_coverage(echo_uri, video_s, prepared.duration_s, offset, offset_source)
         spans = _spans(echo_uri, video_s, prepared, offset, clip, options.clip_mode)
 
-        study = _text(row.get("study")) or echo_meta["study_uid"] or echo_meta["sop_uid"] or echo_uri
-        key = schema.study_key(study, salt)
-        split = _text(row.get("split")).lower()
-        split = split if split in schema.SPLITS else schema.split_for(key)
         source = ecg_meta["source"] if ecg_meta else NO_ECG
-        synchronized = ecg_synchronized(source, sync)
-        provenance = json.dumps(
-            {
-                "ecg": ecg_uri,
-                "reader": {"echo": _echo_reader(echo_uri), "ecg": source,
-                           "region": region_source},
-                "transfer_syntax": echo_meta.get("transfer_syntax", ""),
-                "source_fps": fps,
-                "ecg_fs": float(ecg_meta["fs"]) if ecg_meta else None,
-                **({"screen": {"mode": ecg_meta["mode"], "px_per_s": round(float(ecg_meta["px_per_s"]), 3),
-                               "history_s": round(float(ecg_meta["offset_s"]), 4)}}
-                   if source == SCREEN else {}),
-                "ecg_offset_s": round(offset, 6),
-                "ecg_offset_source": offset_source,
-                "clip_mode": options.clip_mode,
-                "echopulse": version,
-                # what ingest guarantees (see the module docstring), in DICOM's words
-                "patient_identity_removed": "YES",
-                "deidentification_method": DEIDENTIFICATION_METHOD,
-            },
-            sort_keys=True,
-        )
+        provenance = _provenance(ecg_uri, echo_uri, echo_meta, ecg_meta, region_source,
+                                 offset, offset_source, options.clip_mode, version)
+        shared = _shared_columns(row, echo_uri, echo_meta, salt, source, sync, provenance)
         out = []
         for span in spans:
             try:
                 video, ecg, peaks = cut_clip(frames, fps, prepared, span, clip, ecg_offset_s=offset)
             except ValueError as exc:
                 raise IngestError("clip", f"{echo_uri} at {span.t_start_s:.2f} s: {exc}") from None
-            if prepared is None:
-                heart_rate = None
-            elif options.clip_mode == "cycle":
-                heart_rate = 60.0 / span.seconds
-            else:
-                heart_rate = float(prepared.heart_rate_bpm)
-            out.append(
-                {
-                    "clip_id": schema.clip_id(echo_uri, span.t_start_s, span.t_end_s),
-                    "study_key": key,
-                    "split": split,
-                    "view": _text(row.get("view")) or "unknown",
-                    "frames": video,
-                    "fps": float(clip.frames / span.seconds),
-                    "ecg": ecg,
-                    "ecg_leads": [bool(m) for m in prepared.lead_mask] if prepared else [False] * 12,
-                    "ecg_source": source,
-                    "ecg_sync": synchronized,
-                    "heart_rate_bpm": heart_rate,
-                    "r_peaks": [int(p) for p in peaks],
-                    "t_start_s": float(span.t_start_s),
-                    "t_end_s": float(span.t_end_s),
-                    "ef": _optional_float(row.get("ef")),
-                    "source_uri": echo_uri,
-                    "provenance": provenance,
-                }
-            )
+            out.append(_clip_row(shared, echo_uri, span, clip, options.clip_mode, prepared, video, ecg, peaks))
         log.info("ingested %s: %d clips", echo_uri, len(out))
         return out
 
     return ingest
+
+
+def _row_inputs(row: dict, base_dir: str, options: IngestOptions) -> tuple[str, str, str, str, bool | None]:
+    """The row's echo and ECG as written and as resolved, and its ``ecg_sync`` flag.
+
+    Returns:
+        ``(echo_uri, ecg_uri, echo_path, ecg_path, sync)``; ``ecg_path`` is empty when the row
+        names no ECG file (none, or ``screen``).
+
+    Raises:
+        IngestError: (stage "manifest") for a row without an echo, a bad ``ecg_sync``, ``screen``
+            on a video, or a path escaping the manifest's folder.
+    """
+    echo_uri, ecg_uri = _text(row.get("echo")), _text(row.get("ecg"))
+    if not echo_uri:
+        raise IngestError("manifest", f"row has no 'echo' path (ecg={ecg_uri!r})")
+    screen = ecg_uri.lower() == SCREEN
+    sync = _sync_flag(row, echo_uri)
+    if screen and is_video(echo_uri):
+        raise IngestError("manifest", f"{echo_uri}: ecg 'screen' needs a DICOM cine (its colour "
+                                      "frames and timing); this is a video file")
+    echo_path = resolve_input(base_dir, echo_uri, options.allow_roots)
+    ecg_path = resolve_input(base_dir, ecg_uri, options.allow_roots) if ecg_uri and not screen else ""
+    return echo_uri, ecg_uri, echo_path, ecg_path, sync
+
+
+def _crop_frames(frames: np.ndarray, echo_meta: dict, ecg_meta: dict | None,
+                 mask_sector: bool) -> tuple[np.ndarray, str]:
+    """Crop to the ultrasound region (the DICOM's, else estimated) and mask outside the sector.
+
+    Returns:
+        The cropped frames and where the region came from ("dicom" or "estimated").
+    """
+    region, region_source = echo_meta["region"], "dicom"
+    if region is None:
+        if ecg_meta is not None and ecg_meta.get("source") == SCREEN:
+            # the moving trace would pull the estimated imaging box over the strip
+            x0, y0, x1, y1 = ecg_meta["strip"]
+            frames = frames.copy()
+            frames[:, y0 : y1 + 1, x0 : x1 + 1] = 0
+        region, region_source = estimate_region(frames), "estimated"
+    frames = crop_region(frames, region)
+    if mask_sector:
+        frames = mask_outside_sector(frames)
+    return frames, region_source
+
+
+def _provenance(ecg_uri: str, echo_uri: str, echo_meta: dict, ecg_meta: dict | None, region_source: str,
+                offset: float, offset_source: str, clip_mode: str, version: str) -> str:
+    """The ``provenance`` JSON shared by every clip of one row (no patient identifiers)."""
+    source = ecg_meta["source"] if ecg_meta else NO_ECG
+    return json.dumps(
+        {
+            "ecg": ecg_uri,
+            "reader": {"echo": _echo_reader(echo_uri), "ecg": source,
+                       "region": region_source},
+            "transfer_syntax": echo_meta.get("transfer_syntax", ""),
+            "source_fps": float(echo_meta["fps"]),
+            "ecg_fs": float(ecg_meta["fs"]) if ecg_meta else None,
+            **({"screen": {"mode": ecg_meta["mode"], "px_per_s": round(float(ecg_meta["px_per_s"]), 3),
+                           "history_s": round(float(ecg_meta["offset_s"]), 4)}}
+               if source == SCREEN else {}),
+            "ecg_offset_s": round(offset, 6),
+            "ecg_offset_source": offset_source,
+            "clip_mode": clip_mode,
+            "echopulse": version,
+            # what ingest guarantees (see the module docstring), in DICOM's words
+            "patient_identity_removed": "YES",
+            "deidentification_method": DEIDENTIFICATION_METHOD,
+        },
+        sort_keys=True,
+    )
+
+
+def _shared_columns(row: dict, echo_uri: str, echo_meta: dict, salt: str | None, source: str,
+                    sync: bool | None, provenance: str) -> dict:
+    """The ``clips/v1`` columns that are the same for every clip cut from one row."""
+    study = _text(row.get("study")) or echo_meta["study_uid"] or echo_meta["sop_uid"] or echo_uri
+    key = schema.study_key(study, salt)
+    split = _text(row.get("split")).lower()
+    return {
+        "study_key": key,
+        "split": split if split in schema.SPLITS else schema.split_for(key),
+        "view": _text(row.get("view")) or "unknown",
+        "ecg_source": source,
+        "ecg_sync": ecg_synchronized(source, sync),
+        "ef": _optional_float(row.get("ef")),
+        "source_uri": echo_uri,
+        "provenance": provenance,
+    }
+
+
+def _clip_row(shared: dict, echo_uri: str, span: ClipSpan, clip: ClipConfig, clip_mode: str,
+              prepared: PreparedECG | None, video: np.ndarray, ecg, peaks) -> dict:
+    """One ``clips/v1`` row, columns in ``schema.CLIP_COLUMNS`` order, from a cut clip."""
+    if prepared is None:
+        heart_rate = None
+    elif clip_mode == "cycle":
+        heart_rate = 60.0 / span.seconds
+    else:
+        heart_rate = float(prepared.heart_rate_bpm)
+    return {
+        "clip_id": schema.clip_id(echo_uri, span.t_start_s, span.t_end_s),
+        "study_key": shared["study_key"],
+        "split": shared["split"],
+        "view": shared["view"],
+        "frames": video,
+        "fps": float(clip.frames / span.seconds),
+        "ecg": ecg,
+        "ecg_leads": [bool(m) for m in prepared.lead_mask] if prepared else [False] * 12,
+        "ecg_source": shared["ecg_source"],
+        "ecg_sync": shared["ecg_sync"],
+        "heart_rate_bpm": heart_rate,
+        "r_peaks": [int(p) for p in peaks],
+        "t_start_s": float(span.t_start_s),
+        "t_end_s": float(span.t_end_s),
+        "ef": shared["ef"],
+        "source_uri": shared["source_uri"],
+        "provenance": shared["provenance"],
+    }
 
 
 def _read_echo(row: dict, echo_uri: str, echo_path: str, options: IngestOptions, keep_color: bool = False):
