@@ -406,81 +406,33 @@ def evaluate(checkpoint: str, clips: str, out: str, options: EvalOptions | None 
     """
     from dataclasses import replace
 
-    from tqdm.auto import tqdm
-
-    from echopulse.generate import EchoGenerator
-
     opts = replace(options or EvalOptions(), **overrides)
     if opts.n < 1:
         raise EchoPulseError(f"--n must be at least 1, got {opts.n}")
     if opts.samples_per_clip < 1:
         raise EchoPulseError(f"--samples-per-clip must be at least 1, got {opts.samples_per_clip}")
-    fid_net = frechet.load_torchscript(opts.fid_weights, "FID (Inception-v3) feature network") if opts.fid_weights else None
-    fvd_net = frechet.load_torchscript(opts.fvd_weights, "FVD (I3D) feature network") if opts.fvd_weights else None
-    ef_net = frechet.load_torchscript(opts.ef_model, "EF regressor") if opts.ef_model else None
+    fid_net, fvd_net, ef_net = _feature_nets(opts)
     data = read_clips(clips, opts.n)
     real = data["frames"]
-    count, frames, size = real.shape[0], real.shape[1], real.shape[2]
-    _check_feature_request(opts, clips, count, frames)
-    model = EchoGenerator.from_checkpoint(checkpoint, device=device)
-    clip = model.clip
-    if (frames, size, data["ecg"].shape[2]) != (clip.frames, clip.size, clip.ecg_samples):
-        raise EchoPulseError(
-            f"{clips}: clips are {frames} frames of {size}x{size} with {data['ecg'].shape[2]} ECG samples; "
-            f"the model makes {clip.frames} frames of {clip.size}x{clip.size} from {clip.ecg_samples}")
+    count = real.shape[0]
+    _check_feature_request(opts, clips, count, real.shape[1])
+    model = _load_matching_model(checkpoint, clips, data, device)
     dev = model.device
     for net in (fid_net, fvd_net, ef_net):
         if net is not None:
             net.to(dev)
     started = time.time()
-    s = opts.samples_per_clip
     partner = partners(data["study"]) if count >= 2 else None
-    masks = sector_masks(real)
-
-    generated = np.zeros((count, s, *real.shape[1:]), dtype=np.uint8)
-    swapped = np.zeros_like(real) if partner is not None else None
-
-    def gen(ecg: np.ndarray, i: int, seed: int) -> np.ndarray:
-        return model.generate(ecg, first_frame=real[i][0], seconds=clip.seconds, seed=seed,
-                              steps=opts.steps, guidance=opts.guidance)
-
-    for i in tqdm(range(count), desc="evaluate", unit="clip", disable=None):
-        for j in range(s):
-            generated[i, j] = gen(data["ecg"][i], i, opts.seed + i * s + j)
-        if partner is not None:
-            swapped[i] = gen(data["ecg"][partner[i]], i, opts.seed + i * s)
+    generated, swapped = _generate_all(model, data, partner, opts)
     recon = _reconstruct(model, real, opts.batch)
-
-    values: dict[str, np.ndarray] = {}
-    for key, v in fidelity(recon, real, masks, device=dev).items():
-        values[f"recon_{key}"] = v
-    gen_scores = [fidelity(generated[:, j], real, masks, first=1, device=dev) for j in range(s)]
-    for key in gen_scores[0]:
-        values[f"gen_{key}"] = np.mean([g[key] for g in gen_scores], axis=0)
-    if partner is not None:
-        control = ecg_control(generated[:, 0], data["ecg"], partner, data["fps"], data["heart_rate_bpm"],
-                              swapped=swapped, real=real, reconstructed=recon)
-    else:
-        control = {"matched": sync_scores(generated[:, 0], data["ecg"], data["fps"], data["heart_rate_bpm"]),
-                   "real": sync_scores(real, data["ecg"], data["fps"], data["heart_rate_bpm"])}
-    for key, v in control.items():
-        values[f"ecg_sync_{key}"] = v
-
-    truth = data["ef"] * 100.0
-    if ef_net is not None:
-        estimator = f"regressor {Path(opts.ef_model).name}"
-        real_ef = _predict_ef(ef_net, real, opts.batch, dev)
-        gen_ef = _predict_ef(ef_net, generated.reshape(-1, *real.shape[1:]), opts.batch, dev).reshape(count, s)
-    else:
-        estimator = "phantom estimator (LV cavity area; not a regressor)"
-        real_ef = np.asarray([metrics.ef_from_video(v) for v in real]) * 100.0
-        gen_ef = np.asarray([[metrics.ef_from_video(v) for v in g] for g in generated]) * 100.0
+    values = _metric_values(data, recon, generated, swapped, partner, dev)
+    estimator, real_ef, gen_ef = _ef_estimates(opts, ef_net, real, generated, dev)
 
     report = _header(model, checkpoint, clips, data, opts)
     table = summarize(values, data["view"])
     report["per_view"] = table
     report.update(_sections(table[ALL], count))
-    report["ef"] = ef_section(truth, real_ef, gen_ef, data["view"], estimator)
+    report["ef"] = ef_section(data["ef"] * 100.0, real_ef, gen_ef, data["view"], estimator)
     report.update(_feature_distances(opts, real, generated, data["view"], fid_net, fvd_net, dev))
     report["memorization"] = _memorization(opts, model, clips, data, generated, dev)
     report["seconds"] = round(time.time() - started, 3)
@@ -493,6 +445,99 @@ def evaluate(checkpoint: str, clips: str, out: str, options: EvalOptions | None 
         _log_to_mlflow(report, {**paths, **{f"fig-{k}": v for k, v in figures.items()}}, tracking_uri)
         write_report(report, out)  # with the run id
     return report
+
+
+def _feature_nets(opts: EvalOptions) -> tuple[Any, Any, Any]:
+    """The FID, FVD and EF TorchScript networks the options name (``None`` for each not named)."""
+    fid_net = frechet.load_torchscript(opts.fid_weights, "FID (Inception-v3) feature network") if opts.fid_weights else None
+    fvd_net = frechet.load_torchscript(opts.fvd_weights, "FVD (I3D) feature network") if opts.fvd_weights else None
+    ef_net = frechet.load_torchscript(opts.ef_model, "EF regressor") if opts.ef_model else None
+    return fid_net, fvd_net, ef_net
+
+
+def _load_matching_model(checkpoint: str, clips: str, data: dict[str, Any], device: str | None):
+    """Load the generator and check that the clips have its clip geometry.
+
+    Raises:
+        EchoPulseError: the clips' frames, size or ECG length differ from the model's.
+    """
+    from echopulse.generate import EchoGenerator
+
+    model = EchoGenerator.from_checkpoint(checkpoint, device=device)
+    clip = model.clip
+    _, frames, size = data["frames"].shape[:3]
+    if (frames, size, data["ecg"].shape[2]) != (clip.frames, clip.size, clip.ecg_samples):
+        raise EchoPulseError(
+            f"{clips}: clips are {frames} frames of {size}x{size} with {data['ecg'].shape[2]} ECG samples; "
+            f"the model makes {clip.frames} frames of {clip.size}x{clip.size} from {clip.ecg_samples}")
+    return model
+
+
+def _generate_all(model, data: dict[str, Any], partner: np.ndarray | None,
+                  opts: EvalOptions) -> tuple[np.ndarray, np.ndarray | None]:
+    """Generate ``samples_per_clip`` videos per clip from its own ECG, and one from its partner's.
+
+    Returns:
+        ``(generated, swapped)``: ``(count, samples, T, H, W)`` uint8, and ``(count, T, H, W)``
+        from the partner's ECG (``None`` without partners). Seeds are ``seed + i * samples + j``.
+    """
+    from tqdm.auto import tqdm
+
+    real, clip, s = data["frames"], model.clip, opts.samples_per_clip
+    generated = np.zeros((real.shape[0], s, *real.shape[1:]), dtype=np.uint8)
+    swapped = np.zeros_like(real) if partner is not None else None
+
+    def gen(ecg: np.ndarray, i: int, seed: int) -> np.ndarray:
+        return model.generate(ecg, first_frame=real[i][0], seconds=clip.seconds, seed=seed,
+                              steps=opts.steps, guidance=opts.guidance)
+
+    for i in tqdm(range(real.shape[0]), desc="evaluate", unit="clip", disable=None):
+        for j in range(s):
+            generated[i, j] = gen(data["ecg"][i], i, opts.seed + i * s + j)
+        if partner is not None:
+            swapped[i] = gen(data["ecg"][partner[i]], i, opts.seed + i * s)
+    return generated, swapped
+
+
+def _metric_values(data: dict[str, Any], recon: np.ndarray, generated: np.ndarray, swapped: np.ndarray | None,
+                   partner: np.ndarray | None, device) -> dict[str, np.ndarray]:
+    """Per-clip fidelity (reconstruction and generation) and ECG-sync values, keyed by metric."""
+    real = data["frames"]
+    masks = sector_masks(real)
+    values: dict[str, np.ndarray] = {}
+    for key, v in fidelity(recon, real, masks, device=device).items():
+        values[f"recon_{key}"] = v
+    gen_scores = [fidelity(generated[:, j], real, masks, first=1, device=device) for j in range(generated.shape[1])]
+    for key in gen_scores[0]:
+        values[f"gen_{key}"] = np.mean([g[key] for g in gen_scores], axis=0)
+    if partner is not None:
+        control = ecg_control(generated[:, 0], data["ecg"], partner, data["fps"], data["heart_rate_bpm"],
+                              swapped=swapped, real=real, reconstructed=recon)
+    else:
+        control = {"matched": sync_scores(generated[:, 0], data["ecg"], data["fps"], data["heart_rate_bpm"]),
+                   "real": sync_scores(real, data["ecg"], data["fps"], data["heart_rate_bpm"])}
+    for key, v in control.items():
+        values[f"ecg_sync_{key}"] = v
+    return values
+
+
+def _ef_estimates(opts: EvalOptions, ef_net, real: np.ndarray, generated: np.ndarray,
+                  device) -> tuple[str, np.ndarray, np.ndarray]:
+    """EF (%) of the real and generated videos: the regressor's when given, else the phantom estimator's.
+
+    Returns:
+        ``(estimator, real_ef, gen_ef)``: a description, ``(count,)`` and ``(count, samples)``.
+    """
+    count, s = generated.shape[:2]
+    if ef_net is not None:
+        estimator = f"regressor {Path(opts.ef_model).name}"
+        real_ef = _predict_ef(ef_net, real, opts.batch, device)
+        gen_ef = _predict_ef(ef_net, generated.reshape(-1, *real.shape[1:]), opts.batch, device).reshape(count, s)
+    else:
+        estimator = "phantom estimator (LV cavity area; not a regressor)"
+        real_ef = np.asarray([metrics.ef_from_video(v) for v in real]) * 100.0
+        gen_ef = np.asarray([[metrics.ef_from_video(v) for v in g] for g in generated]) * 100.0
+    return estimator, real_ef, gen_ef
 
 
 def _predict_ef(net, videos: np.ndarray, batch: int, device) -> np.ndarray:
