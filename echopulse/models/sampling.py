@@ -166,13 +166,30 @@ def sample(
 def _decode(model, ecg, steps, guidance, temperature, schedule_fn, seed, prime_tokens, view, ef, cached,
             lead_mask=None, order="confidence", hidden_fn=None):
     grid = tuple(model.cfg.token_grid)
-    n, mask_id = model.seq_len, model.mask_id
     device = next(model.parameters()).device
     ecg = ecg.to(device)
     b = ecg.shape[0]
     rng = torch.Generator().manual_seed(seed)
+    ids, num_known = _initial_ids(model, prime_tokens, grid, b, device)  # (b, n)
+    step_logits = _guided_logits_fn(model, ecg, guidance, view, ef, cached, lead_mask, hidden_fn)
+    if order == "halton":
+        _decode_halton(ids, step_logits, grid, num_known, steps, temperature, schedule_fn, rng)
+    else:
+        _decode_confidence(ids, step_logits, model.mask_id, num_known, steps, temperature, schedule_fn, rng)
+    return rearrange(ids, "b (t h w) -> b t h w", t=grid[0], h=grid[1], w=grid[2])
 
-    ids = torch.full((b, n), mask_id, dtype=torch.long, device=device)  # (b, n)
+
+def _initial_ids(model, prime_tokens, grid: tuple[int, int, int], b: int,
+                 device: torch.device) -> tuple[torch.Tensor, int]:
+    """All-masked ids with the primed token frames as a known prefix.
+
+    Returns:
+        ``(ids, num_known)``: ``(b, n)`` long ids and the length of the primed prefix.
+
+    Raises:
+        ValueError: a primed token outside the vocabulary.
+    """
+    ids = torch.full((b, model.seq_len), model.mask_id, dtype=torch.long, device=device)  # (b, n)
     num_known = 0
     if prime_tokens is not None:
         prime = _prime_prefix(prime_tokens, grid, b).to(device)  # (b, k)
@@ -180,8 +197,16 @@ def _decode(model, ecg, steps, guidance, temperature, schedule_fn, seed, prime_t
             raise ValueError(f"prime_tokens must lie in [0, {model.cfg.vocab_size})")
         num_known = prime.shape[1]
         ids[:, :num_known] = prime
-    num_unknown = n - num_known
+    return ids, num_known
 
+
+def _guided_logits_fn(model, ecg, guidance, view, ef, cached, lead_mask, hidden_fn):
+    """Encode the condition once and return ``step_logits(ids, select)``.
+
+    ``step_logits`` gives the guided logits at the positions ``select`` picks from a
+    ``(b, n, ...)`` tensor, in chunks of rows: ``(r, vocab)`` each.
+    """
+    b = ecg.shape[0]
     guided = guidance != 0
     # (b, m, d): once, outside the loop
     context = model.with_extra_conditions(model.encode_ecg(ecg, lead_mask), view, ef)
@@ -194,9 +219,7 @@ def _decode(model, ecg, steps, guidance, temperature, schedule_fn, seed, prime_t
         if frames is not None:
             frames = torch.cat([frames, torch.zeros_like(frames)])
 
-    def step_logits(select):
-        """Guided logits at the positions ``select`` picks from a ``(b, n, ...)`` tensor, in
-        chunks of rows: ``(r, vocab)`` each."""
+    def step_logits(ids, select):
         if cached:
             if hidden_fn is not None:
                 torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs are read already
@@ -213,25 +236,36 @@ def _decode(model, ecg, steps, guidance, temperature, schedule_fn, seed, prime_t
             logits = model.logits(ids, context, frames=frames).float()
         return select(logits).split(_chunk_rows(logits.shape[-1]))
 
-    if order == "halton":
-        # the unknown positions in Halton order (primed token frames are a prefix: left out)
-        positions = halton_order(grid).to(device)
-        positions = positions[positions >= num_known]  # (num_unknown,)
-        decoded = 0
-        for step in range(steps):
-            if decoded == num_unknown:
-                break
-            progress = (step + 1) / steps
-            remaining = int(math.floor(float(schedule_fn(progress)) * num_unknown))
-            remaining = min(remaining, num_unknown - decoded - 1)  # at least one new token per step
-            now = positions[decoded:num_unknown - remaining]  # (k,): this step's positions
-            chunks = step_logits(lambda t: t[:, now].flatten(0, 1))  # rows (b * k, ...), batch-major
-            sample_temperature = temperature * (1 - step / steps)
-            sampled = torch.cat([_draw(chunk.float(), sample_temperature, rng)[0] for chunk in chunks])
-            ids[:, now] = sampled.view(b, -1)
-            decoded += now.numel()
-        return rearrange(ids, "b (t h w) -> b t h w", t=grid[0], h=grid[1], w=grid[2])
+    return step_logits
 
+
+def _decode_halton(ids, step_logits, grid, num_known, steps, temperature, schedule_fn, rng) -> None:
+    """Fill the unknown positions of ``ids`` in place, in Halton order, a scheduled number per step."""
+    b, n = ids.shape
+    num_unknown = n - num_known
+    # the unknown positions in Halton order (primed token frames are a prefix: left out)
+    positions = halton_order(grid).to(ids.device)
+    positions = positions[positions >= num_known]  # (num_unknown,)
+    decoded = 0
+    for step in range(steps):
+        if decoded == num_unknown:
+            break
+        progress = (step + 1) / steps
+        remaining = int(math.floor(float(schedule_fn(progress)) * num_unknown))
+        remaining = min(remaining, num_unknown - decoded - 1)  # at least one new token per step
+        now = positions[decoded:num_unknown - remaining]  # (k,): this step's positions
+        chunks = step_logits(ids, lambda t: t[:, now].flatten(0, 1))  # rows (b * k, ...), batch-major
+        sample_temperature = temperature * (1 - step / steps)
+        sampled = torch.cat([_draw(chunk.float(), sample_temperature, rng)[0] for chunk in chunks])
+        ids[:, now] = sampled.view(b, -1)
+        decoded += now.numel()
+
+
+def _decode_confidence(ids, step_logits, mask_id, num_known, steps, temperature, schedule_fn, rng) -> None:
+    """Fill ``ids`` in place MaskGIT-style: sample every masked position, re-mask the least confident."""
+    b, n = ids.shape
+    device = ids.device
+    num_unknown = n - num_known
     for step in range(steps):
         if num_unknown == 0:
             break
@@ -240,7 +274,7 @@ def _decode(model, ecg, steps, guidance, temperature, schedule_fn, seed, prime_t
         sample_temperature = temperature * (1 - step / steps)
 
         # guided logits at the masked positions
-        chunks = step_logits(lambda t: t[is_masked])
+        chunks = step_logits(ids, lambda t: t[is_masked])
         drawn = [_draw(chunk.float(), sample_temperature, rng) for chunk in chunks]
         sampled = torch.cat([d[0] for d in drawn])  # (r,)
         confidence = torch.full((b, n), math.inf, device=device)  # decoded tokens stay
@@ -256,7 +290,6 @@ def _decode(model, ecg, steps, guidance, temperature, schedule_fn, seed, prime_t
         if num_remask > 0:
             least_confident = confidence.topk(num_remask, dim=-1, largest=False, sorted=False).indices
             ids.scatter_(1, least_confident, mask_id)
-    return rearrange(ids, "b (t h w) -> b t h w", t=grid[0], h=grid[1], w=grid[2])
 
 
 def _compiled_hidden(model: Decodable, mode: str, backend: str):
