@@ -212,21 +212,12 @@ def run_ingest_tokens(manifest: str, out: str, clip: ClipConfig, tokenizer: str,
     Raises:
         EchoPulseError: a tokenizer of another clip geometry, or not one input tokenized.
     """
-    import ray
-    from ray.data import ActorPoolStrategy
-
-    from echopulse.models.checkpoint import load_checkpoint
-    from echopulse.runtime import init_ray
-    from pipelines.ingest import finish, plan_inputs, prepare_out
+    from pipelines.ingest import plan_inputs, prepare_out
 
     shards = shards or ShardConfig()
     if batch_size < 1 or actors < 1:
         raise EchoPulseError("--batch-size and --actors must be at least 1")
-    with tempfile.TemporaryDirectory() as tmp:
-        _, tok_cfg, tok_info = load_checkpoint(storage.local_copy(tokenizer, tmp), expected_kind="tokenizer")
-    if (tok_cfg.frames, tok_cfg.image_size) != (clip.frames, clip.size):
-        raise EchoPulseError(f"{tokenizer}: tokenizer takes {tok_cfg.frames} frames of {tok_cfg.image_size}px; "
-                             f"the clips have {clip.frames} of {clip.size}px")
+    tok_cfg, tok_info = _matching_tokenizer(tokenizer, clip)
     rows, duplicates = plan_inputs(manifest)
     storage.makedirs(out)
     done = prepare_out(out, "tokens", resume)
@@ -235,29 +226,71 @@ def run_ingest_tokens(manifest: str, out: str, clip: ClipConfig, tokenizer: str,
         prepare_out(keep_clips, "clips", resume)
     todo = [r for r in rows if r["_key"] not in done]
     if todo:
-        from pipelines.shards import groups
+        _run_fused_pass(todo, manifest, out, clip, tokenizer, salt, options, shards, keep_clips,
+                        actors, batch_size, use_gpu, encoder_cpus)
+    fused = _write_summaries(out, rows, duplicates, clip, tokenizer, tok_cfg, tok_info, shards, batch_size,
+                             keep_clips)
+    if fused.tokens == 0:
+        raise EchoPulseError(f"no input could be tokenized; reasons in {storage.join(out, 'quarantine')}")
+    return fused
 
-        init_ray()
-        if use_gpu is None:
-            use_gpu = ray.cluster_resources().get("GPU", 0) >= 1
-        if encoder_cpus is None:
-            encoder_cpus = ENCODER_CPUS if ray.cluster_resources().get("CPU", 1) >= 4 else 0.5
-        by_index = {r["_index"]: r for r in todo}
-        items = [{"rows": json.dumps([by_index[i] for i in g])}
-                 for g in groups(sorted(by_index), shards.inputs_per_task)]
-        remote_args: dict[str, Any] = {}
-        env = storage.aws_env()
-        if env and any(storage.is_remote(u) for u in (manifest, out, tokenizer, keep_clips or "")):
-            remote_args["runtime_env"] = {"env_vars": env}
-        decode = make_decode_task_fn(clip, storage.parent(manifest), out, salt, options, shards, keep_clips)
-        ds = ray.data.from_items(items, override_num_blocks=len(items))
-        ds = ds.flat_map(decode, num_cpus=1, **remote_args)
-        ds = ds.map(EncodeChunks, fn_constructor_kwargs={
-            "tokenizer_uri": tokenizer, "out": out, "shards": shards, "batch_size": batch_size,
-            "use_gpu": bool(use_gpu), "ecg_samples": clip.ecg_samples}, compute=ActorPoolStrategy(size=actors),
-            num_gpus=1 if use_gpu else 0, num_cpus=encoder_cpus, **remote_args)
-        # streams: one small counts row per chunk
-        run_or_explain(out, lambda: sum(1 for _ in ds.iter_rows()))
+
+def _matching_tokenizer(tokenizer: str, clip: ClipConfig) -> tuple[Any, dict[str, Any]]:
+    """The tokenizer checkpoint's config and info, checked against the clip geometry.
+
+    Raises:
+        EchoPulseError: the tokenizer takes another number of frames or another size.
+    """
+    from echopulse.models.checkpoint import load_checkpoint
+
+    with tempfile.TemporaryDirectory() as tmp:
+        _, tok_cfg, tok_info = load_checkpoint(storage.local_copy(tokenizer, tmp), expected_kind="tokenizer")
+    if (tok_cfg.frames, tok_cfg.image_size) != (clip.frames, clip.size):
+        raise EchoPulseError(f"{tokenizer}: tokenizer takes {tok_cfg.frames} frames of {tok_cfg.image_size}px; "
+                             f"the clips have {clip.frames} of {clip.size}px")
+    return tok_cfg, tok_info
+
+
+def _run_fused_pass(todo: list[dict], manifest: str, out: str, clip: ClipConfig, tokenizer: str,
+                    salt: str | None, options: IngestOptions | None, shards: ShardConfig,
+                    keep_clips: str | None, actors: int, batch_size: int, use_gpu: bool | None,
+                    encoder_cpus: float | None) -> None:
+    """The Ray Data pass over the inputs still to do: decode tasks, then a tokenizer actor pool."""
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    from echopulse.runtime import init_ray
+    from pipelines.shards import groups
+
+    init_ray()
+    if use_gpu is None:
+        use_gpu = ray.cluster_resources().get("GPU", 0) >= 1
+    if encoder_cpus is None:
+        encoder_cpus = ENCODER_CPUS if ray.cluster_resources().get("CPU", 1) >= 4 else 0.5
+    by_index = {r["_index"]: r for r in todo}
+    items = [{"rows": json.dumps([by_index[i] for i in g])}
+             for g in groups(sorted(by_index), shards.inputs_per_task)]
+    remote_args: dict[str, Any] = {}
+    env = storage.aws_env()
+    if env and any(storage.is_remote(u) for u in (manifest, out, tokenizer, keep_clips or "")):
+        remote_args["runtime_env"] = {"env_vars": env}
+    decode = make_decode_task_fn(clip, storage.parent(manifest), out, salt, options, shards, keep_clips)
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    ds = ds.flat_map(decode, num_cpus=1, **remote_args)
+    ds = ds.map(EncodeChunks, fn_constructor_kwargs={
+        "tokenizer_uri": tokenizer, "out": out, "shards": shards, "batch_size": batch_size,
+        "use_gpu": bool(use_gpu), "ecg_samples": clip.ecg_samples}, compute=ActorPoolStrategy(size=actors),
+        num_gpus=1 if use_gpu else 0, num_cpus=encoder_cpus, **remote_args)
+    # streams: one small counts row per chunk
+    run_or_explain(out, lambda: sum(1 for _ in ds.iter_rows()))
+
+
+def _write_summaries(out: str, rows: list[dict], duplicates: int, clip: ClipConfig, tokenizer: str,
+                     tok_cfg: Any, tok_info: dict[str, Any], shards: ShardConfig, batch_size: int,
+                     keep_clips: str | None) -> FusedSummary:
+    """Finish the outcome logs; write ``summary.json`` and the dataset info of both outputs."""
+    from pipelines.ingest import finish
+
     summary = finish(out, rows, duplicates)
     log_tokens = _tokens_and_splits(out)
     fused = FusedSummary(inputs=summary.inputs, inputs_with_tokens=summary.inputs_with_clips,
@@ -275,8 +308,6 @@ def run_ingest_tokens(manifest: str, out: str, clip: ClipConfig, tokenizer: str,
         clips_summary = finish(keep_clips, rows, duplicates)
         write_dataset_info(keep_clips, CLIPS_SCHEMA, {"clip": to_dict(clip), "shards": to_dict(shards)},
                            clips_summary.as_dict())
-    if fused.tokens == 0:
-        raise EchoPulseError(f"no input could be tokenized; reasons in {storage.join(out, 'quarantine')}")
     return fused
 
 
