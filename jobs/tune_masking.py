@@ -278,8 +278,6 @@ def tune_masking(tokens: str, tokenizer: str, out: str, recipe: Recipe, tracking
         resume: continue an interrupted sweep in ``out`` (finished trials are not rerun).
         parent_run_id: nest the sweep's parent run under this one.
     """
-    from ray import tune
-
     from echopulse.runtime import init_ray
     from echopulse.tracking import RunLogger
 
@@ -300,48 +298,68 @@ def tune_masking(tokens: str, tokenizer: str, out: str, recipe: Recipe, tracking
     if not (resume and storage.exists(subset_uri)):
         save_subset(validation_subset(tokens, recipe.tune.eval_clips), subset_uri)
     parent = RunLogger(tracking_uri, run_id)
-    trainable = tune.with_resources(run_trial, {"cpu": 1})
-    experiment = storage.join(storage_path(out), SWEEP_NAME)
     try:
-        if resume and tune.Tuner.can_restore(experiment):
-            log.info("resuming the sweep in %s", experiment)
-            tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_errored=True)
-        else:
-            if storage.exists(experiment):
-                fs, path = storage.filesystem(experiment)
-                fs.rm(path, recursive=True)
-            tuner = tune.Tuner(trainable, param_space=_param_space(recipe, configs, tokens, tokenizer,
-                                                                   tracking_uri, run_id, tok_info,
-                                                                   out, workers, use_gpu),
-                               tune_config=_tune_config(recipe),
-                               run_config=tune.RunConfig(name=SWEEP_NAME,
-                                                         storage_path=storage_path(out), verbose=0))
+        tuner = _make_tuner(recipe, configs, tokens, tokenizer, tracking_uri, run_id, tok_info, out,
+                            workers, use_gpu, resume)
         grid = tuner.fit()
         _close_stopped_children(tracking_uri, run_id)
         rows = _trial_rows(grid)
         best = min(rows, key=lambda r: r[METRIC])
-        best_recipe = trial_recipe(recipe, best)
-        steps = int(best.get("gen_fewest_steps") or best_recipe.sampling.steps)  # NaN-free: ints
-        best_recipe = replace(best_recipe, name=f"{recipe.name}-tuned",
-                              generator_train=replace(recipe.generator_train, lr=best["lr"]),
-                              sampling=replace(best_recipe.sampling, steps=steps))
-        best_path = storage.join(out, "best_recipe.json")
-        storage.write_text(best_path, json.dumps(to_dict(best_recipe), indent=2))
-        table_path = storage.join(out, "trials.csv")
-        storage.write_text(table_path, _csv(rows))
-        plot_path = _plot(rows, recipe.tune.sampling_steps, out)
-        parent.log_metrics({f"best_{k}": v for k, v in best.items() if isinstance(v, float)}, step=0)
-        parent.set_tag("best_schedule", best["schedule"])
-        if not storage.is_remote(out):
-            for path in (best_path, table_path, plot_path):
-                if path:
-                    parent.log_artifact(path)
+        best_path, table_path, plot_path = _write_results(recipe, rows, best, out, parent)
     except BaseException:
         parent.finish("FAILED")
         raise
     parent.finish()
     return TuneSummary(best=best, trials=rows, best_recipe=best_path, table=table_path,
                        plot=plot_path, run_id=run_id)
+
+
+def _make_tuner(recipe: Recipe, configs: list[dict[str, Any]], tokens: str, tokenizer: str, tracking_uri: str,
+                run_id: str, tok_info: dict[str, Any], out: str, workers: int, use_gpu: bool | None,
+                resume: bool):
+    """A ``tune.Tuner``: restored from ``out`` when resuming one there, else a fresh sweep."""
+    from ray import tune
+
+    trainable = tune.with_resources(run_trial, {"cpu": 1})
+    experiment = storage.join(storage_path(out), SWEEP_NAME)
+    if resume and tune.Tuner.can_restore(experiment):
+        log.info("resuming the sweep in %s", experiment)
+        return tune.Tuner.restore(experiment, trainable=trainable, resume_errored=True)
+    if storage.exists(experiment):
+        fs, path = storage.filesystem(experiment)
+        fs.rm(path, recursive=True)
+    return tune.Tuner(trainable, param_space=_param_space(recipe, configs, tokens, tokenizer,
+                                                          tracking_uri, run_id, tok_info,
+                                                          out, workers, use_gpu),
+                      tune_config=_tune_config(recipe),
+                      run_config=tune.RunConfig(name=SWEEP_NAME,
+                                                storage_path=storage_path(out), verbose=0))
+
+
+def _write_results(recipe: Recipe, rows: list[dict[str, Any]], best: dict[str, Any], out: str,
+                   parent: Any) -> tuple[str, str, str | None]:
+    """Write ``best_recipe.json``, ``trials.csv`` and the plot; log the best trial to the parent run.
+
+    Returns:
+        The paths of the best recipe, the trials table and the plot (``None`` when not drawn).
+    """
+    best_recipe = trial_recipe(recipe, best)
+    steps = int(best.get("gen_fewest_steps") or best_recipe.sampling.steps)  # NaN-free: ints
+    best_recipe = replace(best_recipe, name=f"{recipe.name}-tuned",
+                          generator_train=replace(recipe.generator_train, lr=best["lr"]),
+                          sampling=replace(best_recipe.sampling, steps=steps))
+    best_path = storage.join(out, "best_recipe.json")
+    storage.write_text(best_path, json.dumps(to_dict(best_recipe), indent=2))
+    table_path = storage.join(out, "trials.csv")
+    storage.write_text(table_path, _csv(rows))
+    plot_path = _plot(rows, recipe.tune.sampling_steps, out)
+    parent.log_metrics({f"best_{k}": v for k, v in best.items() if isinstance(v, float)}, step=0)
+    parent.set_tag("best_schedule", best["schedule"])
+    if not storage.is_remote(out):
+        for path in (best_path, table_path, plot_path):
+            if path:
+                parent.log_artifact(path)
+    return best_path, table_path, plot_path
 
 
 def _close_stopped_children(tracking_uri: str, parent_run_id: str) -> None:
