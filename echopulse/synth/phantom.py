@@ -590,9 +590,7 @@ def write_corpus(out_dir: str | Path, studies: int, seed: int, duration_s: float
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    n_val = max(1, round(0.2 * studies)) if studies >= 3 else 0
-    split_rng = np.random.default_rng([seed, 2**20])
-    val_ids = set(split_rng.choice(studies, size=n_val, replace=False).tolist()) if n_val else set()
+    val_ids = _val_ids(studies, seed)
     rows, truth = [], []
     n_train = 0
     for i in tqdm(range(studies), desc="synth", unit="study", disable=None):
@@ -606,11 +604,7 @@ def write_corpus(out_dir: str | Path, studies: int, seed: int, duration_s: float
         study = make_study(study_seed, view=view, heart_rate_bpm=hr, ef=ef, duration_s=duration_s,
                            appearance=look)
         echo_rel, ecg_rel = f"echo/{name}.dcm", f"ecg/{name}.hea"
-        screen = None
-        if screen_trace:
-            style = TraceStyle(color=(GE_GREEN, PHILIPS_YELLOW)[i % 2], start_phase=float(rng.uniform()),
-                               sweep_s=min(1.6, 0.6 * duration_s))
-            screen = draw_screen_trace(study.frames, study.fps, study.ecg, seed=study_seed + 1, style=style)
+        screen = _screen_trace(study, i, rng, study_seed, duration_s) if screen_trace else None
         write_study_dicom(study, out_dir / echo_rel, seed=study_seed, screen=screen)
         split = "val" if i in val_ids else "train"
         n_train += split == "train"
@@ -621,17 +615,7 @@ def write_corpus(out_dir: str | Path, studies: int, seed: int, duration_s: float
         rows.append(
             {"echo": echo_rel, "ecg": ecg_rel, "view": view, "ef": ef, "heart_rate_bpm": hr, "split": split}
         )
-        truth.append({
-            "echo": echo_rel,
-            "ef": ef,
-            "heart_rate_bpm": hr,
-            "ed_frames": study.ed_frames,
-            "es_frames": study.es_frames,
-            "r_peaks_s": [round(float(x), 6) for x in study.ecg.r_peaks_s],
-            "fps": study.fps,
-            **({"screen_r_peaks_s": [round(float(x), 6) for x in screen.r_peaks_s],
-                "screen_mode": screen.style.mode} if screen is not None else {}),
-        })
+        truth.append(_truth_entry(echo_rel, ef, hr, study, screen))
         log.info("phantom study %d/%d: %s hr=%.0f ef=%.2f", i + 1, studies, view, hr, ef)
     manifest = out_dir / "manifest.csv"
     with open(manifest, "w", newline="") as f:
@@ -640,3 +624,33 @@ def write_corpus(out_dir: str | Path, studies: int, seed: int, duration_s: float
         writer.writerows(rows)
     (out_dir / "truth.json").write_text(json.dumps({"studies": truth}, indent=1))
     return manifest
+
+
+def _val_ids(studies: int, seed: int) -> set[int]:
+    """The corpus's val studies: about a fifth, at least one when there are three or more."""
+    n_val = max(1, round(0.2 * studies)) if studies >= 3 else 0
+    split_rng = np.random.default_rng([seed, 2**20])
+    return set(split_rng.choice(studies, size=n_val, replace=False).tolist()) if n_val else set()
+
+
+def _screen_trace(study: Study, i: int, rng: np.random.Generator, study_seed: int, duration_s: float) -> ScreenTrace:
+    """Study ``i``'s on-screen ECG strip: GE green or Philips yellow by turns, the cursor starting
+    at a phase drawn from ``rng`` (one draw)."""
+    style = TraceStyle(color=(GE_GREEN, PHILIPS_YELLOW)[i % 2], start_phase=float(rng.uniform()),
+                       sweep_s=min(1.6, 0.6 * duration_s))
+    return draw_screen_trace(study.frames, study.fps, study.ecg, seed=study_seed + 1, style=style)
+
+
+def _truth_entry(echo_rel: str, ef: float, hr: float, study: Study, screen: ScreenTrace | None) -> dict:
+    """One study's ``truth.json`` entry (R-peaks on the echo's clock; the drawn ones when shown)."""
+    return {
+        "echo": echo_rel,
+        "ef": ef,
+        "heart_rate_bpm": hr,
+        "ed_frames": study.ed_frames,
+        "es_frames": study.es_frames,
+        "r_peaks_s": [round(float(x), 6) for x in study.ecg.r_peaks_s],
+        "fps": study.fps,
+        **({"screen_r_peaks_s": [round(float(x), 6) for x in screen.r_peaks_s],
+            "screen_mode": screen.style.mode} if screen is not None else {}),
+    }
