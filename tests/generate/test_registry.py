@@ -96,3 +96,26 @@ def test_pyfunc_model_loads_without_pickle_and_predicts_frames(mlflow_server, ti
     assert frames.dtype == np.uint8 and frames.shape == (1, model.clip.frames, model.size, model.size)
     expected = model.generate(prepare_ecg(twelve, ecg_meta["fs"], list(ECG_LEADS)), seed=5)
     assert np.array_equal(frames[0], expected)
+
+
+def test_a_finished_training_run_publishes_its_figure_model_and_registered_version(mlflow_server,
+                                                                                   tiny_checkpoint):
+    """What ``train generator --register NAME`` does once Ray Train returns: the loss figure, the
+    pyfunc model under the run and a new registered version pointing back at that run."""
+    from types import SimpleNamespace
+
+    import pandas as pd
+    from mlflow import MlflowClient
+
+    from echopulse.registry import publish_training_run
+    from echopulse.tracking import create_run
+
+    run_id = create_run(mlflow_server, "publish-test", {"kind": "generator"})
+    steps = pd.DataFrame({"step": [10, 20, 30], "loss": [4.0, 3.1, 2.5]})
+    out = publish_training_run(mlflow_server, run_id, SimpleNamespace(metrics_dataframe=steps),
+                               str(tiny_checkpoint), register="echo-gen-from-training")
+    client = MlflowClient(tracking_uri=mlflow_server, registry_uri=mlflow_server)
+    version = client.get_model_version("echo-gen-from-training", out["version"])
+    assert version.run_id == run_id and out["registered_uri"].endswith(f"/{out['version']}")
+    artifacts = {a.path for a in client.list_artifacts(run_id)}
+    assert "model" in artifacts and out.get("figure")
