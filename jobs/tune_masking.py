@@ -19,6 +19,7 @@ import io
 import itertools
 import json
 import logging
+import os
 import random
 import tempfile
 import time
@@ -302,7 +303,7 @@ def tune_masking(tokens: str, tokenizer: str, out: str, recipe: Recipe, tracking
         tuner = _make_tuner(recipe, configs, tokens, tokenizer, tracking_uri, run_id, tok_info, out,
                             workers, use_gpu, resume)
         grid = tuner.fit()
-        _close_stopped_children(tracking_uri, run_id)
+        _close_stopped_children(tracking_uri, run_id, _errored_trial_ids(grid))
         rows = _trial_rows(grid)
         best = min(rows, key=lambda r: r[METRIC])
         best_path, table_path, plot_path = _write_results(recipe, rows, best, out, parent)
@@ -362,19 +363,34 @@ def _write_results(recipe: Recipe, rows: list[dict[str, Any]], best: dict[str, A
     return best_path, table_path, plot_path
 
 
-def _close_stopped_children(tracking_uri: str, parent_run_id: str) -> None:
-    """Trials stopped early (ASHA) or lost to an interruption never close their MLflow run:
-    once the sweep is over, mark any child still RUNNING as KILLED."""
+def _errored_trial_ids(grid) -> set[str]:
+    """Ids of the trials Tune records as errored (their directory names hold the id)."""
+    return {os.path.basename(str(r.path)) for r in grid if r.error is not None}
+
+
+def _close_stopped_children(tracking_uri: str, parent_run_id: str, errored: set[str]) -> None:
+    """Trials stopped early (ASHA) or lost to an interruption never close their MLflow run, or
+    close it FAILED when the stop interrupts them inside ``run_trial`` (e.g. while the trainer
+    shuts down): once the sweep is over, mark any child still RUNNING, and any FAILED child whose
+    trial Tune does not record as errored (a real error in a trial is a Tune error too), KILLED.
+
+    Args:
+        errored: directory names of the errored trials (:func:`_errored_trial_ids`).
+    """
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=tracking_uri)
     parent = client.get_run(parent_run_id)
     children = client.search_runs(
         [parent.info.experiment_id],
-        f"tags.mlflow.parentRunId = '{parent_run_id}' and attributes.status = 'RUNNING'")
+        f"tags.mlflow.parentRunId = '{parent_run_id}' and attributes.status != 'FINISHED'")
     for child in children:
-        client.set_tag(child.info.run_id, "echopulse.stopped_early", "true")
-        client.set_terminated(child.info.run_id, status="KILLED")
+        trial_id = (child.info.run_name or "").rsplit("-", 1)[-1]
+        stopped = child.info.status == "RUNNING" or (
+            child.info.status == "FAILED" and not any(f"_{trial_id}_" in d for d in errored))
+        if stopped:
+            client.set_tag(child.info.run_id, "echopulse.stopped_early", "true")
+            client.set_terminated(child.info.run_id, status="KILLED")
 
 
 def _param_space(recipe, configs, tokens, tokenizer, tracking_uri, run_id, tok_info, out, workers,

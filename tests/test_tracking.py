@@ -86,3 +86,29 @@ def test_lineage_figure_and_system_metrics_land_in_the_run(tmp_path):
     assert "figures/generator.png" in [a.path for a in client.list_artifacts(run_id, "figures")]
     assert any(k.startswith("system/cpu_utilization") for k in run.data.metrics)
     assert any(k.startswith("system/system_memory") for k in run.data.metrics)
+
+
+def test_sweep_closes_stopped_trials_as_killed_and_keeps_real_failures(tmp_path):
+    """A trial ASHA stops can end RUNNING (its process killed) or FAILED (the stop interrupted it
+    inside run_trial); both are KILLED after the sweep. A trial Tune records as errored stays
+    FAILED, and a finished one stays FINISHED."""
+    from mlflow import MlflowClient
+
+    from echopulse.tracking import end_run
+    from jobs.tune_masking import _close_stopped_children
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    parent = create_run(uri, "tune-tiny", {})
+    ids = {}
+    for name, status in (("trial-cosine-ab12_00000", "FINISHED"), ("trial-linear-ab12_00001", "FAILED"),
+                         ("trial-square-ab12_00002", "FAILED"), ("trial-cubic-ab12_00003", None)):
+        ids[name] = create_run(uri, name, {}, parent_run_id=parent)
+        if status:
+            end_run(uri, ids[name], status)
+    errored = {"run_trial_ab12_00002_2_trial=schedule_square_2026-12-02_06-45-27"}
+    _close_stopped_children(uri, parent, errored)
+    client = MlflowClient(tracking_uri=uri)
+    status = {name: client.get_run(run_id).info.status for name, run_id in ids.items()}
+    assert status == {"trial-cosine-ab12_00000": "FINISHED", "trial-linear-ab12_00001": "KILLED",
+                      "trial-square-ab12_00002": "FAILED", "trial-cubic-ab12_00003": "KILLED"}
+    assert client.get_run(ids["trial-linear-ab12_00001"]).data.tags["echopulse.stopped_early"] == "true"
