@@ -27,10 +27,8 @@ def build(root: Path, **_: object) -> Manifest:
     videos = require(root / "Videos", NAME, LAYOUT)
     out = Manifest()
     for r in rows:
-        name = video_name(r["FileName"])
-        path = videos / name
-        if not path.is_file():
-            out.skipped["listed video missing from Videos/"] += 1
+        name, path = video_name(r["FileName"]), listed_video(videos, r["FileName"], out)
+        if path is None:
             continue
         ed, es = tracings.get(name, ("", ""))
         out.rows.append({"echo": str(path), "ecg": "", "ecg_sync": "", "view": "A4C",
@@ -38,6 +36,15 @@ def build(root: Path, **_: object) -> Manifest:
                          "split": r["Split"].lower(), "study": name.rsplit(".", 1)[0],
                          "ed_frame": ed, "es_frame": es})
     return out
+
+
+def listed_video(videos: Path, file_name: str, out: Manifest) -> Path | None:
+    """The video FileList.csv lists under ``videos``; None (counted as skipped) when it is missing."""
+    path = videos / video_name(file_name)
+    if not path.is_file():
+        out.skipped["listed video missing from Videos/"] += 1
+        return None
+    return path
 
 
 def video_name(value: str) -> str:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from echopulse.manifests.common import LayoutError, Manifest, percent_to_fraction, read_table, require
-from echopulse.manifests.echonet_dynamic import read_tracings, video_name
+from echopulse.manifests.echonet_dynamic import listed_video, read_tracings, video_name
 
 NAME = "echonet-pediatric"
 VIEWS = {"A4C": "A4C", "PSAX": "PSAX"}
@@ -39,10 +39,8 @@ def build(root: Path, **_: object) -> Manifest:
             fold = r["Split"].strip()
             if fold not in FOLD_SPLITS:
                 raise LayoutError(f"{listing}: Split {fold!r} of {r['FileName']} is not a fold 0-9")
-            name = video_name(r["FileName"])
-            path = videos / name
-            if not path.is_file():
-                out.skipped["listed video missing from Videos/"] += 1
+            name, path = video_name(r["FileName"]), listed_video(videos, r["FileName"], out)
+            if path is None:
                 continue
             ed, es = tracings.get(name, ("", ""))
             out.rows.append({"echo": str(path), "ecg": "", "ecg_sync": "", "view": VIEWS[folder],
