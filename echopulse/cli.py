@@ -266,7 +266,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     start(ServeConfig(checkpoint=args.checkpoint, tracking_uri=tracking, host=args.host,
                       port=args.port, replicas=args.replicas, cpus_per_replica=args.cpus_per_replica,
                       gpus_per_replica=args.gpus_per_replica, max_batch_size=args.max_batch_size,
-                      batch_wait_s=args.batch_wait_s, max_upload_mb=args.max_upload_mb))
+                      batch_wait_s=args.batch_wait_s, max_upload_mb=args.max_upload_mb),
+          on_ready=lambda url: print(f"EchoPulse serving {args.checkpoint} on {url}  "
+                                     "(POST /generate, GET /health; Ctrl-C stops)", flush=True))
     return EXIT_OK
 
 

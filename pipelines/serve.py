@@ -196,7 +196,7 @@ def build_app(args: dict[str, Any]):
     return deployment.bind(asdict(config))
 
 
-def start(config: ServeConfig, blocking: bool = True) -> str:
+def start(config: ServeConfig, blocking: bool = True, on_ready=None) -> str:
     """Start (or join, with ``RAY_ADDRESS``) Ray, deploy the app, and serve until interrupted.
 
     Returns:
@@ -211,8 +211,8 @@ def start(config: ServeConfig, blocking: bool = True) -> str:
     log.info("serving on %s (POST /generate, GET /health)", url)
     if not blocking:
         return url
-    print(f"EchoPulse serving {config.checkpoint} on {url}  (POST /generate, GET /health; Ctrl-C stops)",
-          flush=True)
+    if on_ready is not None:  # the CLI tells its user where to send requests
+        on_ready(url)
     try:
         while True:
             time.sleep(3600)
