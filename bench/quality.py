@@ -200,11 +200,16 @@ def reconstruct(tokenizer, frames: np.ndarray, batch: int = 8) -> tuple[np.ndarr
 
 
 def generate(generator, tokenizer, ecg: np.ndarray, prime, steps: int, guidance: float,
-             temperature: float, seed: int, batch: int = 16) -> np.ndarray:
-    """uint8 clips sampled for each ECG (primed with ``prime`` token frames when given)."""
+             temperature: float, seed: int, batch: int = 16, negative: str = "null",
+             heart_rate_bpm: np.ndarray | None = None) -> np.ndarray:
+    """uint8 clips sampled for each ECG (primed with ``prime`` token frames when given); guidance
+    against the null condition or (``negative="shifted"``) the same ECG half a beat later."""
     import torch
 
     from echopulse.models.sampling import sample
+    from echopulse.transforms.ecg import shifted_ecg
+
+    shifted = shifted_ecg(ecg, heart_rate_bpm) if negative == "shifted" and guidance else None
 
     device = next(tokenizer.parameters()).device
     out = []
@@ -212,7 +217,8 @@ def generate(generator, tokenizer, ecg: np.ndarray, prime, steps: int, guidance:
         for k in range(0, len(ecg), batch):
             ids = sample(generator, torch.from_numpy(ecg[k:k + batch]), steps=steps, guidance=guidance,
                          temperature=temperature, seed=seed + k,
-                         prime_tokens=None if prime is None else prime[k:k + batch])
+                         prime_tokens=None if prime is None else prime[k:k + batch],
+                         negative_ecg=None if shifted is None else torch.from_numpy(shifted[k:k + batch]))
             out.append(to_uint8(tokenizer.decode_from_indices(ids.to(device))))
     return np.concatenate(out)
 
@@ -279,6 +285,8 @@ def main(argv=None) -> int:
     parser.add_argument("--sampling-steps", type=int, default=None, help="(default: the recipe's)")
     parser.add_argument("--guidance", type=float, default=None, help="(default: the recipe's)")
     parser.add_argument("--temperature", type=float, default=None, help="(default: the recipe's)")
+    parser.add_argument("--negative", default=None, choices=("null", "shifted"),
+                        help="what guidance pushes away from (default: the recipe's)")
     parser.add_argument("--no-prime", action="store_true", help="generate without the real first frame")
     parser.add_argument("--budget-min", type=float, default=None,
                         help="stop training early so the whole run ends in about this many minutes "
@@ -420,8 +428,11 @@ def main(argv=None) -> int:
     prime = None if args.no_prime else held_ids[:, :1]
     own_ecg, other_ecg = held["ecg"], held["ecg"][partner]
     own_hr, fps = held["heart_rate_bpm"], np.asarray(held["fps"])
-    matched = generate(generator, tokenizer, own_ecg, prime, s_steps, guidance, temperature, args.seed)
-    swapped = generate(generator, tokenizer, other_ecg, prime, s_steps, guidance, temperature, args.seed)
+    negative = args.negative or sampling.negative
+    matched = generate(generator, tokenizer, own_ecg, prime, s_steps, guidance, temperature, args.seed,
+                       negative=negative, heart_rate_bpm=own_hr)
+    swapped = generate(generator, tokenizer, other_ecg, prime, s_steps, guidance, temperature, args.seed,
+                       negative=negative, heart_rate_bpm=own_hr[partner])
     control = ecg_control(matched, own_ecg, partner, fps, own_hr, swapped=swapped, real=held["frames"],
                           reconstructed=recon)
     scores = {f"ecg_sync_{k}": v for k, v in control.items()}
@@ -451,7 +462,7 @@ def main(argv=None) -> int:
         "clips": {"train": int(n_train), "heldout": int(len(held["frames"])),
                   "studies": args.studies, "heldout_studies": args.holdout,
                   "frames": recipe.clip.frames, "size": recipe.clip.size, "fps": recipe.clip.fps},
-        "sampling": {"steps": s_steps, "guidance": guidance, "temperature": temperature,
+        "sampling": {"steps": s_steps, "guidance": guidance, "temperature": temperature, "negative": negative,
                      "primed_with_first_frame": not args.no_prime},
         "settings": {k: v for k, v in vars(args).items() if k not in ("json", "workdir")},
         "seconds": {k: round(v, 1) for k, v in seconds.items()},

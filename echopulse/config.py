@@ -230,6 +230,10 @@ class SamplingConfig:
     ``order``: "confidence" (MaskGIT re-masking) or "halton" (a fixed spread-out order; each step
     projects only the tokens it decodes). ``precision`` "bf16" and ``compile`` (a
     ``torch.compile`` mode, e.g. "reduce-overhead"; "" is off) are the GPU path's options.
+    ``negative``: what guidance pushes away from: "null" (the learned null condition, classic
+    classifier-free guidance) or "shifted" (the same ECG half a beat later,
+    :func:`echopulse.transforms.ecg.shifted_ecg`: only what depends on the beat's timing is
+    amplified).
     """
 
     steps: int = 8
@@ -239,6 +243,7 @@ class SamplingConfig:
     order: str = "confidence"
     precision: str = "fp32"
     compile: str = ""
+    negative: str = "null"
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -247,6 +252,8 @@ class SamplingConfig:
             raise ValueError(f"sampling order must be 'confidence' or 'halton', got {self.order!r}")
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"sampling precision must be 'fp32' or 'bf16', got {self.precision!r}")
+        if self.negative not in ("null", "shifted"):
+            raise ValueError(f"sampling negative must be 'null' or 'shifted', got {self.negative!r}")
 
     def options(self) -> dict:
         """The keyword options of ``sample``/``MaskGIT.generate`` this config sets."""

@@ -267,12 +267,21 @@ class EchoGenerator:
         conditions = dict(conditions or {})
         if conditions.get("lead_mask") is not None:
             conditions["lead_mask"] = torch.as_tensor(conditions["lead_mask"], device=self.device)[None]
+        guidance = s.guidance if guidance is None else guidance
+        negative = None
+        if s.negative == "shifted" and guidance != 0:
+            from echopulse.transforms.ecg import shifted_ecg
+
+            negative = shifted_ecg(signal)  # the whole ECG half a beat later, cut like the ECG
         video = np.zeros((0, self.size, self.size), dtype=np.uint8)
         previous: tuple[Window, Any] | None = None  # the last window and its token ids
         background = None  # (H, W) bool: black throughout the first window
         for i, window in enumerate(windows):
-            ecg = torch.as_tensor(np.ascontiguousarray(signal[:, window.ecg_start:window.ecg_start + need]),
-                                  dtype=torch.float32, device=self.device)[None]
+            cut = slice(window.ecg_start, window.ecg_start + need)
+            ecg = torch.as_tensor(np.ascontiguousarray(signal[:, cut]), dtype=torch.float32, device=self.device)[None]
+            if negative is not None:
+                conditions["negative_ecg"] = torch.as_tensor(np.ascontiguousarray(negative[:, cut]),
+                                                             dtype=torch.float32, device=self.device)[None]
             with torch.inference_mode():
                 prime = None
                 if window.overlap:
@@ -283,7 +292,7 @@ class EchoGenerator:
                 tokens = self.generator.generate(
                     ecg,
                     steps=steps or s.steps,
-                    guidance=s.guidance if guidance is None else guidance,
+                    guidance=guidance,
                     temperature=s.temperature if temperature is None else temperature,
                     schedule=s.schedule, order=s.order, precision=s.precision, compile_mode=s.compile or None,
                     seed=seed + i,

@@ -407,7 +407,8 @@ class MaskGIT(nn.Module):
     # ---- sampling -----------------------------------------------------------------------------
 
     def sampling_cache(self, context: torch.Tensor, guided: bool,
-                       frames: torch.Tensor | None = None) -> "SamplingCache":
+                       frames: torch.Tensor | None = None,
+                       negative: "tuple[torch.Tensor, torch.Tensor | None] | None" = None) -> "SamplingCache":
         """What stays fixed across the decoding steps of one sample: per-block cross-attention
         keys/values of ``context`` (with any view/EF embeddings added), the per-token ECG frame
         embedding (from ``frames``, :meth:`encode_ecg_frames`) and, when guided, each block's
@@ -415,9 +416,18 @@ class MaskGIT(nn.Module):
 
         A context of identical null tokens makes attention uniform over equal values, so the null
         branch's cross-attention is one constant vector per block, whatever the query.
+
+        ``negative`` (guided only): ``(context, frames)`` of a negative ECG that replaces the null
+        condition in the guided branch (its own cross-attention keys/values and frame embedding).
         """
         kv = [tuple(t.contiguous() for t in block.cross_attn.context_kv(context)) for block in self.blocks]
         null_out = []
+        if guided and negative is not None:
+            neg_context, neg_frames = negative
+            neg_kv = [tuple(t.contiguous() for t in block.cross_attn.context_kv(neg_context))
+                      for block in self.blocks]
+            return SamplingCache(kv=kv, null_out=[], frame_bias=self._frame_bias(frames, None), neg_kv=neg_kv,
+                                 neg_frame_bias=self._frame_bias(neg_frames, None))
         if guided:
             null = self.null_context(1, 1).to(context.dtype)  # (1, 1, d)
             query = torch.zeros_like(null)  # any query gives the same output
@@ -434,23 +444,28 @@ class MaskGIT(nn.Module):
 
         Returns:
             ``(b, n, dim)``, or ``(2b, n, dim)`` when guided: rows ``[0, b)`` conditional,
-            ``[b, 2b)`` null-conditioned.
+            ``[b, 2b)`` null-conditioned (conditioned on the negative ECG when the cache has one).
         """
         b = tokens_in.shape[0]
-        guided = bool(cache.null_out)
+        negative = cache.neg_kv is not None
+        guided = bool(cache.null_out) or negative
         x = self.token_embed(tokens_in) + self.pos_embed  # (b, n, d)
         # with an ECG frame embedding the branches differ from the input on; without one they
         # see the same ids and the first self-attention is shared
         split_at_input = guided and cache.frame_bias is not None
         if cache.frame_bias is not None:
-            x = torch.cat([x + cache.frame_bias, x]) if guided else x + cache.frame_bias
+            other = x + cache.neg_frame_bias if negative and cache.neg_frame_bias is not None else x
+            x = torch.cat([x + cache.frame_bias, other]) if guided else x + cache.frame_bias
         for i, block in enumerate(self.blocks):  # residual updates in place: no new activations
             x += block.attn(block.norm_attn(x))
             if i == 0 and guided and not split_at_input:
                 x = torch.cat([x, x])  # (2b, n, d)
             cond = x[:b]  # a view: the updates below write into x
             cond += block.cross_attn(block.norm_cross(cond), kv=cache.kv[i])
-            if guided:
+            if negative:
+                uncond = x[b:]
+                uncond += block.cross_attn(block.norm_cross(uncond), kv=cache.neg_kv[i])
+            elif guided:
                 x[b:] += cache.null_out[i]
             x += block.mlp(block.norm_mlp(x))
         return self.norm(x)
@@ -468,6 +483,8 @@ class SamplingCache:
     kv: list[tuple[torch.Tensor, torch.Tensor]]  # per block: (b, heads, m, head_dim) keys, values
     null_out: list[torch.Tensor]  # per block: (1, 1, dim) null cross-attention output; [] unguided
     frame_bias: torch.Tensor | None = None  # (b, n, dim) ECG frame embedding per token, or None
+    neg_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per block, of the negative ECG
+    neg_frame_bias: torch.Tensor | None = None  # (b, n, dim) the negative ECG's frame embedding
 
 
 def _random_subset(

@@ -51,7 +51,8 @@ class Decodable(Protocol):
     def with_extra_conditions(self, context: torch.Tensor, view: torch.Tensor | None,
                               ef: torch.Tensor | None) -> torch.Tensor: ...
     def null_context(self, batch: int, num_tokens: int) -> torch.Tensor: ...
-    def sampling_cache(self, context: torch.Tensor, guided: bool, frames: torch.Tensor | None = None) -> Any: ...
+    def sampling_cache(self, context: torch.Tensor, guided: bool, frames: torch.Tensor | None = None,
+                       negative: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> Any: ...
     def sampling_hidden(self, tokens_in: torch.Tensor, cache: Any) -> torch.Tensor: ...
     def logits(self, tokens_in: torch.Tensor, context: torch.Tensor, **kwargs: Any) -> torch.Tensor: ...
 
@@ -107,6 +108,7 @@ def sample(
     precision: str = "fp32",
     compile_mode: str | None = None,
     compile_backend: str = "inductor",
+    negative_ecg: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Generate token ids for each ECG.
 
@@ -136,6 +138,10 @@ def sample(
             ``"reduce-overhead"`` (CUDA graphs on a GPU). Compiled once per model and setting.
         compile_backend: the ``torch.compile`` backend (``"eager"``/``"aot_eager"`` trace only:
             for tests).
+        negative_ecg: ``(b, 12, L)``: with guidance, the guided-against branch sees this ECG
+            instead of the null condition (``guided = cond(ecg) + g * (cond(ecg) -
+            cond(negative_ecg))``), e.g. :func:`~echopulse.transforms.ecg.shifted_ecg` (the same
+            ECG half a beat later): what is amplified is then what depends on the beat's timing.
 
     Returns:
         ``(b, t', h', w')`` long ids in ``[0, vocab_size)``.
@@ -157,21 +163,24 @@ def sample(
     try:
         with torch.inference_mode(), autocast:
             ids = _decode(model, ecg, steps, guidance, temperature, schedule_fn, seed, prime_tokens,
-                          view, ef, cached, lead_mask, order, hidden_fn)
+                          view, ef, cached, lead_mask, order, hidden_fn, negative_ecg)
     finally:
         model.train(was_training)
     return ids.clone()  # an ordinary tensor: inference tensors cannot enter autograd later
 
 
 def _decode(model, ecg, steps, guidance, temperature, schedule_fn, seed, prime_tokens, view, ef, cached,
-            lead_mask=None, order="confidence", hidden_fn=None):
+            lead_mask=None, order="confidence", hidden_fn=None, negative_ecg=None):
     grid = tuple(model.cfg.token_grid)
     device = next(model.parameters()).device
     ecg = ecg.to(device)
     b = ecg.shape[0]
     rng = torch.Generator().manual_seed(seed)
     ids, num_known = _initial_ids(model, prime_tokens, grid, b, device)  # (b, n)
-    step_logits = _guided_logits_fn(model, ecg, guidance, view, ef, cached, lead_mask, hidden_fn)
+    if negative_ecg is not None and tuple(negative_ecg.shape) != tuple(ecg.shape):
+        raise ValueError(f"negative_ecg must be shaped like the ECG {tuple(ecg.shape)}, got {tuple(negative_ecg.shape)}")
+    negative = negative_ecg.to(device) if negative_ecg is not None else None
+    step_logits = _guided_logits_fn(model, ecg, guidance, view, ef, cached, lead_mask, hidden_fn, negative)
     if order == "halton":
         _decode_halton(ids, step_logits, grid, num_known, steps, temperature, schedule_fn, rng)
     else:
@@ -200,7 +209,7 @@ def _initial_ids(model, prime_tokens, grid: tuple[int, int, int], b: int,
     return ids, num_known
 
 
-def _guided_logits_fn(model, ecg, guidance, view, ef, cached, lead_mask, hidden_fn):
+def _guided_logits_fn(model, ecg, guidance, view, ef, cached, lead_mask, hidden_fn, negative_ecg=None):
     """Encode the condition once and return ``step_logits(ids, select)``.
 
     ``step_logits`` gives the guided logits at the positions ``select`` picks from a
@@ -211,13 +220,19 @@ def _guided_logits_fn(model, ecg, guidance, view, ef, cached, lead_mask, hidden_
     # (b, m, d): once, outside the loop
     context = model.with_extra_conditions(model.encode_ecg(ecg, lead_mask), view, ef)
     frames = model.encode_ecg_frames(ecg, lead_mask)  # (b, t', d) or None
+    negative = None
+    if guided and negative_ecg is not None:  # the negative ECG has the same leads recorded
+        negative = (model.with_extra_conditions(model.encode_ecg(negative_ecg, lead_mask), view, ef),
+                    model.encode_ecg_frames(negative_ecg, lead_mask))
     if cached:
-        cache = model.sampling_cache(context, guided, frames)
+        cache = model.sampling_cache(context, guided, frames, negative)
     elif guided:
-        # rows [0, b) see the condition, rows [b, 2b) the null condition: one forward for both
-        context = torch.cat([context, model.null_context(b, context.shape[1]).to(context.dtype)])
+        # rows [0, b) see the condition, rows [b, 2b) the null condition (or the negative ECG):
+        # one forward for both
+        other = negative[0] if negative else model.null_context(b, context.shape[1]).to(context.dtype)
+        context = torch.cat([context, other])
         if frames is not None:
-            frames = torch.cat([frames, torch.zeros_like(frames)])
+            frames = torch.cat([frames, negative[1] if negative else torch.zeros_like(frames)])
 
     def step_logits(ids, select):
         if cached:

@@ -250,3 +250,33 @@ def prepare_ecg(sig: np.ndarray, fs: float, lead_names: list[str]) -> PreparedEC
         r_peaks=r_peaks,
         heart_rate_bpm=float(heart_rate),
     )
+
+
+def shifted_ecg(ecg: np.ndarray, heart_rate_bpm: np.ndarray | float | None = None,
+                fs: float = ECG_FS) -> np.ndarray:
+    """The same ECG half a beat later: each row rolled (circularly, along time) by half its R-R
+    interval, so every R-peak lands where the last beat's mid-diastole was.
+
+    The negative condition of timing guidance (``sample(negative_ecg=...)``): the same leads,
+    amplitudes and rate as ``ecg`` -- a condition the model has seen in training -- with only the
+    beat's phase changed.
+
+    Args:
+        ecg: ``(12, L)`` or ``(b, 12, L)`` at ``fs``.
+        heart_rate_bpm: per row (or one for all); default: from the R-peaks of each row, or half
+            the window when it holds fewer than two.
+        fs: sample rate.
+    """
+    ecg = np.asarray(ecg)
+    rows = ecg[None] if ecg.ndim == 2 else ecg
+    rates = np.broadcast_to(np.asarray(np.nan if heart_rate_bpm is None else heart_rate_bpm, dtype=np.float64),
+                            (len(rows),))
+    out = np.empty_like(rows)
+    for i, (row, bpm) in enumerate(zip(rows, rates)):
+        if np.isfinite(bpm) and bpm > 0:
+            rr = 60.0 * fs / bpm
+        else:
+            peaks = detect_r_peaks(row, fs)
+            rr = float(np.median(np.diff(peaks))) if len(peaks) >= 2 else row.shape[-1]
+        out[i] = np.roll(row, int(round(rr / 2)), axis=-1)
+    return out[0] if ecg.ndim == 2 else out

@@ -229,3 +229,45 @@ def test_long_video_keeps_the_first_windows_black_background(model, ecg_file):
     assert black.any()
     anchor = np.round(first.mean(axis=0)[black])
     assert (video[model.clip.frames:, black] == anchor).all()
+
+
+def test_shifted_negative_guides_each_window_against_its_ecg_half_a_beat_later():
+    import torch
+
+    from echopulse.config import ECG_LEADS, ECGEncoderConfig, GeneratorConfig, SamplingConfig, TokenizerConfig
+    from echopulse.generate import EchoGenerator
+    from echopulse.models.generator import MaskGIT
+    from echopulse.models.tokenizer import VideoTokenizer
+    from echopulse.synth.ecg_sim import simulate_ecg
+    from echopulse.transforms.ecg import prepare_ecg, shifted_ecg
+
+    torch.manual_seed(0)
+    clip = ClipConfig(frames=5, size=32, fps=5.0, ecg_samples=300)
+    tokenizer = VideoTokenizer(TokenizerConfig(frames=5, image_size=32, dim=32, spatial_depth=1,
+                                               temporal_depth=1, heads=2)).eval()
+    cfg = GeneratorConfig(token_grid=(3, 4, 4), dim=32, depth=1, heads=2, fps=5.0,
+                          ecg=ECGEncoderConfig(samples=300, dim=32, depth=1, heads=2))
+    generator = MaskGIT(cfg).eval()
+    seen = []
+    plain = generator.generate
+
+    def recorded(ecg, **kwargs):
+        seen.append((ecg, kwargs.get("negative_ecg")))
+        return plain(ecg, **kwargs)
+
+    generator.generate = recorded
+    prepared = prepare_ecg(simulate_ecg(8.0, 75, fs=500, seed=3).signal, 500, list(ECG_LEADS))
+    shifted = shifted_ecg(prepared.ecg)
+    model = EchoGenerator(generator, tokenizer, clip, SamplingConfig(steps=2, guidance=2.0, negative="shifted"),
+                          {}, None)
+    model.generate(prepared, seconds=3.0)
+    assert len(seen) >= 3
+    for ecg, negative in seen:
+        start = next(s for s in range(prepared.ecg.shape[1] - 299)
+                     if np.allclose(prepared.ecg[:, s:s + 300], ecg[0].numpy()))
+        assert np.allclose(negative[0].numpy(), shifted[:, start:start + 300])
+    seen.clear()
+    model.generate(prepared, seconds=3.0, guidance=0.0)  # no guidance: nothing to push away from
+    assert all(negative is None for _, negative in seen)
+    with pytest.raises(ValueError, match="negative"):
+        SamplingConfig(negative="reversed")

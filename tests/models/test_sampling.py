@@ -203,3 +203,57 @@ def test_bad_sampling_options(trained_generator):
         sample(model, batch["ecg"], order="random")
     with pytest.raises(ValueError, match="precision"):
         sample(model, batch["ecg"], precision="fp8")
+
+
+@pytest.mark.parametrize("frame_embedding", [True, False])
+def test_negative_ecg_branch_gives_the_models_logits_for_that_ecg(frame_embedding):
+    torch.manual_seed(0)
+    model = MaskGIT(GeneratorConfig(ecg_frame_embedding=frame_embedding)).eval()
+    ecg, negative = torch.randn(3, 12, 300), torch.randn(3, 12, 300)
+    ids = torch.randint(0, model.cfg.vocab_size + 1, (3, model.seq_len))
+    with torch.no_grad():
+        neg = (model.encode_ecg(negative), model.encode_ecg_frames(negative))
+        cache = model.sampling_cache(model.encode_ecg(ecg), guided=True, frames=model.encode_ecg_frames(ecg),
+                                     negative=neg)
+        hidden = model.sampling_hidden(ids, cache)  # (6, n, d)
+        own = model.logits(ids, model.encode_ecg(ecg), frames=model.encode_ecg_frames(ecg))
+        other = model.logits(ids, neg[0], frames=neg[1])
+    torch.testing.assert_close(model.to_logits(hidden[:3]), own, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(model.to_logits(hidden[3:]), other, atol=1e-5, rtol=1e-4)
+
+
+def test_negative_ecg_guidance_fast_and_plain_paths_agree(trained_generator):
+    model, batch = trained_generator
+    negative = torch.roll(batch["ecg"], 40, dims=-1)
+    kwargs = {"steps": 6, "guidance": 3.0, "seed": 2, "negative_ecg": negative}
+    fast = sample(model, batch["ecg"], **kwargs)
+    assert torch.equal(fast, sample(model, batch["ecg"], cached=False, **kwargs))
+    # it is a different guidance from the null condition's, and ignored without guidance
+    assert not torch.equal(fast, sample(model, batch["ecg"], steps=6, guidance=3.0, seed=2))
+    assert torch.equal(sample(model, batch["ecg"], steps=6, guidance=0.0, seed=2, negative_ecg=negative),
+                       sample(model, batch["ecg"], steps=6, guidance=0.0, seed=2))
+    with pytest.raises(ValueError, match="negative_ecg"):
+        sample(model, batch["ecg"], steps=2, guidance=1.0, negative_ecg=negative[:, :, :10])
+
+
+def test_shifted_ecg_moves_each_beat_by_half_its_interval():
+    import numpy as np
+
+    from echopulse.config import ECG_LEADS
+    from echopulse.synth.ecg_sim import simulate_ecg
+    from echopulse.transforms.ecg import detect_r_peaks, prepare_ecg, shifted_ecg
+
+    rows = []
+    for bpm in (60, 120):
+        sim = simulate_ecg(6.0, bpm, fs=500, seed=1)
+        rows.append(prepare_ecg(sim.signal, 500, list(ECG_LEADS)).ecg[:, :1000])
+    batch = np.stack(rows)
+    for given in (None, np.array([60.0, 120.0])):
+        out = shifted_ecg(batch, given)
+        for row, moved, bpm in zip(batch, out, (60, 120)):
+            before, after = detect_r_peaks(row, 250), detect_r_peaks(moved, 250)
+            half = 0.5 * 250 * 60 / bpm
+            inner = after[(after > 30) & (after < 970)]  # away from the roll's seam
+            # every moved beat sits about half an interval from the nearest original beat
+            gaps = np.abs(inner[:, None] - before[None, :]).min(axis=1)
+            assert np.all(np.abs(gaps - half) <= 0.1 * half), (bpm, gaps, half)  # the simulation has HRV
