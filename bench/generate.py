@@ -144,13 +144,14 @@ def timed(fn, device: torch.device) -> tuple[float, object]:
     return time.perf_counter() - t0, out
 
 
-def quality_at_steps(work: Path, step_counts: tuple[int, int], guidance: float, options: dict,
+def quality_at_steps(work: Path, step_counts: tuple[int, int], guidance: float, options: tuple[dict, dict],
                      device: torch.device, seed: int) -> dict:
-    """SSIM (generated vs the real held-out clip, frames after the primed first) and the ECG-control
-    score of the demo-size models ``bench/quality.py --save`` left in ``work``, at each step count:
-    ``{"ssim_default_steps", "ssim_18_steps", "ecg_sync_default_steps", "ecg_sync_18_steps"}``."""
-    from bench.quality import load_clips, nanmean, reconstruct, sync_scores, to_uint8
-    from echopulse.metrics import ssim
+    """In-sector SSIM (generated vs the real held-out clip, inside the clip's own ultrasound sector,
+    frames after the primed first) and the ECG-control score of the demo-size models
+    ``bench/quality.py --save`` left in ``work``, at each step count: ``{"ssim_default_steps",
+    "ssim_18_steps", "ecg_sync_default_steps", "ecg_sync_18_steps"}``."""
+    from bench.quality import load_clips, nanmean, reconstruct, to_uint8
+    from echopulse.evaluate import fidelity, sector_masks, sync_scores
     from echopulse.models.generator import MaskGIT as Generator
     from echopulse.models.tokenizer import VideoTokenizer
     from jobs.recipes import demo
@@ -163,16 +164,17 @@ def quality_at_steps(work: Path, step_counts: tuple[int, int], guidance: float, 
     load_model(generator, str(work / "generator.safetensors"), device=str(device))
     held = load_clips(work / "clips.npz")["heldout"]
     ids, _ = reconstruct(tokenizer, held["frames"])
-    out = {"quality_models": str(work), "quality_clips": int(len(held["frames"]))}
-    for name, k in zip(("default_steps", "18_steps"), step_counts):
+    out = {"quality_models": str(work), "quality_clips": int(len(held["frames"])), "quality_ssim": "in-sector"}
+    for name, k, opts in zip(("default_steps", "18_steps"), step_counts, options):
         videos = []
         with torch.inference_mode():
             for i in range(0, len(ids), 8):
                 tokens = sample(generator, torch.from_numpy(held["ecg"][i:i + 8]), steps=k, guidance=guidance,
-                                seed=seed + i, prime_tokens=ids[i:i + 8, :1], **options)
+                                seed=seed + i, prime_tokens=ids[i:i + 8, :1], **opts)
                 videos.append(to_uint8(tokenizer.decode_from_indices(tokens.to(device))))
         videos = np.concatenate(videos)
-        out[f"ssim_{name}"] = round(nanmean([ssim(g[1:], x[1:]) for g, x in zip(videos, held["frames"])]), 4)
+        scores = fidelity(videos, held["frames"], masks=sector_masks(held["frames"]), first=1)
+        out[f"ssim_{name}"] = round(nanmean(scores["sector_ssim"]), 4)
         out[f"ecg_sync_{name}"] = round(nanmean(sync_scores(videos, held["ecg"], np.asarray(held["fps"]),
                                                             held["heart_rate_bpm"])), 4)
         log.info("quality at %d steps: SSIM %.4f, ECG sync %.4f", k, out[f"ssim_{name}"], out[f"ecg_sync_{name}"])
@@ -191,8 +193,9 @@ def main(argv=None) -> int:
     parser.add_argument("--gpu-batch", type=int, default=32, help="on a GPU, also time this batch (0: skip)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-reference", action="store_true", help="time only our sampler")
-    parser.add_argument("--order", default="confidence", choices=("confidence", "halton"),
-                        help="our sampler's decoding order (default: %(default)s)")
+    parser.add_argument("--order", default=None, choices=("confidence", "halton"),
+                        help="our sampler's decoding order at the default steps (default: the recipe's); "
+                             "the 18-step comparison always runs the earlier default, confidence order")
     parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
                         help="our sampler's precision (default: %(default)s)")
     parser.add_argument("--compile", default=None, metavar="MODE",
@@ -221,11 +224,13 @@ def main(argv=None) -> int:
     log.info("%s generator: %.1fM parameters, %d tokens, vocab %d; %s, %d threads",
              args.size, params / 1e6, cfg.seq_len, cfg.vocab_size, device, torch.get_num_threads())
 
+    args.order = args.order or recipe.sampling.order
     options = {"order": args.order, "precision": args.precision, "compile_mode": args.compile,
                "compile_backend": args.compile_backend}
+    baseline = {**options, "order": "confidence"}  # the 18-step comparison: the earlier default
 
-    def ours(batch_ecg=ecg, n_steps=steps):
-        return sample(model, batch_ecg, steps=n_steps, guidance=guidance, seed=args.seed, **options)
+    def ours(batch_ecg=ecg, n_steps=steps, opts=options):
+        return sample(model, batch_ecg, steps=n_steps, guidance=guidance, seed=args.seed, **opts)
 
     def reference(n_steps=steps):
         return reference_sample(model, ecg, n_steps, guidance, seed=args.seed)
@@ -250,9 +255,9 @@ def main(argv=None) -> int:
     load = os.getloadavg()
 
     long_s = ours_s
-    if steps != 18:
-        log.info("our sampler: 18 steps ...")
-        long_s, _ = timed(lambda: ours(n_steps=18), device)
+    if steps != 18 or args.order != "confidence":
+        log.info("our sampler: 18 steps, confidence order ...")
+        long_s, _ = timed(lambda: ours(n_steps=18, opts=baseline), device)
     plain = {**options, "compile_mode": None}  # FLOPs are counted on the eager graph
     ours_flops, again = count_flops(lambda: sample(model, ecg, steps=steps, guidance=guidance, seed=args.seed,
                                                    **plain))
@@ -298,7 +303,8 @@ def main(argv=None) -> int:
         result[f"clips_per_s_batch{size}"] = round(size / batch_s, 2)
         log.info("batch %d: %.2f clips/s", size, size / batch_s)
     if args.quality:
-        result.update(quality_at_steps(Path(args.quality), (steps, 18), guidance, options, device, args.seed))
+        result.update(quality_at_steps(Path(args.quality), (steps, 18), guidance, (options, baseline), device,
+                                       args.seed))
     if device.type == "cuda" and args.gpu_batch > 0:
         big = torch.randn(args.gpu_batch, cfg.ecg.leads, cfg.ecg.samples,
                           generator=torch.Generator().manual_seed(args.seed + 2)).to(device)

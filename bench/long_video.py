@@ -166,6 +166,9 @@ def main(argv=None) -> int:
     parser.add_argument("--quality", default=None, metavar="DIR",
                         help="use the models `bench/quality.py --save` left in DIR (demo recipe sizes)")
     parser.add_argument("--guidance", type=float, default=None, help="(default: the recipe's)")
+    parser.add_argument("--temperature", type=float, default=None, help="(default: the recipe's)")
+    parser.add_argument("--negative", default=None, choices=("null", "shifted"),
+                        help="what guidance pushes away from (default: the recipe's)")
     parser.add_argument("--recipe", default="demo", help="recipe to train with (default: %(default)s)")
     parser.add_argument("--quick", action="store_true", help="tiny recipe, 150 + 150 steps, 3 phantom rates")
     parser.add_argument("--studies", type=int, default=12, help="phantom training studies (default: %(default)s)")
@@ -198,6 +201,10 @@ def main(argv=None) -> int:
             source = args.generator
         elif args.quality:
             model = load_saved(Path(args.quality), args.recipe)
+        if args.negative:
+            from echopulse.config import replace
+
+            model.sampling = replace(model.sampling, negative=args.negative)
             source = f"bench/quality.py --save: {args.quality}"
         else:
             model = train_here(get_recipe(recipe_name), work, 4 if args.quick else args.studies,
@@ -207,7 +214,8 @@ def main(argv=None) -> int:
         rows = []
         for name, ecg in test_ecgs(args.seconds, rates, work):
             t = time.perf_counter()
-            video = model.generate(ecg, seconds=args.seconds, seed=args.seed, guidance=args.guidance)
+            video = model.generate(ecg, seconds=args.seconds, seed=args.seed, guidance=args.guidance,
+                                   temperature=args.temperature)
             row = {"ecg": name, "leads": int(np.sum(ecg.lead_mask)), "seconds": round(time.perf_counter() - t, 1),
                    **score_video(video, model.clip.fps, float(ecg.heart_rate_bpm), model.clip.frames)}
             log.info("%s", row)
@@ -222,6 +230,8 @@ def main(argv=None) -> int:
         "videos": rows, "model": source, "video_seconds": args.seconds, "fps": model.clip.fps,
         "size": model.clip.size,
         "guidance": model.sampling.guidance if args.guidance is None else args.guidance,
+        "negative": model.sampling.negative,
+        "temperature": model.sampling.temperature if args.temperature is None else args.temperature,
         "train_seconds": round(train_s, 1), "total_seconds": round(time.perf_counter() - started, 1),
         "machine": {"cpus": os.cpu_count(), "load_avg": [round(x, 1) for x in os.getloadavg()]},
     }
