@@ -64,17 +64,18 @@ QUICK = {"studies": 6, "holdout": 2, "seconds": 4.0, "tokenizer_steps": 30, "gen
 
 
 def build_clips(work: Path, studies: int, seconds: float, seed: int, clip, train_stride_s: float,
-                holdout: int) -> dict:
+                holdout: int, variety: bool = False) -> dict:
     """Write the phantom corpus and cut it into window clips with the ingest stage's function.
 
     Held-out studies (``holdout`` of them, drawn with ``seed``) are cut into non-overlapping
-    windows; training studies every ``train_stride_s`` seconds (more phases of the cycle).
+    windows; training studies every ``train_stride_s`` seconds (more phases of the cycle). With
+    ``variety`` every study gets its own look (``echopulse.synth.phantom.Appearance.draw``).
     """
     from echopulse.config import replace
     from echopulse.ingest import IngestOptions, make_ingest_fn
     from echopulse.synth.phantom import write_corpus
 
-    manifest = write_corpus(work / "corpus", studies=studies, seed=seed, duration_s=seconds)
+    manifest = write_corpus(work / "corpus", studies=studies, seed=seed, duration_s=seconds, variety=variety)
     rows = list(csv.DictReader(open(manifest, newline="")))
     held = set(np.random.default_rng([seed, 7]).choice(studies, size=holdout, replace=False).tolist())
     options = IngestOptions(clip_mode="window")
@@ -233,6 +234,16 @@ def pixel_scores(videos: np.ndarray, ecg: np.ndarray, fps: np.ndarray) -> np.nda
     return np.asarray([pixel_ecg_control(v, f, e)["score"] for v, e, f in zip(videos, ecg, fps)])
 
 
+def real_cine_scores(tokenizer, clip, device) -> dict[str, float]:
+    """The tokenizer on pydicom-data's real SonoSite cine (``echopulse.real_cine``), whole frame
+    and in-sector; nan when pydicom-data is not installed."""
+    from echopulse.real_cine import real_cine_fidelity, vendor_cine_path
+
+    got = real_cine_fidelity(tokenizer, clip, device=device) if vendor_cine_path() else {}
+    return {f"real_cine_tokenizer_{k}": got.get(k, float("nan"))
+            for k in ("psnr_db", "insector_psnr_db", "insector_ssim")}
+
+
 def nanmean(values) -> float:
     values = np.asarray(values, dtype=np.float64)
     return float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
@@ -256,7 +267,8 @@ def print_table(result: dict) -> None:
         v = result[key]
         ok = result["goals_reached"][key]
         print(f"{key:<22}{v:>10.3f}  {op + ' ' + str(bound):<10}{'yes' if ok else 'no':>8}")
-    for key in ("ecg_sync_swapped", "ecg_sync_chance", "ecg_sync_real", "ecg_sync_reconstructed",
+    for key in ("real_cine_tokenizer_psnr_db", "real_cine_tokenizer_insector_psnr_db",
+                "ecg_sync_swapped", "ecg_sync_chance", "ecg_sync_real", "ecg_sync_reconstructed",
                 "pixel_ecg_control_matched", "pixel_ecg_control_shuffled",
                 "generated_psnr_db", "generated_ssim"):
         print(f"{key:<22}{result[key]:>10.3f}")
@@ -307,6 +319,8 @@ def main(argv=None) -> int:
     parser.add_argument("--prime-prob", type=float, default=None,
                         help="fraction of training samples with the first token frame given "
                              "(default: the recipe's)")
+    parser.add_argument("--variety", action="store_true",
+                        help="a phantom corpus with a look of its own per study (echopulse synth --variety)")
     parser.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
     parser.add_argument("--log-every", type=int, default=25, help="(default: %(default)s)")
     parser.add_argument("--quick", action="store_true",
@@ -362,7 +376,7 @@ def main(argv=None) -> int:
         log.info("clips read from %s", args.clips)
     else:
         data = build_clips(work, args.studies, args.seconds, args.seed, recipe.clip, args.train_stride,
-                           args.holdout)
+                           args.holdout, variety=args.variety)
         if args.clips:
             save_clips(Path(args.clips), data)
     train, held = data["train"], data["heldout"]
@@ -398,6 +412,7 @@ def main(argv=None) -> int:
     tok_psnr, tok_ssim = nanmean(tok_scores["psnr"]), nanmean(tok_scores["ssim"])
     seconds["tokenize"] = time.perf_counter() - t
     log.info("tokenizer on held-out clips: PSNR %.2f dB, SSIM %.3f", tok_psnr, tok_ssim)
+    real_cine = real_cine_scores(tokenizer, recipe.clip, device)
 
     # generator
     generator = MaskGIT(gen_cfg).to(device)
@@ -450,6 +465,7 @@ def main(argv=None) -> int:
         "tokenizer_psnr_db": tok_psnr,
         "tokenizer_ssim": tok_ssim,
         **{k: nanmean(v) for k, v in scores.items()},
+        **real_cine,
         "generated_psnr_db": gen_psnr,
         "generated_ssim": gen_ssim,
         "ecg_sync_per_clip": {k: [None if math.isnan(x) else round(float(x), 4) for x in v]

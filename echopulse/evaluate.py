@@ -375,13 +375,20 @@ def _memorization(opts: EvalOptions, model, clips: str, data: dict[str, Any], ge
 
 
 def _reconstruct(model, frames: np.ndarray, batch: int) -> np.ndarray:
+    return reconstruct(model.tokenizer, frames, batch, device=model.device)
+
+
+def reconstruct(tokenizer, frames: np.ndarray, batch: int = 8, device=None) -> np.ndarray:
+    """uint8 ``decode(encode(clip))`` of uint8 clips (N, T, H, W), ``batch`` clips at a time on
+    ``device`` (default: the tokenizer's)."""
     import torch
 
+    device = device if device is not None else next(tokenizer.parameters()).device
     out = []
     with torch.inference_mode():
         for k in range(0, len(frames), batch):
-            video = torch.as_tensor(frames[k:k + batch], device=model.device)
-            recon = model.tokenizer.decode_from_indices(model.tokenizer.encode(video))
+            video = torch.as_tensor(frames[k:k + batch], device=device)
+            recon = tokenizer.decode_from_indices(tokenizer.encode(video))
             out.append((recon.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy())
     return np.concatenate(out)
 

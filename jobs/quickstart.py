@@ -30,9 +30,6 @@ def _pick_val_ecg(synth_dir: Path) -> Path:
     return synth_dir / chosen["ecg"]
 
 
-VENDOR_CINE = "color3d_jpeg_baseline.dcm"  # pydicom-data: SonoSite, A4C, 120 frames, MIT licence
-
-
 def add_vendor_cine(synth_dir: Path) -> bool:
     """Add the real SonoSite cine of pydicom-data to the corpus as an ECG-less study.
 
@@ -43,12 +40,9 @@ def add_vendor_cine(synth_dir: Path) -> bool:
     Returns:
         True when the cine was added to ``synth_dir/manifest.csv``.
     """
-    try:
-        from pydicom.data import get_testdata_file
+    from echopulse.real_cine import vendor_cine_path
 
-        source = get_testdata_file(VENDOR_CINE, download=False)
-    except Exception:  # pydicom's external-source lookup: anything but a path means "absent"
-        source = None
+    source = vendor_cine_path()
     if not source:
         log.info("pydicom-data is not installed: the demo corpus has no real vendor cine "
                  "(pip install pydicom-data adds SonoSite's as an ECG-less study)")

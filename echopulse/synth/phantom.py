@@ -45,33 +45,67 @@ _BLOOD, _BACKGROUND, _MYOCARDIUM, _PERICARDIUM, _VALVE = 0.012, 0.085, 0.55, 1.0
 @dataclass(frozen=True)
 class Appearance:
     """How a study looks (not how its heart moves): the variety real echo has between machines,
-    probes and patients. The defaults are the plain phantom.
+    probes, presets and patients. The defaults are the plain phantom.
 
     Attributes:
         sector_half_angle_deg: half the fan's opening angle.
+        fan_overflow: how far the fan may run past the image's sides (1: it fits; 1.15: its
+            corners are cut off by the image edge, as on scanners that fill the width).
+        depth_zoom: size of the heart in the fan (below 1: a deeper depth setting, a smaller heart
+            with more tissue below it).
         attenuation: depth gain loss, ``exp(-attenuation * depth / radius)``.
         gain_db: display gain added before log compression (brighter or darker picture).
+        dynamic_range_db: the log-compression window (wider: more grey, less contrast).
+        gamma: the grey map's exponent (higher: dark mid-tones, only specular tissue bright).
+        edge_fade: (amount, power) of the lateral fall-off, ``1 - amount * |angle / half| ** power``.
         blur_px: Gaussian blur of the echo envelope (soft, low-resolution tissue).
         speckle_psf: (axial, lateral) px width of the speckle grain.
         chamber_scale: (lateral, long) scale of every chamber ellipse (rounder or longer hearts).
+        wall_scale: scale of every wall's thickness.
+        tissue: reflectivity of the tissue round the heart (lung and chest: dark on most scans).
+        myocardium: reflectivity of the heart's walls.
+        near_field: reverberation haze under the probe, amplitude at the skin (falls off over a
+            fifth of the depth).
+        texture: strength of the slow tissue inhomogeneity on top of speckle (patchy, specular
+            tissue at the high end).
+        noise_floor: grey levels of display noise, redrawn every frame (the flicker that keeps a
+            dark fan's far corners visibly alive on a real scanner).
     """
 
     sector_half_angle_deg: float = SECTOR_HALF_ANGLE_DEG
+    fan_overflow: float = 1.0
+    depth_zoom: float = 1.0
     attenuation: float = 1.1
     gain_db: float = 0.0
+    dynamic_range_db: float = 45.0
+    gamma: float = 1.6
+    edge_fade: tuple[float, float] = (0.35, 4.0)
     blur_px: float = 0.0
     speckle_psf: tuple[float, float] = (0.9, 1.2)
     chamber_scale: tuple[float, float] = (1.0, 1.0)
+    wall_scale: float = 1.0
+    tissue: float = _BACKGROUND
+    myocardium: float = _MYOCARDIUM
+    near_field: float = 0.0
+    texture: float = 0.35
+    noise_floor: float = 0.0
 
     @classmethod
     def draw(cls, rng: np.random.Generator) -> "Appearance":
-        """A random appearance: sector 30-45 degrees half angle, attenuation 0.5-2, gain -6..+6 dB,
-        blur 0-1.5 px, speckle grain 0.7-1.8x, chambers 0.85-1.15x in each axis."""
-        grain = rng.uniform(0.7, 1.8)
-        return cls(sector_half_angle_deg=float(rng.uniform(30, 45)), attenuation=float(rng.uniform(0.5, 2.0)),
-                   gain_db=float(rng.uniform(-6, 6)), blur_px=float(rng.uniform(0, 1.5)),
-                   speckle_psf=(0.9 * grain, 1.2 * grain),
-                   chamber_scale=(float(rng.uniform(0.85, 1.15)), float(rng.uniform(0.85, 1.15))))
+        """A random appearance, from the plain phantom's crisp bright look to soft, dark scans like
+        a SonoSite's: see the ranges below (each drawn uniformly and independently)."""
+        def u(lo: float, hi: float) -> float:
+            return float(rng.uniform(lo, hi))
+
+        grain, elong = u(0.7, 1.8), u(1.0, 2.2)
+        return cls(sector_half_angle_deg=u(30, 48), fan_overflow=u(1.0, 1.15), depth_zoom=u(0.7, 1.05),
+                   attenuation=u(0.3, 2.0), gain_db=u(-12, 4), dynamic_range_db=u(40, 60),
+                   gamma=u(1.3, 2.8), edge_fade=(u(0.3, 0.95), u(1.5, 4.0)), blur_px=u(0, 3.0),
+                   speckle_psf=(0.9 * grain, 0.9 * grain * elong),
+                   chamber_scale=(u(0.85, 1.2), u(0.85, 1.15)), wall_scale=u(0.8, 1.6),
+                   tissue=float(np.exp(rng.uniform(np.log(0.012), np.log(0.1)))),
+                   myocardium=u(0.15, 0.6), near_field=u(0.0, 0.25), texture=u(0.25, 0.7),
+                   noise_floor=u(2.5, 5.0))
 
 
 @dataclass(frozen=True)
@@ -168,18 +202,20 @@ class _Renderer:
         self.view = view
         self.look = look = appearance or Appearance()
         sx, sy = look.chamber_scale
-        self.chambers = tuple(replace(c, axes=(c.axes[0] * sx, c.axes[1] * sy)) for c in _LAYOUTS[view])
+        self.chambers = tuple(replace(c, axes=(c.axes[0] * sx, c.axes[1] * sy), wall=c.wall * look.wall_scale)
+                              for c in _LAYOUTS[view])
         rng = np.random.default_rng(seed)
         self.rows, self.cols = rows, cols
         self.region = (0, HEADER_ROWS, cols - 1, rows - 1)
         img_h = rows - HEADER_ROWS
         half = np.deg2rad(look.sector_half_angle_deg)
-        self.radius = min(img_h - 1.5, (cols / 2 - 1.5) / np.sin(half))  # px
+        self.radius = min(img_h - 1.5, look.fan_overflow * (cols / 2 - 1.5) / np.sin(half))  # px
         self.apex = (cols / 2 - 0.5, HEADER_ROWS + 0.5)  # (x, y) px
+        self.px = self.radius * look.depth_zoom  # pixels per reference unit (the heart's scale)
         yy, xx = np.mgrid[0:rows, 0:cols].astype(float)
-        self.u = (xx - self.apex[0]) / self.radius  # (rows, cols)
-        self.d = (yy - self.apex[1]) / self.radius
-        rad = np.hypot(self.u, self.d)
+        self.u = (xx - self.apex[0]) / self.px  # (rows, cols), reference units
+        self.d = (yy - self.apex[1]) / self.px
+        rad = np.hypot(xx - self.apex[0], yy - self.apex[1]) / self.radius  # depth in sector radii
         ang = np.arctan2(self.u, self.d)
         # soft 1.5 px sector edge, exactly 0 outside
         edge = np.minimum((half - np.abs(ang)) * rad * self.radius, (1 - rad) * self.radius)
@@ -196,7 +232,7 @@ class _Renderer:
         field = ndimage.gaussian_filter(field.real, psf) + 1j * ndimage.gaussian_filter(field.imag, psf)
         self.speckle = field / np.sqrt(np.mean(np.abs(field) ** 2))
         # slow tissue-texture variation (fibre direction, inhomogeneity) on top of speckle
-        self.texture = np.exp(0.35 * ndimage.gaussian_filter(rng.standard_normal(shape), 4.0) * 4.0)
+        self.texture = np.exp(look.texture * ndimage.gaussian_filter(rng.standard_normal(shape), 4.0) * 4.0)
         self.noise_rng = np.random.default_rng(seed + 1)
 
     def _geometry(self, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -253,7 +289,7 @@ class _Renderer:
 
     def reflectivity(self, ref_u: np.ndarray, ref_d: np.ndarray, valves_open: float) -> np.ndarray:
         """Tissue amplitude reflectivity at reference points; ``valves_open`` in [0, 1]."""
-        refl = np.full_like(ref_u, _BACKGROUND)
+        refl = np.full_like(ref_u, self.look.tissue)
         heart = np.zeros_like(ref_u, dtype=bool)
         cavity = np.zeros_like(ref_u, dtype=bool)
         outer_rho = np.full_like(ref_u, np.inf)
@@ -270,10 +306,10 @@ class _Renderer:
         # pericardium: a bright thin rim just outside the walls
         rim = np.exp(-((outer_rho - 1.015) / 0.03) ** 2)
         refl = np.maximum(refl, _PERICARDIUM * 0.7 * rim)
-        refl = np.where(heart, _MYOCARDIUM, refl)
+        refl = np.where(heart, self.look.myocardium, refl)
         # fill the crux between chambers (septa / AV junction) with myocardium
         crux = self._crux(ref_u, ref_d)
-        refl = np.where(crux & ~cavity, np.maximum(refl, _MYOCARDIUM), refl)
+        refl = np.where(crux & ~cavity, np.maximum(refl, self.look.myocardium), refl)
         cavity |= self._inflow(ref_u, ref_d)
         refl = np.where(cavity, _BLOOD, refl)
         refl = np.maximum(refl, _VALVE * self._valves(ref_u, ref_d, valves_open))
@@ -321,8 +357,8 @@ class _Renderer:
 
     def speckle_at(self, ref_u: np.ndarray, ref_d: np.ndarray) -> np.ndarray:
         """Speckle amplitude (Rayleigh-like) sampled at reference points (bilinear on a fixed field)."""
-        x = ref_u * self.radius + self.apex[0] + self.margin
-        y = ref_d * self.radius + self.apex[1] + self.margin
+        x = ref_u * self.px + self.apex[0] + self.margin
+        y = ref_d * self.px + self.apex[1] + self.margin
         coords = np.stack([y, x])
         re = ndimage.map_coordinates(self.speckle.real, coords, order=1, mode="reflect")
         im = ndimage.map_coordinates(self.speckle.imag, coords, order=1, mode="reflect")
@@ -336,19 +372,25 @@ class _Renderer:
         # depth-dependent gain (attenuation not fully compensated) and weak electronic noise
         look = self.look
         beam_angle = np.arctan2(self.u, self.d) / np.deg2rad(look.sector_half_angle_deg)  # -1..1 across the sector
-        envelope *= np.exp(-look.attenuation * self.depth) * (1 - 0.35 * beam_angle**4)
+        fade, power = look.edge_fade
+        envelope *= np.exp(-look.attenuation * self.depth) * (1 - fade * np.abs(beam_angle) ** power)
+        if look.near_field > 0:  # reverberation haze under the probe (static: it does not move with tissue)
+            envelope += look.near_field * np.exp(-self.depth / 0.2) * self.speckle_at(self.u, self.d)
         if look.blur_px > 0:  # soft tissue: a wider point-spread function
             envelope = ndimage.gaussian_filter(envelope, look.blur_px)
         envelope += 0.004 * np.abs(self.noise_rng.standard_normal(envelope.shape))
-        # log compression over a 42 dB display range
+        # log compression over the display range, then the grey map
         db = 20 * np.log10(np.maximum(envelope, 1e-6)) + look.gain_db
-        img = np.clip((db + 45.0) / 45.0, 0, 1) ** 1.6 * 255 * self.sector
+        img = np.clip((db + look.dynamic_range_db) / look.dynamic_range_db, 0, 1) ** look.gamma * 255
+        if look.noise_floor > 0:
+            img = np.minimum(img + look.noise_floor * np.abs(self.noise_rng.standard_normal(img.shape)), 255)
+        img = img * self.sector
         area = float(self.cavity_mask("LV", ref_u, ref_d)[self.sector > 0].sum())
         return np.round(img).astype(np.uint8), area
 
     def pixel_of(self, ud: np.ndarray) -> tuple[int, int]:
         """(x, y) pixel of a reference point (u, d)."""
-        x, y = ud[0] * self.radius + self.apex[0], ud[1] * self.radius + self.apex[1]
+        x, y = ud[0] * self.px + self.apex[0], ud[1] * self.px + self.apex[1]
         return (int(round(x)), int(round(y)))
 
     def lv_area(self, scales: dict[str, float]) -> float:
