@@ -63,7 +63,8 @@ def cmd_synth(args: argparse.Namespace) -> int:
     from echopulse.synth.phantom import write_corpus
 
     manifest = write_corpus(args.out, studies=args.studies, seed=args.seed, duration_s=args.seconds,
-                            screen_trace=not args.no_screen_trace, screen_only_every=args.screen_only_every)
+                            variety=args.variety, screen_trace=not args.no_screen_trace,
+                            screen_only_every=args.screen_only_every)
     print(f"wrote {args.studies} phantom studies; manifest: {manifest}")
     return EXIT_OK
 
@@ -418,6 +419,10 @@ def add_synth_parser(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("--studies", type=int, default=8, help="number of studies (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     p.add_argument("--seconds", type=float, default=4.0, help="study length (default: %(default)s)")
+    p.add_argument("--variety", action="store_true",
+                   help="give every study a look of its own (fan width, depth, gain, grey map, blur, speckle, "
+                        "tissue brightness, chamber shapes), so a tokenizer trained on it sees more than one "
+                        "cartoon")
     p.add_argument("--no-screen-trace", action="store_true",
                    help="do not draw the ECG strip (lead II, sweep mode) under each echo")
     p.add_argument("--screen-only-every", type=int, default=0, metavar="N",

@@ -213,3 +213,41 @@ def test_corpus_draws_the_ecg_strip_and_screen_only_studies(tmp_path):
         assert (drawn < 0).any() and t["screen_mode"] == "sweep"  # history before frame 0
         inside = drawn[(drawn >= 0) & (drawn < 2.5)]
         np.testing.assert_allclose(inside, t["r_peaks_s"], atol=1e-5)  # the study's own beats
+
+
+def _look_stats(frames: np.ndarray) -> np.ndarray:
+    """(in-fan mean grey, share of the frame inside the fan, in-fan sharpness) of a study's first
+    frame below the header band."""
+    f0 = frames[0, 20:].astype(float)
+    fan = ndimage.binary_fill_holes(frames[:, 20:].max(axis=0) > 0)
+    sharp = np.abs(np.diff(f0, axis=1))[fan[:, 1:] & fan[:, :-1]].mean() / max(f0[fan].mean(), 1.0)
+    return np.array([f0[fan].mean(), fan.mean(), sharp])
+
+
+def test_drawn_appearances_spread_the_image_statistics_that_the_plain_phantom_keeps_fixed():
+    size = dict(rows=80, cols=96, duration_s=0.4)
+    plain = np.stack([_look_stats(make_study(s, view="A4C", **size).frames) for s in range(4)])
+    from echopulse.synth.phantom import Appearance
+
+    looks = [Appearance.draw(np.random.default_rng([9, i])) for i in range(8)]
+    varied = np.stack([_look_stats(make_study(s % 4, view="A4C", appearance=a, **size).frames)
+                       for s, a in enumerate(looks)])
+    spread = lambda x: x.std(axis=0) / np.abs(x.mean(axis=0))  # noqa: E731
+    # brightness, fan size and sharpness vary several times more between looks than between
+    # plain studies (whose only difference is the speckle and layout jitter)
+    assert np.all(spread(varied) > 3 * spread(plain)), (spread(varied), spread(plain))
+    assert varied[:, 0].max() - varied[:, 0].min() > 20  # grey levels of in-fan mean
+
+
+def test_depth_zoom_and_grey_map_change_the_picture_as_named():
+    from echopulse.synth.phantom import Appearance
+
+    size = dict(rows=80, cols=96, duration_s=0.2, view="A2C", heart_rate_bpm=70, ef=0.5)
+    base = make_study(3, **size)
+    deep = make_study(3, appearance=Appearance(depth_zoom=0.75), **size)
+    dark = make_study(3, appearance=Appearance(gamma=2.6, tissue=0.02), **size)
+    assert deep.lv_area[0] == pytest.approx(base.lv_area[0] * 0.75**2, rel=0.12)  # a smaller heart
+    assert deep.lv_center[1] < base.lv_center[1]  # nearer the probe
+    fan = base.frames[0, 20:] > 0
+    assert dark.frames[0, 20:][fan].mean() < 0.6 * base.frames[0, 20:][fan].mean()
+    assert dark.ef == base.ef
