@@ -68,7 +68,6 @@ class Appearance:
             fifth of the depth).
         texture: strength of the slow tissue inhomogeneity on top of speckle (patchy, specular
             tissue at the high end).
-        texture_px: size (Gaussian sigma, px) of that inhomogeneity's patches.
         noise_floor: grey levels of display noise, redrawn every frame (the flicker that keeps a
             dark fan's far corners visibly alive on a real scanner).
     """
@@ -89,7 +88,6 @@ class Appearance:
     myocardium: float = _MYOCARDIUM
     near_field: float = 0.0
     texture: float = 0.35
-    texture_px: float = 4.0
     noise_floor: float = 0.0
 
     @classmethod
@@ -101,13 +99,13 @@ class Appearance:
 
         grain, elong = u(0.7, 1.8), u(1.0, 2.2)
         return cls(sector_half_angle_deg=u(30, 48), fan_overflow=u(1.0, 1.15), depth_zoom=u(0.7, 1.05),
-                   attenuation=u(0.3, 2.0), gain_db=u(-14, 2), dynamic_range_db=u(40, 60),
-                   gamma=u(1.4, 3.0), edge_fade=(u(0.3, 0.95), u(1.5, 4.0)), blur_px=u(0.3, 3.5),
+                   attenuation=u(0.3, 2.0), gain_db=u(-12, 4), dynamic_range_db=u(40, 60),
+                   gamma=u(1.3, 2.8), edge_fade=(u(0.3, 0.95), u(1.5, 4.0)), blur_px=u(0, 3.0),
                    speckle_psf=(0.9 * grain, 0.9 * grain * elong),
                    chamber_scale=(u(0.85, 1.2), u(0.85, 1.15)), wall_scale=u(0.8, 1.6),
-                   tissue=float(np.exp(rng.uniform(np.log(0.008), np.log(0.08)))),
-                   myocardium=u(0.1, 0.5), near_field=u(0.0, 0.25), texture=u(0.3, 0.9),
-                   texture_px=u(2.0, 8.0), noise_floor=u(2.5, 5.0))
+                   tissue=float(np.exp(rng.uniform(np.log(0.012), np.log(0.1)))),
+                   myocardium=u(0.15, 0.6), near_field=u(0.0, 0.25), texture=u(0.25, 0.7),
+                   noise_floor=u(2.5, 5.0))
 
 
 @dataclass(frozen=True)
@@ -234,8 +232,7 @@ class _Renderer:
         field = ndimage.gaussian_filter(field.real, psf) + 1j * ndimage.gaussian_filter(field.imag, psf)
         self.speckle = field / np.sqrt(np.mean(np.abs(field) ** 2))
         # slow tissue-texture variation (fibre direction, inhomogeneity) on top of speckle
-        patches = ndimage.gaussian_filter(rng.standard_normal(shape), look.texture_px)
-        self.texture = np.exp(look.texture * patches * look.texture_px)  # std ~0.28 * texture at any size
+        self.texture = np.exp(look.texture * ndimage.gaussian_filter(rng.standard_normal(shape), 4.0) * 4.0)
         self.noise_rng = np.random.default_rng(seed + 1)
 
     def _geometry(self, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
