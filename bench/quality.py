@@ -27,7 +27,12 @@ generator, to compare sampling settings on one model.
 
 Prints a table against the goals (PSNR >= 25.4 dB, the paper's reconstruction MSE 2.89e-3; SSIM >=
 0.75; matched >= 0.7; shuffled <= 0.3) and writes ``{"tokenizer_psnr_db", "tokenizer_ssim",
-"ecg_sync_matched", "ecg_sync_shuffled", ...}`` with the steps, clips, seconds and machine.
+"ecg_sync_matched", "ecg_sync_shuffled", ...}`` with the steps, clips, seconds and machine. The
+tokenizer is also scored on a real echo it never saw, pydicom-data's SonoSite cine
+(``echopulse.real_cine``): ``real_cine_tokenizer_psnr_db`` (whole frame) and
+``real_cine_tokenizer_insector_psnr_db`` / ``_insector_ssim`` (nan without pydicom-data).
+``--variety`` gives each phantom study a look of its own (``echopulse synth --variety``);
+``bench/tokenizer_real.py`` runs the tokenizer part alone.
 """
 
 from __future__ import annotations
