@@ -7,8 +7,8 @@ as ``bench/quality.py`` cuts it, then measures reconstruction PSNR/SSIM
 - on held-out phantom studies (whole frame and in-sector), and
 - on pydicom-data's real SonoSite cine (``echopulse.real_cine``; whole frame and in-sector).
 
-    .venv/bin/python bench/tokenizer_real.py --steps 1500 --json plain.json
-    .venv/bin/python bench/tokenizer_real.py --steps 1500 --variety --json variety.json
+    .venv/bin/python bench/tokenizer_real.py --steps 1200 --json plain.json
+    .venv/bin/python bench/tokenizer_real.py --steps 1200 --variety --json variety.json
 
 Goal: real-cine in-sector PSNR >= 22 dB (issue 14) without losing much on held-out phantom clips.
 """
@@ -40,7 +40,7 @@ def main(argv=None) -> int:
     parser.add_argument("--holdout", type=int, default=5, help="studies held out (default: %(default)s)")
     parser.add_argument("--seconds", type=float, default=6.0, help="study length (default: %(default)s)")
     parser.add_argument("--train-stride", type=float, default=0.3, help="(default: %(default)s)")
-    parser.add_argument("--steps", type=int, default=1500, help="tokenizer steps (default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=1200, help="tokenizer steps (default: %(default)s)")
     parser.add_argument("--batch", type=int, default=8, help="(default: %(default)s)")
     parser.add_argument("--lr", type=float, default=2e-3, help="(default: %(default)s)")
     parser.add_argument("--warmup", type=int, default=20, help="(default: %(default)s)")
