@@ -167,6 +167,8 @@ def main(argv=None) -> int:
                         help="use the models `bench/quality.py --save` left in DIR (demo recipe sizes)")
     parser.add_argument("--guidance", type=float, default=None, help="(default: the recipe's)")
     parser.add_argument("--temperature", type=float, default=None, help="(default: the recipe's)")
+    parser.add_argument("--window-candidates", type=int, default=None,
+                        help="draws per chained window to keep the first window's look (default: the recipe's)")
     parser.add_argument("--negative", default=None, choices=("null", "shifted"),
                         help="what guidance pushes away from (default: the recipe's)")
     parser.add_argument("--recipe", default="demo", help="recipe to train with (default: %(default)s)")
@@ -201,15 +203,17 @@ def main(argv=None) -> int:
             source = args.generator
         elif args.quality:
             model = load_saved(Path(args.quality), args.recipe)
-        if args.negative:
-            from echopulse.config import replace
-
-            model.sampling = replace(model.sampling, negative=args.negative)
             source = f"bench/quality.py --save: {args.quality}"
         else:
             model = train_here(get_recipe(recipe_name), work, 4 if args.quick else args.studies,
                                6.0, steps[0], steps[1], args.seed)
             source = f"trained here: {recipe_name}, tokenizer {steps[0]} / generator {steps[1]} steps"
+        from echopulse.config import replace
+
+        if args.negative:
+            model.sampling = replace(model.sampling, negative=args.negative)
+        if args.window_candidates:
+            model.sampling = replace(model.sampling, window_candidates=args.window_candidates)
         train_s = time.perf_counter() - started
         rows = []
         for name, ecg in test_ecgs(args.seconds, rates, work):
@@ -230,7 +234,7 @@ def main(argv=None) -> int:
         "videos": rows, "model": source, "video_seconds": args.seconds, "fps": model.clip.fps,
         "size": model.clip.size,
         "guidance": model.sampling.guidance if args.guidance is None else args.guidance,
-        "negative": model.sampling.negative,
+        "negative": model.sampling.negative, "window_candidates": model.sampling.window_candidates,
         "temperature": model.sampling.temperature if args.temperature is None else args.temperature,
         "train_seconds": round(train_s, 1), "total_seconds": round(time.perf_counter() - started, 1),
         "machine": {"cpus": os.cpu_count(), "load_avg": [round(x, 1) for x in os.getloadavg()]},

@@ -233,7 +233,9 @@ class SamplingConfig:
     ``negative``: what guidance pushes away from: "null" (the learned null condition, classic
     classifier-free guidance) or "shifted" (the same ECG half a beat later,
     :func:`echopulse.transforms.ecg.shifted_ecg`: only what depends on the beat's timing is
-    amplified).
+    amplified). ``window_candidates``: a chained window of a long video is drawn up to this many
+    times until its mean frame has SSIM >= ``window_accept_ssim`` to the first window's (else the
+    closest draw is kept): the view and look stay the first window's.
     """
 
     steps: int = 8
@@ -244,6 +246,8 @@ class SamplingConfig:
     precision: str = "fp32"
     compile: str = ""
     negative: str = "null"
+    window_candidates: int = 3
+    window_accept_ssim: float = 0.85
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -252,6 +256,8 @@ class SamplingConfig:
             raise ValueError(f"sampling order must be 'confidence' or 'halton', got {self.order!r}")
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"sampling precision must be 'fp32' or 'bf16', got {self.precision!r}")
+        if self.window_candidates < 1:
+            raise ValueError(f"window_candidates must be >= 1, got {self.window_candidates}")
         if self.negative not in ("null", "shifted"):
             raise ValueError(f"sampling negative must be 'null' or 'shifted', got {self.negative!r}")
 

@@ -289,19 +289,27 @@ class EchoGenerator:
                 elif first is not None:
                     image = torch.tensor(first, device=self.device)[None].float() / 255.0
                     prime = tok.encode_first_frame(image)  # (1, h', w')
-                tokens = self.generator.generate(
-                    ecg,
-                    steps=steps or s.steps,
-                    guidance=guidance,
-                    temperature=s.temperature if temperature is None else temperature,
-                    schedule=s.schedule, order=s.order, precision=s.precision, compile_mode=s.compile or None,
-                    seed=seed + i,
-                    prime_tokens=prime,
-                    **{k: v for k, v in conditions.items() if v is not None},
-                )
-                decoded = tok.decode_from_indices(tokens)[0]  # (t, h, w) in [0, 1]
+
+                def draw(attempt: int, prime=prime, ecg=ecg) -> tuple[Any, np.ndarray]:
+                    tokens = self.generator.generate(
+                        ecg,
+                        steps=steps or s.steps,
+                        guidance=guidance,
+                        temperature=s.temperature if temperature is None else temperature,
+                        schedule=s.schedule, order=s.order, precision=s.precision,
+                        compile_mode=s.compile or None,
+                        seed=seed + i + 100_003 * attempt,
+                        prime_tokens=prime,
+                        **{k: v for k, v in conditions.items() if v is not None},
+                    )
+                    decoded = tok.decode_from_indices(tokens)[0]  # (t, h, w) in [0, 1]
+                    return tokens, (decoded.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+
+                if i == 0:
+                    tokens, frames = draw(0)
+                else:
+                    tokens, frames = _closest_to_anchor(draw, anchor, s.window_candidates, s.window_accept_ssim)
             previous = (window, tokens)
-            frames = (decoded.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
             if i == 0 and first is not None:
                 frames[0] = first  # the given frame itself, not its reconstruction
             if i == 0:
@@ -344,6 +352,28 @@ class EchoGenerator:
 
 
 BACKGROUND_LEVEL = 4  # grey level (0-255) at or below which a pixel counts as black background
+
+
+def _closest_to_anchor(draw, anchor: np.ndarray, candidates: int, accept: float) -> tuple[Any, np.ndarray]:
+    """A chained window that keeps the video's look: draw up to ``candidates`` windows
+    (``draw(attempt) -> (tokens, frames)``, attempt 0 first) and keep the first whose mean frame has
+    SSIM >= ``accept`` to ``anchor`` (the first window's mean frame), else the closest one drawn.
+
+    The mean over a window (about a beat) averages the heart's motion out, so what it compares is
+    the view, depth and gain, not where in the cycle the window falls.
+    """
+    from echopulse.metrics import ssim
+
+    best = None
+    for attempt in range(max(1, candidates)):
+        tokens, frames = draw(attempt)
+        score = ssim(frames.mean(axis=0)[None] / 255.0, anchor[None] / 255.0)
+        if best is None or score > best[0]:
+            best = (score, tokens, frames)
+        if score >= accept:
+            break
+        log.debug("window drawn %d: SSIM %.3f to the first window's look, below %.2f", attempt + 1, score, accept)
+    return best[1], best[2]
 
 
 def _ecg_array(ecg: Any) -> tuple[np.ndarray, np.ndarray | None]:

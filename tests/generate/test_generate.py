@@ -206,7 +206,8 @@ def test_chained_windows_start_from_the_models_own_tokens():
         return out
 
     generator.generate = recorded
-    model = EchoGenerator(generator, tokenizer, clip, SamplingConfig(steps=2, guidance=0.0), {}, None)
+    model = EchoGenerator(generator, tokenizer, clip, SamplingConfig(steps=2, guidance=0.0, window_candidates=1),
+                          {}, None)
     ecg = np.random.default_rng(0).standard_normal((12, 250 * 10)).astype(np.float32)
     model.generate(ecg, seconds=7.0)
     frames_needed = model._frame_plan(7.0, None, ecg.shape[1])[0]
@@ -258,8 +259,8 @@ def test_shifted_negative_guides_each_window_against_its_ecg_half_a_beat_later()
     generator.generate = recorded
     prepared = prepare_ecg(simulate_ecg(8.0, 75, fs=500, seed=3).signal, 500, list(ECG_LEADS))
     shifted = shifted_ecg(prepared.ecg)
-    model = EchoGenerator(generator, tokenizer, clip, SamplingConfig(steps=2, guidance=2.0, negative="shifted"),
-                          {}, None)
+    model = EchoGenerator(generator, tokenizer, clip,
+                          SamplingConfig(steps=2, guidance=2.0, negative="shifted", window_candidates=1), {}, None)
     model.generate(prepared, seconds=3.0)
     assert len(seen) >= 3
     for ecg, negative in seen:
@@ -271,3 +272,27 @@ def test_shifted_negative_guides_each_window_against_its_ecg_half_a_beat_later()
     assert all(negative is None for _, negative in seen)
     with pytest.raises(ValueError, match="negative"):
         SamplingConfig(negative="reversed")
+
+
+def test_a_chained_window_is_redrawn_until_it_keeps_the_first_windows_look():
+    from echopulse.generate import _closest_to_anchor
+
+    yy, xx = np.mgrid[:32, :32]
+    anchor = np.where((yy - 16) ** 2 + (xx - 12) ** 2 < 60, 200.0, 20.0)  # a bright chamber on the left
+    moved = np.where((yy - 16) ** 2 + (xx - 22) ** 2 < 60, 200.0, 20.0)  # ... drifted to the right
+    looks = [moved, moved, anchor, anchor]
+    drawn = []
+
+    def draw(attempt):
+        drawn.append(attempt)
+        frames = np.repeat(looks[attempt][None], 5, axis=0)
+        frames[attempt % 5] += 10  # the frames within a window differ; their mean is the look
+        return f"tokens{attempt}", np.clip(frames, 0, 255).astype(np.uint8)
+
+    tokens, frames = _closest_to_anchor(draw, anchor, candidates=4, accept=0.85)
+    assert tokens == "tokens2" and drawn == [0, 1, 2]  # the first draw that keeps the look, then stop
+    drawn.clear()
+    tokens, _ = _closest_to_anchor(draw, anchor, candidates=2, accept=0.85)
+    assert drawn == [0, 1] and tokens in ("tokens0", "tokens1")  # none keeps it: the closest of those drawn
+    drawn.clear()
+    assert _closest_to_anchor(draw, anchor, candidates=1, accept=0.85)[0] == "tokens0" and drawn == [0]
