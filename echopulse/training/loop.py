@@ -75,11 +75,11 @@ class TrainingLoop:
     ``restore(model, optimizer, ema)`` loads the state to resume from and returns its step (0:
     fresh start). Without ``save`` no checkpoints are written (``report`` always gets None).
 
-    ``deadline`` (a ``time.monotonic()`` value; one process only): from :data:`PACE_STEPS` steps
-    on, the run is re-planned after every step to the steps that fit before it at the pace so far
-    (never more than ``train.steps``, never fewer than already run), and the LR schedule, the
-    last-step log, validation, samples and checkpoint follow the planned end. ``total`` is the
-    planned end, ``step`` the last step run.
+    ``deadline`` (a ``time.monotonic()`` value; one process only): after :data:`PACE_STEPS`
+    steps, the run is re-planned before every step to the steps that fit before it at the pace so
+    far (never more than ``train.steps``; the step about to run at least, so a deadline already
+    past makes it the last), and that step's LR, and the last-step log, validation, samples and
+    checkpoint, follow the planned end. ``total`` is the planned end, ``step`` the last step run.
     """
 
     model: Any
@@ -140,6 +140,9 @@ class TrainingLoop:
         last_checkpoint = last_logged = start
         began = time.perf_counter()
         while self.step < self.total:
+            done = self.step - start
+            if self.deadline is not None and done >= PACE_STEPS:  # plan before the step: its LR
+                self._replan(self.step + 1, (time.perf_counter() - began) / done, bar, start)
             step = self.step = self.step + 1
             if self.before_step is not None:
                 self.before_step(step)
@@ -148,8 +151,6 @@ class TrainingLoop:
             busy += time.perf_counter() - t0
             samples += sum(len(next(iter(b.values()))) for b in micro) * self.world
             window.append(metrics)
-            if self.deadline is not None and step - start >= PACE_STEPS:
-                self._replan(step, (time.perf_counter() - began) / (step - start), bar, start)
             end = step == self.total
             logged = step % train.log_every == 0 or end
             due = logged and (end or bool(
@@ -170,9 +171,10 @@ class TrainingLoop:
             last_checkpoint = step if due else last_checkpoint
 
     def _replan(self, step: int, pace: float, bar, start: int) -> None:
-        """The planned end: the steps that fit before the deadline at ``pace`` seconds a step."""
+        """The planned end before ``step``: the steps that fit before the deadline at ``pace``
+        seconds a step, ``step`` itself at least (so the last step run is planned as the end)."""
         left = max(0.0, self.deadline - time.monotonic())
-        fit = min(self.train.steps, max(step, step + int(left / max(pace, 1e-9))))
+        fit = min(self.train.steps, max(step, step - 1 + int(left / max(pace, 1e-9))))
         if fit == self.total:
             return
         if self.total == self.train.steps:
