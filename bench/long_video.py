@@ -42,7 +42,8 @@ BLACK = 4  # grey level at or below which a pixel counts as black
 
 def train_here(recipe, work: Path, studies: int, seconds: float, tok_steps: int, gen_steps: int,
                seed: int):
-    """A tokenizer + generator trained on a phantom corpus (bench/quality.py's corpus and loop)."""
+    """A tokenizer + generator trained on a phantom corpus (bench/quality.py's corpus, and its
+    ``train_loop``: the project's one training loop)."""
     import torch
 
     from bench.quality import build_clips, reconstruct, train_loop
@@ -59,7 +60,7 @@ def train_here(recipe, work: Path, studies: int, seconds: float, tok_steps: int,
     tokenizer = VideoTokenizer(recipe.tokenizer)
     train_loop("tokenizer", tokenizer, tokenizer_train_step,
                lambda _: {"frames": torch.from_numpy(train["frames"][rng.choice(n, 8)])},
-               tok_steps, 2e-3, 20, 50, ("loss", "psnr"), None)
+               tok_steps, 2e-3, 20, 50, ("loss", "psnr"), None, seed=seed)
     ids, _ = reconstruct(tokenizer, train["frames"])
     generator = MaskGIT(recipe.generator)
 
@@ -68,7 +69,7 @@ def train_here(recipe, work: Path, studies: int, seconds: float, tok_steps: int,
         return {"tokens": ids[idx], "ecg": torch.from_numpy(train["ecg"][idx])}
 
     train_loop("generator", generator, generator_train_step, batch, gen_steps, 1e-3, 20, 50,
-               ("loss", "masked_acc"), None)
+               ("loss", "masked_acc"), None, seed=seed)
     return EchoGenerator(generator.eval(), tokenizer.eval(), recipe.clip, recipe.sampling, {}, None)
 
 

@@ -3,8 +3,9 @@
 Everything runs in this process, on the CPU in fp32, with no Ray: an echo-phantom corpus
 (``echopulse.synth``: DICOM + WFDB studies with ground truth) is cut into window-mode clips by the
 ingest stage's per-input function (``echopulse.ingest.make_ingest_fn``), whole studies are held
-out, and the ``demo`` recipe's tokenizer and generator are trained with plain loops over the
-``echopulse.training`` step functions. On the held-out studies it measures
+out, and the ``demo`` recipe's tokenizer and generator are trained by the project's one training
+loop (``echopulse.training.loop.TrainingLoop``) over its step functions. On the held-out studies
+it measures
 
 - tokenizer reconstruction: PSNR (dB, the mean of per-clip PSNR) and SSIM of decode(encode(clip));
 - ECG control (``echopulse.metrics.ecg_sync_score``: correlation between the clip's LV cavity-area
@@ -125,51 +126,54 @@ def load_clips(path: Path) -> dict:
 
 
 class Progress:
-    """A log line every ``every`` steps: the step's metrics, seconds per step and the ETA."""
+    """The training loop's logger here: a log line at each logged step with the window's metrics,
+    seconds per step (wall and CPU) and the ETA to the loop's planned end (a deadline moves it)."""
 
-    def __init__(self, name: str, total: int, every: int):
-        self.name, self.total, self.every = name, total, max(1, every)
+    active = False  # no run to log artifacts to
+
+    def __init__(self, name: str, keys: tuple[str, ...]):
+        self.name, self.keys = name, keys
+        self.loop = None  # the TrainingLoop, for its planned end
         self.start = time.perf_counter()
         self.cpu_start = time.process_time()
 
-    def __call__(self, step: int, metrics: dict[str, float], keys: tuple[str, ...]) -> None:
-        if step % self.every and step != self.total:
-            return
-        spent = time.perf_counter() - self.start
-        per = spent / step
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        total = self.loop.total
+        per = (time.perf_counter() - self.start) / step
         cpu = (time.process_time() - self.cpu_start) / step  # CPU seconds of this process
-        shown = " ".join(f"{k} {metrics[k]:.4g}" for k in keys if k in metrics)
-        log.info("%s %d/%d  %s  %.2f s/step (%.2f CPU s)  eta %.0f s", self.name, step, self.total, shown,
-                 per, cpu, per * (self.total - step))
+        shown = " ".join(f"{k} {metrics[k]:.4g}" for k in self.keys if k in metrics)
+        log.info("%s %d/%d  %s  %.2f s/step (%.2f CPU s)  eta %.0f s", self.name, step, total, shown,
+                 per, cpu, per * (total - step))
 
 
 def train_loop(name: str, model, step_fn, make_batch, steps: int, lr: float, warmup: int,
-               every: int, keys: tuple[str, ...], deadline: float | None) -> dict:
-    """Plain loop over an ``echopulse.training`` step function (warmup + cosine LR).
+               every: int, keys: tuple[str, ...], deadline: float | None, seed: int = 0) -> dict:
+    """``steps`` steps of an ``echopulse.training`` step function in the project's one loop
+    (:class:`echopulse.training.loop.TrainingLoop`: warmup + cosine LR, fp32, no EMA, no checkpoints).
 
-    With a ``deadline`` (``time.monotonic()``), the run is shortened to the steps that fit, judged
-    from the pace so far, and the LR schedule is shortened with it so it still decays.
+    With a ``deadline`` (``time.monotonic()``), the loop shortens the run to the steps that fit,
+    judged from the pace so far, and the LR schedule with it so it still decays. ``final`` is the
+    last logged window's mean metrics.
     """
-    from echopulse.training.steps import lr_at, make_optimizer
+    import itertools
+    from functools import partial
 
-    optimizer = make_optimizer(model, lr)
-    progress = Progress(name, steps, every)
-    total, step, last = steps, 0, {}
+    from tqdm import tqdm
+
+    from echopulse.config import TrainConfig
+    from echopulse.training.loop import TrainingLoop
+
+    train = TrainConfig(steps=steps, lr=lr, warmup_steps=warmup, log_every=every, seed=seed, ema_decay=0.0,
+                        bf16=False)
+    progress = Progress(name, keys)
+    loop = TrainingLoop(model=model, train=train, step_fn=step_fn, logger=progress,
+                        batches=(make_batch(i) for i in itertools.count()),
+                        progress=partial(tqdm, disable=True), deadline=deadline)  # the log lines show progress
+    progress.loop = loop
     t0, cpu0 = time.perf_counter(), time.process_time()
-    while step < total:
-        last = step_fn(model, make_batch(step), optimizer, lr=lr_at(step, total, warmup, lr))
-        step += 1
-        progress(step, last, keys)
-        if deadline is not None and step >= 20:  # re-judged every step (first steps are slow)
-            pace = (time.perf_counter() - t0) / step
-            fit = min(steps, max(step, step + int(max(0.0, deadline - time.monotonic()) / pace)))
-            if fit != total:
-                if total == steps:
-                    log.warning("%s: the time budget fits about %d of %d steps; shortening the run",
-                                name, fit, steps)
-                total = progress.total = fit
-    return {"steps": step, "seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - cpu0,
-            "final": last}
+    ran = loop.run()
+    return {"steps": ran, "seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - cpu0,
+            "final": {k: v for k, v in loop.last.items() if k not in ("step", "world_size")}}
 
 
 def load_trained(name: str, model, path: str) -> dict:
@@ -407,7 +411,7 @@ def main(argv=None) -> int:
     else:
         tok = train_loop("tokenizer", tokenizer, tokenizer_train_step, tokenizer_batch, args.tokenizer_steps,
                          args.tokenizer_lr, args.warmup, args.log_every, ("loss", "psnr", "codebook_usage"),
-                         budget_for(0.45))
+                         budget_for(0.45), seed=args.seed)
     seconds["tokenizer_train"] = tok["seconds"]
 
     t = time.perf_counter()
@@ -431,7 +435,7 @@ def main(argv=None) -> int:
     else:
         gen = train_loop("generator", generator, generator_train_step, generator_batch, args.generator_steps,
                          args.generator_lr, args.warmup, args.log_every, ("loss", "masked_acc"),
-                         budget_for(0.8))
+                         budget_for(0.8), seed=args.seed)
     seconds["generator_train"] = gen["seconds"]
 
     if args.save:

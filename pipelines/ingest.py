@@ -36,6 +36,8 @@ from echopulse import storage
 from echopulse.config import ClipConfig, to_dict
 from echopulse.errors import ConfigError, EchoPulseError
 from echopulse.ingest import IngestOptions
+from echopulse.manifests.common import cell_text
+from echopulse.manifests.echonet_dynamic import filelist_row, video_name
 from echopulse.schema import CLIPS_SCHEMA, clip_schema, write_dataset_info, write_quarantine
 from pipelines.shards import (OUTCOMES, ChunkWriter, ShardConfig, groups, read_outcomes, remove_orphans,
                              run_or_explain)
@@ -89,39 +91,18 @@ def read_manifest(manifest: str) -> list[dict[str, Any]]:
         raise EchoPulseError(f"{manifest}: manifest has no rows")
     if all(c in rows[0] for c in ECHONET_COLUMNS) and "echo" not in rows[0]:
         rows = echonet_rows(rows)
-    rows = [{"ecg": "", **{str(k): _cell(v) for k, v in r.items()}} for r in rows]
+    rows = [{"ecg": "", **{str(k): cell_text(v) for k, v in r.items()}} for r in rows]
     missing = [c for c in REQUIRED_MANIFEST_COLUMNS if c not in rows[0]]
     if missing:
         raise EchoPulseError(f"{manifest}: manifest lacks column(s) {', '.join(missing)}")
     return rows
 
 
-def _cell(value: Any) -> str:
-    if value is None or (isinstance(value, float) and value != value):
-        return ""
-    return str(value)
-
-
 def echonet_rows(rows: list[dict[str, Any]]) -> list[dict[str, str]]:
-    """EchoNet-Dynamic's FileList.csv rows as manifest rows: ``Videos/<FileName>.avi``, no ECG.
-
-    EF is given in percent there and becomes a fraction (clips/v1 stores EF as 0-1); FPS is the
-    video's frame rate; Split (TRAIN/VAL/TEST) is kept; every video is an apical four-chamber view.
-    """
-    out = []
-    for r in rows:
-        name = str(r["FileName"]).strip()
-        if not name.lower().endswith(".avi"):
-            name += ".avi"
-        ef = r.get("EF")
-        try:
-            ef_fraction = f"{float(ef) / 100.0:.6g}" if ef not in (None, "") else ""
-        except ValueError:
-            ef_fraction = ""
-        out.append({"echo": f"Videos/{name}", "ecg": "", "view": "A4C", "ef": ef_fraction,
-                    "fps": _cell(r.get("FPS")), "split": _cell(r.get("Split")).lower(),
-                    "study": name.rsplit(".", 1)[0]})
-    return out
+    """EchoNet-Dynamic's FileList.csv rows as manifest rows (``echonet_dynamic.filelist_row``, what
+    ``echopulse manifest echonet-dynamic`` writes): the videos at ``Videos/<FileName>.avi`` beside
+    the list (read, not checked, here), no traced frames."""
+    return [filelist_row(r, f"Videos/{video_name(cell_text(r['FileName']))}") for r in rows]
 
 
 def input_key(row: dict[str, Any]) -> str:

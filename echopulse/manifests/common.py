@@ -58,7 +58,14 @@ def read_table(path: Path, dataset: str, columns: tuple[str, ...]) -> list[dict[
     return rows
 
 
-def percent_to_fraction(value: str) -> str:
+def cell_text(value: object) -> str:
+    """A table cell as manifest text: '' for a missing value (None, NaN), else ``str``."""
+    if value is None or (isinstance(value, float) and value != value):
+        return ""
+    return str(value)
+
+
+def percent_to_fraction(value: object) -> str:
     """EF in percent (as the datasets give it) -> the 0-1 fraction clips/v1 stores; '' if unknown."""
     try:
         ef = float(value)

@@ -8,7 +8,7 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
-from echopulse.manifests.common import Manifest, percent_to_fraction, read_table, require
+from echopulse.manifests.common import Manifest, cell_text, percent_to_fraction, read_table, require
 
 NAME = "echonet-dynamic"
 FILELIST_COLUMNS = ("FileName", "EF", "FPS", "Split")
@@ -30,12 +30,19 @@ def build(root: Path, **_: object) -> Manifest:
         name, path = video_name(r["FileName"]), listed_video(videos, r["FileName"], out)
         if path is None:
             continue
-        ed, es = tracings.get(name, ("", ""))
-        out.rows.append({"echo": str(path), "ecg": "", "ecg_sync": "", "view": "A4C",
-                         "ef": percent_to_fraction(r["EF"]), "fps": r["FPS"],
-                         "split": r["Split"].lower(), "study": name.rsplit(".", 1)[0],
-                         "ed_frame": ed, "es_frame": es})
+        out.rows.append(filelist_row(r, str(path), tracings.get(name, ("", ""))))
     return out
+
+
+def filelist_row(r: dict, echo: str, traced: tuple[str, str] = ("", "")) -> dict[str, str]:
+    """One FileList.csv row as a manifest row for the video at ``echo``: no ECG, an apical
+    four-chamber view, EF from percent to a fraction, Split lower-cased, the study named after the
+    video, ``traced`` = (end-diastolic, end-systolic) frame when known. Also what ingest makes of a
+    FileList.csv given as its manifest (``pipelines.ingest.read_manifest``)."""
+    name = video_name(cell_text(r["FileName"]))
+    return {"echo": echo, "ecg": "", "ecg_sync": "", "view": "A4C", "ef": percent_to_fraction(r.get("EF")),
+            "fps": cell_text(r.get("FPS")), "split": cell_text(r.get("Split")).lower(),
+            "study": name.rsplit(".", 1)[0], "ed_frame": traced[0], "es_frame": traced[1]}
 
 
 def listed_video(videos: Path, file_name: str, out: Manifest) -> Path | None:

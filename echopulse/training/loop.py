@@ -1,8 +1,9 @@
 """The one training loop: accumulation, EMA, validation / sample / checkpoint cadence. No Ray.
 
 Everything that depends on where the loop runs comes from outside: ``restore`` (where to resume),
-``report`` (where metrics and checkpoints go), ``rank`` / ``world`` and a ``before_step`` hook.
-``jobs/train_common.py`` adapts it to Ray Train; ``bench/quality.py`` and the tests run it as is.
+``report`` (where metrics and checkpoints go), ``rank`` / ``world``, a ``before_step`` hook and an
+optional ``deadline``. ``jobs/train_common.py`` adapts it to Ray Train; ``bench/quality.py``,
+``bench/long_video.py`` and the tests run it as is.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ log = logging.getLogger(__name__)
 # report(metrics, checkpoint_dir): checkpoint_dir is a directory holding a resumable checkpoint
 # (rank 0, when one is due) or None; it is deleted after report returns
 Report = Callable[[dict[str, float], "str | None"], None]
+PACE_STEPS = 20  # steps run before a deadline is judged from the pace (the first steps are slow)
 
 
 def step_seed(seed: int, step: int, rank: int) -> int:
@@ -71,7 +73,13 @@ class TrainingLoop:
     weights go beside it (:mod:`echopulse.training.state`).
 
     ``restore(model, optimizer, ema)`` loads the state to resume from and returns its step (0:
-    fresh start).
+    fresh start). Without ``save`` no checkpoints are written (``report`` always gets None).
+
+    ``deadline`` (a ``time.monotonic()`` value; one process only): after :data:`PACE_STEPS`
+    steps, the run is re-planned before every step to the steps that fit before it at the pace so
+    far (never more than ``train.steps``; the step about to run at least, so a deadline already
+    past makes it the last), and that step's LR, and the last-step log, validation, samples and
+    checkpoint, follow the planned end. ``total`` is the planned end, ``step`` the last step run.
     """
 
     model: Any
@@ -79,8 +87,8 @@ class TrainingLoop:
     step_fn: Callable[..., dict[str, float]]
     batches: Iterator[dict]
     logger: Any
-    save: Callable[[str], None]
-    report: Report
+    save: Callable[[str], None] | None = None
+    report: Report = lambda metrics, checkpoint_dir: None
     restore: Callable[[Any, Any, Any], int] = lambda model, optimizer, ema: 0
     rank: int = 0
     world: int = 1
@@ -89,14 +97,18 @@ class TrainingLoop:
     on_log: Callable[[int, dict[str, float]], dict[str, float]] | None = None
     before_step: Callable[[int], None] | None = None
     progress: Callable[..., Any] | None = None  # a tqdm-like class for rank 0's bar (default tqdm)
+    deadline: float | None = None  # time.monotonic() by which to end (shortens the run; see above)
 
-    def run(self) -> None:
+    def run(self) -> int:
+        """Train to the planned end; returns the last step run (the step resumed from when none)."""
         import torch
 
         from echopulse.training.ema import EMA
         from echopulse.training.steps import make_optimizer
 
         train = self.train
+        if self.deadline is not None and self.world > 1:
+            raise ValueError("a deadline is judged by one process's pace; ranks would plan different ends")
         device = next(self.model.parameters()).device
         self.amp_dtype = torch.bfloat16 if train.bf16 and device.type == "cuda" else None
         self.optimizer = make_optimizer(self.model, train.lr, train.weight_decay)
@@ -104,6 +116,7 @@ class TrainingLoop:
         start = self.restore(self.model, self.optimizer, self.ema)
         if start:
             log.info("resuming at step %d", start)
+        self.total, self.step = train.steps, start
         self.last: dict[str, float] = {"step": float(start)}
         self.val_metrics: dict[str, float] = {}
         bar = None
@@ -118,13 +131,19 @@ class TrainingLoop:
             if self.validate is not None:
                 self.val_metrics = self._validation(start)
             self._report({**self.last, **self.val_metrics}, start, with_checkpoint=True)
+        return self.step
 
     def _steps(self, start: int, bar) -> None:
         train = self.train
         window: list[dict[str, float]] = []
         busy, samples = 0.0, 0
         last_checkpoint = last_logged = start
-        for step in range(start + 1, train.steps + 1):
+        began = time.perf_counter()
+        while self.step < self.total:
+            done = self.step - start
+            if self.deadline is not None and done >= PACE_STEPS:  # plan before the step: its LR
+                self._replan(self.step + 1, (time.perf_counter() - began) / done, bar, start)
+            step = self.step = self.step + 1
             if self.before_step is not None:
                 self.before_step(step)
             t0 = time.perf_counter()
@@ -132,13 +151,14 @@ class TrainingLoop:
             busy += time.perf_counter() - t0
             samples += sum(len(next(iter(b.values()))) for b in micro) * self.world
             window.append(metrics)
-            logged = step % train.log_every == 0 or step == train.steps
-            due = logged and (step == train.steps or bool(
+            end = step == self.total
+            logged = step % train.log_every == 0 or end
+            due = logged and (end or bool(
                 train.checkpoint_every and step - last_checkpoint >= train.checkpoint_every))
             if self.validate is not None and (due or (train.val_every and step % train.val_every == 0)
                                               or (not train.val_every and logged)):
                 self.val_metrics = self._validation(step)
-            if step == train.steps or (train.sample_every and step % train.sample_every == 0):
+            if end or (train.sample_every and step % train.sample_every == 0):
                 self._sample(step)
             if not logged:
                 continue
@@ -150,13 +170,27 @@ class TrainingLoop:
             self._report({**self.last, **self.val_metrics}, step, with_checkpoint=due)
             last_checkpoint = step if due else last_checkpoint
 
+    def _replan(self, step: int, pace: float, bar, start: int) -> None:
+        """The planned end before ``step``: the steps that fit before the deadline at ``pace``
+        seconds a step, ``step`` itself at least (so the last step run is planned as the end)."""
+        left = max(0.0, self.deadline - time.monotonic())
+        fit = min(self.train.steps, max(step, step - 1 + int(left / max(pace, 1e-9))))
+        if fit == self.total:
+            return
+        if self.total == self.train.steps:
+            log.warning("the deadline fits about %d of %d steps; shortening the run", fit, self.train.steps)
+        self.total = fit
+        if bar is not None:
+            bar.total = fit - start
+            bar.refresh()
+
     def _one_step(self, step: int) -> tuple[float, list[dict], dict[str, float]]:
         import torch
 
         from echopulse.training.steps import lr_at
 
         train = self.train
-        lr = lr_at(step - 1, train.steps, train.warmup_steps, train.lr)
+        lr = lr_at(step - 1, self.total, train.warmup_steps, train.lr)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         micro = [next(self.batches) for _ in range(train.grad_accum)]
@@ -187,7 +221,7 @@ class TrainingLoop:
     def _report(self, metrics: dict[str, float], step: int, with_checkpoint: bool) -> None:
         from echopulse.training.state import save_train_state
 
-        if not with_checkpoint:
+        if not with_checkpoint or self.save is None:
             self.report(dict(metrics), None)
             return
         with tempfile.TemporaryDirectory() as tmp:

@@ -96,6 +96,22 @@ def test_echonet_dynamic_rows_carry_ef_split_and_traced_ed_es_frames(echonet_dyn
     assert clips and {c["ecg_source"] for c in clips} == {"none"} and clips[0]["ef"] == pytest.approx(0.55)
 
 
+def test_filelist_as_ingest_manifest_reads_as_the_manifest_command_writes(echonet_dynamic_root):
+    """Ingest given FileList.csv itself makes the rows ``echopulse manifest echonet-dynamic`` makes
+    (one function), less the video check and the tracings."""
+    from pipelines.ingest import read_manifest
+
+    built = {r["study"]: r for r in build_manifest("echonet-dynamic", echonet_dynamic_root).rows}
+    read = {r["study"]: r for r in read_manifest(str(echonet_dynamic_root / "FileList.csv"))}
+    assert set(read) == set(built) | {"0X1C"}  # the missing video is ingest's to quarantine
+    for study, row in built.items():
+        assert read[study]["echo"] == f"Videos/{study}.avi"
+        assert row["echo"] == str(echonet_dynamic_root / "Videos" / f"{study}.avi")
+        same = {k: v for k, v in row.items() if k not in ("echo", "ed_frame", "es_frame")}
+        assert {k: read[study][k] for k in same} == same
+        assert read[study]["ed_frame"] == read[study]["es_frame"] == ""
+
+
 def test_echonet_pediatric_maps_folds_to_splits_and_folders_to_views(echonet_pediatric_root, tmp_path):
     manifest = build_manifest("echonet-pediatric", echonet_pediatric_root)
     got = [(r["view"], r["split"], r["ed_frame"], r["es_frame"], r["ef"]) for r in manifest.rows]

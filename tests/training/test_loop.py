@@ -4,15 +4,18 @@ uninterrupted run exactly (weights, optimizer state, EMA)."""
 from __future__ import annotations
 
 import shutil
+import time
 
+import pytest
 import torch
 from torch import nn
 
 from echopulse.config import TrainConfig
 from echopulse.models.checkpoint import WEIGHTS_FILE
 from echopulse.tracking import RunLogger
-from echopulse.training.loop import TrainingLoop
+from echopulse.training.loop import PACE_STEPS, TrainingLoop
 from echopulse.training.state import load_train_state
+from echopulse.training.steps import lr_at
 
 
 def _step(model, batch, optimizer, grad_clip=None, amp_dtype=None):
@@ -70,3 +73,57 @@ def test_cadence_and_resume_match_an_uninterrupted_run(tmp_path):
     assert reports2 == [(6, True)]
     for a, b in zip(model.state_dict().values(), resumed.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+class _Recorder:
+    """A logger that keeps what the loop logs (no MLflow)."""
+
+    active = False
+
+    def __init__(self):
+        self.logged: list[tuple[int, dict]] = []
+
+    def log_metrics(self, metrics, step):
+        self.logged.append((step, dict(metrics)))
+
+
+def test_a_deadline_shortens_the_run_and_its_lr_schedule():
+    train = TrainConfig(steps=10_000, log_every=10, warmup_steps=1, ema_decay=0.0, lr=0.05)
+    logger, reports, started = _Recorder(), [], []
+
+    def slow_step(model, batch, optimizer, grad_clip=None, amp_dtype=None):
+        started.append(time.monotonic())
+        time.sleep(0.005)
+        return _step(model, batch, optimizer, grad_clip, amp_dtype)
+
+    # a first short run pays the one-off costs (lazy imports, the optimizer's first step) that a
+    # loaded machine can stretch to seconds, so the deadline below measures steps
+    TrainingLoop(model=nn.Linear(3, 1), train=TrainConfig(steps=2, ema_decay=0.0), step_fn=_step,
+                 batches=_batches(), logger=_Recorder()).run()
+    deadline = time.monotonic() + 1.0
+    loop = TrainingLoop(model=nn.Linear(3, 1), train=train, step_fn=slow_step, batches=_batches(),
+                        logger=logger, save=lambda d: None,
+                        report=lambda m, c: reports.append((int(m["step"]), c is not None)), deadline=deadline)
+    ran = loop.run()
+    assert PACE_STEPS <= ran == loop.step == loop.total == len(started) < train.steps
+    # once judged (after PACE_STEPS steps), no step but the planned last starts past the deadline
+    assert all(t < deadline for t in started[PACE_STEPS:-1])
+    assert reports[-1] == (ran, True)  # the shortened end is the end: logged and checkpointed
+    assert [s for s, _ in reports[:-1]] == list(range(10, ran, 10))
+    last_step, last = logger.logged[-1]
+    assert last_step == ran
+    # the schedule decays to the shortened end, not to train.steps
+    assert last["lr"] == pytest.approx(lr_at(ran - 1, ran, train.warmup_steps, train.lr))
+    assert last["lr"] < 0.12 * train.lr
+
+
+def test_a_distant_deadline_changes_nothing_and_ranks_cannot_share_one():
+    train = TrainConfig(steps=25, log_every=5, warmup_steps=1, ema_decay=0.0, lr=0.05)
+    logger = _Recorder()
+    loop = TrainingLoop(model=nn.Linear(3, 1), train=train, step_fn=_step, batches=_batches(), logger=logger,
+                        deadline=time.monotonic() + 3600)
+    assert loop.run() == 25 and loop.total == 25
+    assert logger.logged[-1][1]["lr"] == pytest.approx(lr_at(24, 25, 1, 0.05))
+    with pytest.raises(ValueError, match="deadline"):
+        TrainingLoop(model=nn.Linear(3, 1), train=train, step_fn=_step, batches=_batches(), logger=logger,
+                     world=2, deadline=time.monotonic() + 3600).run()
