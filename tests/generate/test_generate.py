@@ -185,29 +185,12 @@ def test_chained_windows_start_from_the_models_own_tokens():
     generated token frames that cover the same frames -- not pixels re-encoded."""
     import torch
 
-    from echopulse.config import ECGEncoderConfig, GeneratorConfig, SamplingConfig, TokenizerConfig
-    from echopulse.generate import EchoGenerator
-    from echopulse.models.generator import MaskGIT
-    from echopulse.models.tokenizer import VideoTokenizer
+    from echopulse.config import SamplingConfig
 
-    torch.manual_seed(0)
-    clip = ClipConfig(frames=11, size=32, fps=5.0, ecg_samples=600)
-    tokenizer = VideoTokenizer(TokenizerConfig(frames=11, image_size=32, dim=32, spatial_depth=1,
-                                               temporal_depth=1, heads=2)).eval()
-    cfg = GeneratorConfig(token_grid=(6, 4, 4), dim=32, depth=1, heads=2, fps=5.0,
-                          ecg=ECGEncoderConfig(samples=600, dim=32, depth=1, heads=2))
-    generator = MaskGIT(cfg).eval()
     calls = []
-    plain = generator.generate
-
-    def recorded(ecg, **kwargs):
-        out = plain(ecg, **kwargs)
-        calls.append((kwargs.get("prime_tokens"), out))
-        return out
-
-    generator.generate = recorded
-    model = EchoGenerator(generator, tokenizer, clip, SamplingConfig(steps=2, guidance=0.0, window_candidates=1),
-                          {}, None)
+    model, cfg = _recording_model(11, 600, SamplingConfig(steps=2, guidance=0.0, window_candidates=1),
+                                  lambda ecg, kwargs, out: calls.append((kwargs.get("prime_tokens"), out)))
+    clip = model.clip
     ecg = np.random.default_rng(0).standard_normal((12, 250 * 10)).astype(np.float32)
     model.generate(ecg, seconds=7.0)
     frames_needed = model._frame_plan(7.0, None, ecg.shape[1])[0]
@@ -233,34 +216,15 @@ def test_long_video_keeps_the_first_windows_black_background(model, ecg_file):
 
 
 def test_shifted_negative_guides_each_window_against_its_ecg_half_a_beat_later():
-    import torch
-
-    from echopulse.config import ECG_LEADS, ECGEncoderConfig, GeneratorConfig, SamplingConfig, TokenizerConfig
-    from echopulse.generate import EchoGenerator
-    from echopulse.models.generator import MaskGIT
-    from echopulse.models.tokenizer import VideoTokenizer
+    from echopulse.config import ECG_LEADS, SamplingConfig
     from echopulse.synth.ecg_sim import simulate_ecg
     from echopulse.transforms.ecg import prepare_ecg, shifted_ecg
 
-    torch.manual_seed(0)
-    clip = ClipConfig(frames=5, size=32, fps=5.0, ecg_samples=300)
-    tokenizer = VideoTokenizer(TokenizerConfig(frames=5, image_size=32, dim=32, spatial_depth=1,
-                                               temporal_depth=1, heads=2)).eval()
-    cfg = GeneratorConfig(token_grid=(3, 4, 4), dim=32, depth=1, heads=2, fps=5.0,
-                          ecg=ECGEncoderConfig(samples=300, dim=32, depth=1, heads=2))
-    generator = MaskGIT(cfg).eval()
     seen = []
-    plain = generator.generate
-
-    def recorded(ecg, **kwargs):
-        seen.append((ecg, kwargs.get("negative_ecg")))
-        return plain(ecg, **kwargs)
-
-    generator.generate = recorded
+    model, _ = _recording_model(5, 300, SamplingConfig(steps=2, guidance=2.0, negative="shifted", window_candidates=1),
+                                lambda ecg, kwargs, out: seen.append((ecg, kwargs.get("negative_ecg"))))
     prepared = prepare_ecg(simulate_ecg(8.0, 75, fs=500, seed=3).signal, 500, list(ECG_LEADS))
     shifted = shifted_ecg(prepared.ecg)
-    model = EchoGenerator(generator, tokenizer, clip,
-                          SamplingConfig(steps=2, guidance=2.0, negative="shifted", window_candidates=1), {}, None)
     model.generate(prepared, seconds=3.0)
     assert len(seen) >= 3
     for ecg, negative in seen:
@@ -296,3 +260,31 @@ def test_a_chained_window_is_redrawn_until_it_keeps_the_first_windows_look():
     assert drawn == [0, 1] and tokens in ("tokens0", "tokens1")  # none keeps it: the closest of those drawn
     drawn.clear()
     assert _closest_to_anchor(draw, anchor, candidates=1, accept=0.85)[0] == "tokens0" and drawn == [0]
+
+
+def _recording_model(frames: int, ecg_samples: int, sampling, record):
+    """An untrained 32 px EchoGenerator whose generator passes each call's (ecg, kwargs, out) to
+    ``record``; returns (model, generator config)."""
+    import torch
+
+    from echopulse.config import ECGEncoderConfig, GeneratorConfig, TokenizerConfig
+    from echopulse.generate import EchoGenerator
+    from echopulse.models.generator import MaskGIT
+    from echopulse.models.tokenizer import VideoTokenizer
+
+    torch.manual_seed(0)
+    clip = ClipConfig(frames=frames, size=32, fps=5.0, ecg_samples=ecg_samples)
+    tokenizer = VideoTokenizer(TokenizerConfig(frames=frames, image_size=32, dim=32, spatial_depth=1,
+                                               temporal_depth=1, heads=2)).eval()
+    cfg = GeneratorConfig(token_grid=(1 + (frames - 1) // 2, 4, 4), dim=32, depth=1, heads=2, fps=5.0,
+                          ecg=ECGEncoderConfig(samples=ecg_samples, dim=32, depth=1, heads=2))
+    generator = MaskGIT(cfg).eval()
+    plain = generator.generate
+
+    def recorded(ecg, **kwargs):
+        out = plain(ecg, **kwargs)
+        record(ecg, kwargs, out)
+        return out
+
+    generator.generate = recorded
+    return EchoGenerator(generator, tokenizer, clip, sampling, {}, None), cfg
