@@ -172,22 +172,24 @@ def run_or_explain(out: str, execute):
 
 
 def _cause(exc: BaseException) -> str:
-    """One line for what stopped a run: a write error (it names the file) if the chain has one."""
-    from echopulse.errors import OutputWriteError
+    """One line for what stopped a run: the write error naming the refused file when there is one.
 
+    Ray sends a task's error to the driver as text (its traceback; the exception chain does not
+    survive pickling), so the write error is found in that text.
+    """
     chain, seen = [], set()
-    while exc is not None and id(exc) not in seen:  # Ray wraps the task's error in its own
+    while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
         chain.append(exc)
         exc = exc.__cause__ or getattr(exc, "cause", None)
-    found = next((e for e in chain if isinstance(e, OutputWriteError)), chain[-1])
-    lines = [ln.strip() for ln in str(found).splitlines() if ln.strip()]
-    line = lines[-1] if lines else ""
-    name = type(found).__name__
-    if isinstance(found, OutputWriteError):
-        name = "OutputWriteError"
-        line = line.split("OutputWriteError: ", 1)[-1]  # Ray's copy starts with the traceback
-    return f"{name}: {line[:300]}" if line else name
+    for e in chain:
+        for line in str(e).splitlines():
+            if "OutputWriteError: " in line:
+                return "OutputWriteError: " + line.split("OutputWriteError: ", 1)[1].strip()[:300]
+    # otherwise the last line that is not Ray Data's advice about retries
+    lines = [ln.strip() for ln in str(chain[-1]).splitlines()
+             if ln.strip() and "DataContext" not in ln and not ln.startswith("To change retry")]
+    return f"{type(chain[-1]).__name__}: {lines[-1][:300]}" if lines else type(chain[-1]).__name__
 
 
 def write_outcomes(out: str, index: int, outcomes: list[dict[str, Any]]) -> None:
