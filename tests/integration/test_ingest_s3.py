@@ -14,6 +14,7 @@ import pytest
 import requests
 
 from echopulse import storage
+from echopulse.errors import OutputWriteError
 from echopulse.synth.phantom import write_corpus
 from jobs.recipes import tiny
 from pipelines.ingest import run_ingest
@@ -115,6 +116,18 @@ def test_a_shard_above_the_part_size_is_a_multipart_upload(s3_server, s3_moto, b
     writer.add(1, {"_key": "b", "clips": 1}, big.slice(0, 1))
     writer.close_chunk()
     assert "-" not in s3_server.head_object(Bucket=BUCKET, Key="mp/clips/" + shard_name(1))["ETag"]
+
+
+def test_one_filesystem_per_credentials_and_a_missing_bucket_is_an_error(s3_server, s3_moto, monkeypatch):
+    fs, path = storage.filesystem(f"s3://{BUCKET}/a")
+    assert storage.filesystem(f"s3://{BUCKET}/b/c")[0] is fs and path == f"{BUCKET}/a"
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "another-key")  # other credentials: another object
+    assert storage.filesystem(f"s3://{BUCKET}/a")[0] is not fs
+    monkeypatch.undo()
+    storage.makedirs("s3://no-such-bucket/out")  # object stores have no folders: no request
+    with pytest.raises(OutputWriteError, match="s3://no-such-bucket/out/summary.json: cannot write"):
+        storage.write_text("s3://no-such-bucket/out/summary.json", "{}")
+    assert "no-such-bucket" not in {b["Name"] for b in s3_server.list_buckets()["Buckets"]}
 
 
 def _copied_inputs(s3, rows: list[dict], n: int, prefix: str) -> str:
