@@ -218,21 +218,25 @@ def list_out(out: str) -> dict[str, list[str]]:
     return by_folder
 
 
-def read_outcomes(out: str, columns: Iterable[str] | None = None,
-                  listing: dict[str, list[str]] | None = None) -> pa.Table:
-    """The whole outcome log of ``out``: one listing (or ``listing``, from :func:`list_out`) and one
-    GET per outcome file (fetched concurrently, a batch at a time)."""
+def iter_outcomes(out: str, columns: Iterable[str] | None = None,
+                  listing: dict[str, list[str]] | None = None) -> Iterator[pa.Table]:
+    """The outcome log of ``out``, one outcome file at a time: one listing (or ``listing``, from
+    :func:`list_out`) and one GET per file, fetched 256 at a time concurrently."""
     files = (listing if listing is not None else list_out(out)).get(OUTCOMES, [])
-    if not files:
-        return OUTCOME_SCHEMA.empty_table()
     fs, _ = storage.filesystem(out)
     cols = list(columns) if columns else None
-    tables = []
     for start in range(0, len(files), 256):
         batch = files[start:start + 256]
         blobs = fs.cat(batch)
-        tables += [pq.read_table(io.BytesIO(blobs[p]), columns=cols) for p in batch]
-    return pa.concat_tables(tables)
+        for p in batch:
+            yield pq.read_table(io.BytesIO(blobs[p]), columns=cols)
+
+
+def read_outcomes(out: str, columns: Iterable[str] | None = None,
+                  listing: dict[str, list[str]] | None = None) -> pa.Table:
+    """The whole outcome log of ``out`` as one table (:func:`iter_outcomes`)."""
+    tables = list(iter_outcomes(out, columns, listing))
+    return pa.concat_tables(tables) if tables else OUTCOME_SCHEMA.empty_table()
 
 
 def remove_orphans(out: str, kind: str, listing: dict[str, list[str]] | None = None) -> int:
