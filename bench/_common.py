@@ -67,3 +67,54 @@ def write_random_tokens(out: str, recipe, n: int = 32, seed: int = 0, val_fracti
                        token_grid=list(grid), codebook_size=recipe.tokenizer.codebook_size,
                        split_counts={"train": n - n_val, **({"val": n_val} if n_val else {})})
     return tokenizer_out
+
+
+class CountingS3Server:
+    """moto's S3 server (server mode, real HTTP on loopback) that records every request it serves.
+
+    ``requests`` holds ``(method, kind, key)`` per request, ``kind`` one of ``list`` (a bucket
+    listing), ``get``, ``head``, ``put``, ``post`` (multipart create/complete, bulk delete),
+    ``delete``; :meth:`counts` tallies them. Used by ``bench/scale.py`` (S3 requests per input) and
+    the S3 tests; ``endpoint`` is its URL (``AWS_ENDPOINT_URL_S3``).
+    """
+
+    def __init__(self) -> None:
+        import logging
+        import threading
+
+        from moto.moto_server.werkzeug_app import (DomainDispatcherApplication, MotoRequestHandler,
+                                                   create_backend_app)
+        from werkzeug.serving import make_server
+
+        app = DomainDispatcherApplication(create_backend_app)
+        self.requests: list[tuple[str, str, str]] = []
+
+        def counting(environ, start_response):
+            self.requests.append(self.classify(environ))
+            return app(environ, start_response)
+
+        logging.getLogger("werkzeug").setLevel(logging.WARNING)  # not a log line per request
+        self._server = make_server("127.0.0.1", 0, counting, threaded=True, request_handler=MotoRequestHandler)
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        host, port = self._server.server_address[:2]
+        self.endpoint = f"http://{host}:{port}"
+
+    @staticmethod
+    def classify(environ) -> tuple[str, str, str]:
+        method, path = environ["REQUEST_METHOD"], environ.get("PATH_INFO", "")
+        query = environ.get("QUERY_STRING", "")
+        key = path.lstrip("/").partition("/")[2]
+        if method == "GET" and not key and ("list-type" in query or "prefix" in query or not query):
+            kind = "list"
+        else:
+            kind = method.lower()
+        return method, kind, key
+
+    def counts(self, since: int = 0) -> dict[str, int]:
+        """Requests by kind from ``requests[since:]``."""
+        import collections
+
+        return dict(collections.Counter(kind for _, kind, _ in self.requests[since:]))
+
+    def stop(self) -> None:
+        self._server.shutdown()

@@ -7,7 +7,8 @@ is decoded in full, without spending minutes writing thousands of phantoms.
 For each size (1,000 and 4,000 inputs; ``--quick`` scales both down) the one-pass ingest runs on
 local disk while a sampler thread records the driver's peak RSS and the Ray object store's peak
 use. At the smaller size it also runs ingest-then-tokenize (the two-stage path) for the fused
-speedup, and the one pass against a moto S3 server (loopback), counting the requests it serves.
+speedup, and the one pass against a moto S3 server (loopback), counting the requests it serves
+(every HTTP request: the input reads, the output writes and listings; ``runs.s3`` splits them).
 
     .venv/bin/python bench/scale.py --quick --json bench_scale.json
 
@@ -19,7 +20,6 @@ Prints a table and writes ``{"inputs_per_s_per_core", "driver_rss_ratio_4k_vs_1k
 from __future__ import annotations
 
 import argparse
-import collections
 import csv
 import json
 import logging
@@ -107,23 +107,13 @@ def count_files(out: str) -> int:
 
 
 def s3_server():
-    """A moto S3 server on loopback that counts the requests it serves (a WSGI wrapper)."""
-    from moto.server import DomainDispatcherApplication, create_backend_app
-    from werkzeug.serving import make_server
+    """A moto S3 server on loopback recording every request it serves, and the AWS variables for it."""
+    from bench._common import CountingS3Server
 
-    app = DomainDispatcherApplication(create_backend_app)
-    counts: collections.Counter = collections.Counter()
-
-    def counting(environ, start_response):
-        counts[environ["REQUEST_METHOD"]] += 1
-        return app(environ, start_response)
-
-    server = make_server("127.0.0.1", 0, counting, threaded=True)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    host, port = server.server_address[:2]
-    os.environ.update({"AWS_ENDPOINT_URL_S3": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "testing",
+    server = CountingS3Server()
+    os.environ.update({"AWS_ENDPOINT_URL_S3": server.endpoint, "AWS_ACCESS_KEY_ID": "testing",
                        "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"})
-    return server, counts
+    return server
 
 
 def main(argv=None) -> int:
@@ -194,8 +184,8 @@ def main(argv=None) -> int:
     if not args.no_s3:
         import boto3
 
-        server, counts = s3_server()
-        client = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL_S3"])
+        server = s3_server()
+        client = boto3.client("s3", endpoint_url=server.endpoint)
         client.create_bucket(Bucket=BUCKET)
         manifest = work / f"manifest_{small}.csv"
         rows = list(csv.DictReader(open(manifest, newline="")))
@@ -203,17 +193,22 @@ def main(argv=None) -> int:
             for rel in (r["echo"], r["ecg"], r["ecg"].replace(".hea", ".dat")):
                 client.upload_file(str(work / rel), BUCKET, f"in/{rel}")
         client.upload_file(str(manifest), BUCKET, "in/manifest.csv")
-        counts.clear()
+        first = len(server.requests)
         t0 = time.perf_counter()
         summary = run_ingest_tokens(f"s3://{BUCKET}/in/manifest.csv", f"s3://{BUCKET}/out", recipe.clip,
                                     tokenizer, shards=shards)
         wall = time.perf_counter() - t0
-        total = sum(counts.values())
-        s3_per_input = round(total / summary.inputs, 2)
-        results["s3"] = {"inputs": summary.inputs, "wall_s": round(wall, 2), "requests": dict(counts),
-                         "requests_per_input": s3_per_input}
+        served = server.requests[first:]
+        s3_per_input = round(len(served) / summary.inputs, 2)
+        # output side: writes of OUT's files and listings of the bucket
+        output = [r for r in served if r[2].startswith("out/") or r[1] == "list"]
+        results["s3"] = {"inputs": summary.inputs, "wall_s": round(wall, 2), "requests": server.counts(first),
+                         "requests_per_input": s3_per_input,
+                         "output_requests": len(output),
+                         "output_requests_per_input": round(len(output) / summary.inputs, 3),
+                         "objects_written": len({r[2] for r in served if r[1] == "put" and r[2].startswith("out/")})}
         log.info("s3: %s", results["s3"])
-        server.shutdown()
+        server.stop()
 
     figures = {
         "inputs_per_s_per_core": round(b["inputs_per_s"] / cores, 2),
@@ -221,6 +216,7 @@ def main(argv=None) -> int:
         "object_store_ratio_4k_vs_1k": round(b["object_store_peak_mb"] / max(a["object_store_peak_mb"], 1e-9), 3),
         "files_per_1k_inputs": round(1000 * b["files"] / b["inputs"], 2),
         "s3_requests_per_input": s3_per_input,
+        "s3_output_requests_per_input": results.get("s3", {}).get("output_requests_per_input"),
         "fused_speedup": (round(a["inputs_per_s"] / results["two_stage"]["inputs_per_s"], 2)
                           if "two_stage" in results else None),
         "sizes": [small, large], "ray_cpus": cores, "inputs_per_task": args.inputs_per_task,

@@ -15,11 +15,12 @@ import sys
 from typing import Any, Callable, Sequence
 
 from echopulse import __version__
-from echopulse.errors import EchoPulseError
+from echopulse.errors import EchoPulseError, RunStopped
 
 log = logging.getLogger("echopulse")
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+EXIT_RESUMABLE = 3  # a run stopped part-way (storage refusing writes): rerun with --resume
 
 EPILOG = """\
 The chain, each stage reading the previous one's output:
@@ -834,6 +835,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         _export_model_store(args)
         return args.fn(args)
+    except RunStopped as exc:  # what finished is kept; --resume continues
+        if args.debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_RESUMABLE
     except (EchoPulseError, FileNotFoundError, ValueError) as exc:  # bad input or config
         if args.debug:
             raise

@@ -9,6 +9,7 @@ table (:data:`QUARANTINE_COLUMNS`, :func:`write_quarantine`).
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import time
@@ -82,10 +83,9 @@ def write_quarantine(out: str, rows: list[dict[str, Any]]) -> str:
     table = pa.Table.from_pylist([{c: str(r.get(c) or "") for c in QUARANTINE_COLUMNS} for r in rows],
                                  schema=QUARANTINE_SCHEMA)
     target = storage.join(out, QUARANTINE_FILE)
-    storage.makedirs(storage.parent(target))
-    fs, path = storage.filesystem(target)
-    with fs.open(path, "wb") as f:
-        pq.write_table(table, f)
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    storage.write_bytes(target, buf.getvalue())
     return target
 
 

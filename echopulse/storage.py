@@ -2,23 +2,38 @@
 
 The S3 endpoint comes from ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL`` (the usual AWS variables;
 the CLI's ``--s3-endpoint`` sets the first), so a loopback S3-protocol server works the same as AWS.
-Credentials come from the usual ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` (or a profile).
+Credentials come from botocore's usual chain (``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY``,
+``AWS_PROFILE`` and ``~/.aws``, an instance role); nothing here handles keys.
+
+A process holds one filesystem object per storage (and per endpoint and credentials in its
+environment), made on first use and reused by every read, write and listing of a run. Object
+stores have no folders: writing never creates a "directory" (nor, as s3fs's ``makedirs`` would, a
+bucket), a small file is one PUT and a file above :data:`PART_MB` a multipart upload in parts of
+that size; a failed write aborts its upload and raises :class:`OutputWriteError` naming the file.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import posixpath
 import shutil
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import fsspec
 import pyarrow.fs as pafs
 
-from echopulse.errors import EchoPulseError
+from echopulse.errors import EchoPulseError, OutputWriteError
+
+log = logging.getLogger(__name__)
+
+MB = 1 << 20
+PART_MB = 64.0  # multipart part size on object stores (S3 allows 5 MiB to 5 GiB, 10,000 parts)
+OBJECT_STORES = ("s3://", "s3a://", "gs://", "gcs://", "az://", "abfs://")
+_FILESYSTEMS: dict[tuple, fsspec.AbstractFileSystem] = {}
 
 
 def is_remote(uri: str) -> bool:
@@ -32,13 +47,28 @@ def _storage_options(uri: str) -> dict:
     return {}
 
 
+def is_object_store(uri: str) -> bool:
+    return str(uri).startswith(OBJECT_STORES)
+
+
 def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    """The fsspec filesystem for ``uri`` and the path inside it."""
-    try:
-        fs, path = fsspec.core.url_to_fs(str(uri), **_storage_options(str(uri)))
-    except (ImportError, ValueError) as exc:
-        raise EchoPulseError(f"{uri}: unsupported storage URI ({exc})") from exc
-    return fs, path
+    """The fsspec filesystem for ``uri`` and the path inside it.
+
+    One object per protocol, endpoint and AWS settings of this process (reused by every call, so
+    a run resolves its storage and credentials once; a changed ``AWS_*`` variable gets a new one).
+    """
+    uri = str(uri)
+    protocol = fsspec.core.split_protocol(uri)[0] or "file"
+    key = (protocol, *(os.environ.get(k) for k in AWS_ENV_VARS)) if "::" not in uri else None
+    fs = _FILESYSTEMS.get(key) if key else None
+    if fs is None:
+        try:
+            fs, _ = fsspec.core.url_to_fs(uri, skip_instance_cache=True, **_storage_options(uri))
+        except (ImportError, ValueError) as exc:
+            raise EchoPulseError(f"{uri}: unsupported storage URI ({exc})") from exc
+        if key:
+            _FILESYSTEMS[key] = fs
+    return fs, fs._strip_protocol(uri)
 
 
 def arrow_filesystem(uri: str) -> tuple[pafs.FileSystem | None, str]:
@@ -61,8 +91,55 @@ def exists(uri: str) -> bool:
 
 
 def makedirs(uri: str) -> None:
+    """Create the folder ``uri`` (nothing on an object store: keys need no folders)."""
+    if is_object_store(uri):
+        return
     fs, path = filesystem(uri)
     fs.makedirs(path, exist_ok=True)
+
+
+@contextlib.contextmanager
+def writing(uri: str) -> Iterator[None]:
+    """Turn a failed write under ``uri`` (refused, missing bucket, full disk) into :class:`OutputWriteError`."""
+    try:
+        yield
+    except OSError as exc:  # s3fs turns S3's errors into OSErrors (PermissionError for AccessDenied)
+        detail = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else "no detail"
+        raise OutputWriteError(f"{uri}: cannot write ({type(exc).__name__}: {detail})") from exc
+
+
+def open_output(uri: str, part_mb: float = PART_MB):
+    """A binary file open for writing at ``uri`` (close it to finish; :func:`abort_output` on failure).
+
+    On an object store the file uploads in parts of ``part_mb`` MiB as they fill (a multipart
+    upload; one PUT if it stays smaller), so memory holds one part, not the file.
+    """
+    fs, path = filesystem(uri)
+    with writing(uri):
+        if not is_object_store(uri):
+            fs.makedirs(parent(uri), exist_ok=True)
+            return fs.open(path, "wb")
+        return fs.open(path, "wb", block_size=max(5 * MB, int(part_mb * MB)))
+
+
+def abort_output(f) -> None:
+    """Drop a file :func:`open_output` gave that will not be finished (aborts a multipart upload)."""
+    try:
+        if hasattr(f, "discard"):
+            f.discard()  # fsspec's buffered files: s3fs aborts the multipart upload
+        else:
+            f.close()
+    except Exception:  # best effort: the write already failed; S3 lifecycle rules clear the rest
+        log.debug("could not abort the upload of %s", getattr(f, "path", f), exc_info=True)
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write ``data`` to ``uri`` in one request (a multipart upload above :data:`PART_MB`)."""
+    fs, path = filesystem(uri)
+    with writing(uri):
+        if not is_object_store(uri):
+            fs.makedirs(parent(uri), exist_ok=True)
+        fs.pipe_file(path, data)
 
 
 def read_text(uri: str) -> str:
@@ -72,11 +149,7 @@ def read_text(uri: str) -> str:
 
 
 def write_text(uri: str, text: str) -> None:
-    fs, path = filesystem(uri)
-    parent = posixpath.dirname(path) if is_remote(uri) else str(Path(path).parent)
-    fs.makedirs(parent, exist_ok=True)
-    with fs.open(path, "w") as f:
-        f.write(text)
+    write_bytes(uri, text.encode("utf-8"))
 
 
 def upload_dir(local_dir: str, uri: str) -> None:
@@ -130,31 +203,47 @@ def read_bytes(uri: str) -> bytes:
         return f.read()
 
 
+class NotFound(FileNotFoundError):
+    """:func:`local_path`'s file does not exist (raised on entering, before the body runs)."""
+
+
 @contextlib.contextmanager
-def local_path(uri: str | Path, companions: Sequence[str] = ()) -> Iterator[Path]:
+def local_path(uri: str | Path, companions: Sequence[str] | Callable[[Path], Sequence[str]] = ()
+               ) -> Iterator[Path]:
     """A local path for ``uri``: itself when local, else a download into a temporary folder.
 
     Readers that need real files (pydicom's deferred reads, WFDB's header + signal files, ffmpeg)
     use this, so every reader takes ``s3://`` as well as a path. The download is removed on exit.
+    A remote file costs one GET (no HEAD or listing first), each companion one more.
 
     Args:
         uri: a local path or a remote URI.
-        companions: names of sibling files to fetch too (a WFDB record's ``.dat`` files); missing
-            companions are skipped (the reader reports them).
+        companions: names of sibling files to fetch too (a WFDB record's ``.dat`` files), or a
+            function of the downloaded file giving them; missing companions are skipped (the
+            reader reports them).
+
+    Raises:
+        NotFound: ``uri`` does not exist.
     """
     if not is_remote(str(uri)):
+        if not Path(uri).exists():
+            raise NotFound(str(uri))
         yield Path(uri)
         return
     fs, path = filesystem(str(uri))
     with tempfile.TemporaryDirectory(prefix="echopulse-") as tmp:
-        name = posixpath.basename(path)
-        target = Path(tmp) / name
-        if fs.exists(path):
-            fs.get(path, str(target))
-        for companion in companions:
-            sibling = posixpath.join(posixpath.dirname(path), companion)
-            if posixpath.basename(companion) == companion and fs.exists(sibling):
-                fs.get(sibling, str(Path(tmp) / companion))
+        target = Path(tmp) / posixpath.basename(path)
+        try:
+            fs.get_file(path, str(target))
+        except FileNotFoundError:
+            raise NotFound(str(uri)) from None
+        for companion in (companions(target) if callable(companions) else companions):
+            if posixpath.basename(companion) != companion:  # a sibling, never a path elsewhere
+                continue
+            try:
+                fs.get_file(posixpath.join(posixpath.dirname(path), companion), str(Path(tmp) / companion))
+            except FileNotFoundError:
+                pass
         yield target
 
 

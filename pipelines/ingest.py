@@ -39,8 +39,8 @@ from echopulse.ingest import IngestOptions
 from echopulse.manifests.common import cell_text
 from echopulse.manifests.echonet_dynamic import filelist_row, video_name
 from echopulse.schema import CLIPS_SCHEMA, clip_schema, write_dataset_info, write_quarantine
-from pipelines.shards import (OUTCOMES, ChunkWriter, ShardConfig, groups, read_outcomes, remove_orphans,
-                             run_or_explain)
+from pipelines.shards import (OUTCOMES, ChunkWriter, ShardConfig, clear_out, groups, list_out, read_outcomes,
+                             remove_orphans, run_or_explain)
 
 log = logging.getLogger(__name__)
 
@@ -251,13 +251,10 @@ def prepare_out(out: str, kind: str, resume: bool) -> set[str]:
     """Clear ``out``'s data, quarantine and outcome log (or, resuming, drop unfinished chunks);
     the keys of the inputs already done."""
     if resume:
-        remove_orphans(out, kind)
-        return set(read_outcomes(out, ["_key"]).column("_key").to_pylist())
-    for sub in (kind, "quarantine", OUTCOMES):
-        target = storage.join(out, sub)
-        if storage.exists(target):
-            sfs, spath = storage.filesystem(target)
-            sfs.rm(spath, recursive=True)
+        listing = list_out(out)  # one listing for both
+        remove_orphans(out, kind, listing)
+        return set(read_outcomes(out, ["_key"], listing).column("_key").to_pylist())
+    clear_out(out, (kind, "quarantine", OUTCOMES))
     return set()
 
 

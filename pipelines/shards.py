@@ -12,13 +12,19 @@ The outcome file is written after the data file, so an input is done exactly whe
 outcome log; a data file without its outcome file (a run that died mid-chunk) is an orphan that
 ``--resume`` deletes before redoing those inputs. The same manifest and sizes give the same
 names, so a rerun replaces files rather than adding to them.
+
+Storage requests (S3): a data file is one PUT, or a multipart upload in parts of ``part_mb`` when it
+is larger; an outcome file is one PUT; the outcome log is read with one listing (per 1,000 files)
+and one GET per file; a resumed run lists ``OUT`` once for its orphans and its finished inputs.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import posixpath
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,11 +62,14 @@ class ShardConfig:
         row_group_mb: rows per Parquet row group, in MiB (what one training read pulls in).
         inputs_per_task: consecutive manifest inputs one Ray task ingests (at least one file
             per task, so this also bounds files per input).
+        part_mb: multipart part size on object stores (a shard above it is uploaded in parts as
+            its row groups are written; memory holds one part).
     """
 
     shard_mb: float = 256.0
     row_group_mb: float = 32.0
     inputs_per_task: int = 512
+    part_mb: float = storage.PART_MB
 
 
 def shard_name(index: int) -> str:
@@ -110,16 +119,28 @@ class ChunkWriter:
         if self._written + self._buffered >= self.cfg.shard_mb * MB:
             self.close_chunk()
 
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        """A failed write aborts the open data file (its multipart upload) and names it."""
+        try:
+            with storage.writing(storage.join(self.out, self.kind, shard_name(self.index))):
+                yield
+        except BaseException:
+            if self._file is not None:
+                storage.abort_output(self._file)
+            self._writer = self._file = None
+            raise
+
     def _flush(self) -> None:
         if not self._buffer:
             return
         table = pa.concat_tables(self._buffer)
-        if self._writer is None:
-            fs, path = storage.filesystem(storage.join(self.out, self.kind, shard_name(self.index)))
-            fs.makedirs(posixpath.dirname(path), exist_ok=True)
-            self._file = fs.open(path, "wb")
-            self._writer = pq.ParquetWriter(self._file, table.schema)
-        self._writer.write_table(table, row_group_size=table.num_rows)
+        with self._writing():
+            if self._writer is None:
+                self._file = storage.open_output(storage.join(self.out, self.kind, shard_name(self.index)),
+                                                 self.cfg.part_mb)
+                self._writer = pq.ParquetWriter(self._file, table.schema)
+            self._writer.write_table(table, row_group_size=table.num_rows)
         self._written += table.nbytes
         self._buffer, self._buffered = [], 0
 
@@ -129,8 +150,9 @@ class ChunkWriter:
             return
         self._flush()
         if self._writer is not None:
-            self._writer.close()
-            self._file.close()
+            with self._writing():
+                self._writer.close()
+                self._file.close()
             self.files += 1
         write_outcomes(self.out, self.index, self.outcomes)
         self.index, self.outcomes, self._writer, self._file, self._written = None, [], None, None, 0
@@ -138,53 +160,108 @@ class ChunkWriter:
 
 def run_or_explain(out: str, execute):
     """Run a Ray Data execution; a failure (a bucket that refuses writes, a lost node) becomes one
-    clear error saying that ``--resume`` continues from the outcome log."""
+    :class:`~echopulse.errors.RunStopped` naming what failed and saying that ``--resume`` continues
+    from the outcome log."""
     try:
         return execute()
     except Exception as exc:
-        from echopulse.errors import EchoPulseError
+        from echopulse.errors import RunStopped
 
-        cause = str(exc).strip().splitlines()[-1][:300] if str(exc).strip() else type(exc).__name__
-        raise EchoPulseError(f"{out}: the run stopped ({type(exc).__name__}: {cause}); finished inputs are "
-                             f"in {out}/outcomes, rerun with --resume to do the rest") from exc
+        raise RunStopped(f"{out}: the run stopped ({_cause(exc)}); finished inputs are kept "
+                         f"(outcome log {storage.join(out, OUTCOMES)}), rerun with --resume to do the rest") from exc
+
+
+def _cause(exc: BaseException) -> str:
+    """One line for what stopped a run: the write error naming the refused file when there is one.
+
+    Ray sends a task's error to the driver as text (its traceback; the exception chain does not
+    survive pickling), so the write error is found in that text.
+    """
+    chain, seen = [], set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        chain.append(exc)
+        exc = exc.__cause__ or getattr(exc, "cause", None)
+    for e in chain:
+        for line in str(e).splitlines():
+            if "OutputWriteError: " in line:
+                return "OutputWriteError: " + line.split("OutputWriteError: ", 1)[1].strip()[:300]
+    # otherwise the last line that is not Ray Data's advice about retries
+    lines = [ln.strip() for ln in str(chain[-1]).splitlines()
+             if ln.strip() and "DataContext" not in ln and not ln.startswith("To change retry")]
+    return f"{type(chain[-1]).__name__}: {lines[-1][:300]}" if lines else type(chain[-1]).__name__
 
 
 def write_outcomes(out: str, index: int, outcomes: list[dict[str, Any]]) -> None:
     table = pa.Table.from_pylist([{k: o.get(k) for k in OUTCOME_SCHEMA.names} for o in outcomes],
                                  schema=OUTCOME_SCHEMA)
-    fs, path = storage.filesystem(storage.join(out, OUTCOMES, shard_name(index)))
-    fs.makedirs(posixpath.dirname(path), exist_ok=True)
-    with fs.open(path, "wb") as f:
-        pq.write_table(table, f)
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    storage.write_bytes(storage.join(out, OUTCOMES, shard_name(index)), buf.getvalue())  # one PUT
 
 
-def _listing(uri: str) -> list[str]:
-    fs, path = storage.filesystem(uri)
-    if not fs.exists(path):
-        return []
-    return sorted(p for p in fs.find(path) if p.endswith(".parquet"))
+def list_out(out: str) -> dict[str, list[str]]:
+    """The Parquet files under ``out`` by first-level folder (``outcomes``, ``clips``, ...), in one
+    listing (one request per 1,000 files on S3); paths are inside ``out``'s filesystem."""
+    fs, root = storage.filesystem(out)
+    root = root.rstrip("/")
+    fs.invalidate_cache(root)  # other processes (the Ray tasks) wrote here
+    try:
+        found = fs.find(root)
+    except FileNotFoundError:
+        found = []
+    by_folder: dict[str, list[str]] = {}
+    for p in sorted(found):
+        rel = p[len(root) + 1:] if p.startswith(root + "/") else ""
+        if "/" in rel and p.endswith(".parquet"):
+            by_folder.setdefault(rel.split("/", 1)[0], []).append(p)
+    return by_folder
 
 
-def read_outcomes(out: str, columns: Iterable[str] | None = None) -> pa.Table:
-    """The whole outcome log of ``out`` (one listing, one read per outcome file)."""
-    files = _listing(storage.join(out, OUTCOMES))
-    if not files:
-        return OUTCOME_SCHEMA.empty_table()
+def iter_outcomes(out: str, columns: Iterable[str] | None = None,
+                  listing: dict[str, list[str]] | None = None) -> Iterator[pa.Table]:
+    """The outcome log of ``out``, one outcome file at a time: one listing (or ``listing``, from
+    :func:`list_out`) and one GET per file, fetched 256 at a time concurrently."""
+    files = (listing if listing is not None else list_out(out)).get(OUTCOMES, [])
     fs, _ = storage.filesystem(out)
-    tables = []
-    for p in files:
-        with fs.open(p, "rb") as f:
-            tables.append(pq.read_table(f, columns=list(columns) if columns else None))
-    return pa.concat_tables(tables)
+    cols = list(columns) if columns else None
+    for start in range(0, len(files), 256):
+        batch = files[start:start + 256]
+        blobs = fs.cat(batch)
+        for p in batch:
+            yield pq.read_table(io.BytesIO(blobs[p]), columns=cols)
 
 
-def remove_orphans(out: str, kind: str) -> int:
-    """Delete data files whose outcome file is missing (a chunk a run did not finish)."""
-    done = {posixpath.basename(p) for p in _listing(storage.join(out, OUTCOMES))}
-    fs, _ = storage.filesystem(out)
-    orphans = [p for p in _listing(storage.join(out, kind)) if posixpath.basename(p) not in done]
-    for p in orphans:
-        fs.rm(p)
+def read_outcomes(out: str, columns: Iterable[str] | None = None,
+                  listing: dict[str, list[str]] | None = None) -> pa.Table:
+    """The whole outcome log of ``out`` as one table (:func:`iter_outcomes`)."""
+    tables = list(iter_outcomes(out, columns, listing))
+    return pa.concat_tables(tables) if tables else OUTCOME_SCHEMA.empty_table()
+
+
+def remove_orphans(out: str, kind: str, listing: dict[str, list[str]] | None = None) -> int:
+    """Delete data files whose outcome file is missing (a chunk a run did not finish); ``listing``
+    from :func:`list_out` saves the listing."""
+    listing = listing if listing is not None else list_out(out)
+    done = {posixpath.basename(p) for p in listing.get(OUTCOMES, [])}
+    orphans = [p for p in listing.get(kind, []) if posixpath.basename(p) not in done]
     if orphans:
+        fs, _ = storage.filesystem(out)
+        fs.rm(orphans)  # one DeleteObjects request per 1,000 keys on S3
         log.info("resume: removed %d unfinished %s file(s)", len(orphans), kind)
     return len(orphans)
+
+
+def clear_out(out: str, folders: Iterable[str]) -> None:
+    """Delete what ``folders`` of ``out`` hold (a fresh run): one listing, bulk deletes."""
+    fs, root = storage.filesystem(out)
+    root = root.rstrip("/")
+    fs.invalidate_cache(root)
+    try:
+        found = fs.find(root)
+    except FileNotFoundError:
+        return
+    prefixes = tuple(f"{root}/{folder}/" for folder in folders)
+    paths = [p for p in found if p.startswith(prefixes)]
+    if paths:
+        fs.rm(paths)

@@ -58,10 +58,11 @@ def read_echo_dicom(
     from echopulse import storage
 
     shown = str(path)
-    if not storage.exists(shown):
-        raise EchoReadError(f"{shown}: file not found")
-    with storage.local_path(shown) as local:
-        return _read_local(local, shown, max_decoded_bytes, keep_color)
+    try:
+        with storage.local_path(shown) as local:  # one GET on S3
+            return _read_local(local, shown, max_decoded_bytes, keep_color)
+    except storage.NotFound:
+        raise EchoReadError(f"{shown}: file not found") from None
 
 
 def _read_local(path: Path, shown: str, max_decoded_bytes: int,

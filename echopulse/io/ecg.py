@@ -108,24 +108,28 @@ def _meta(fs: float, leads: list[str], source: str, start: datetime | None = Non
     return {"fs": float(fs), "leads": leads, "source": source, "start": start}
 
 
+def _wfdb_signal_files(header: Path) -> list[str]:
+    """The signal files a WFDB header names: the first token of each signal line."""
+    text = header.read_text(errors="replace")
+    lines = [ln for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
+    return sorted({ln.split()[0] for ln in lines[1:] if ln.split()})
+
+
 def _read_wfdb(record: str) -> tuple[np.ndarray, dict[str, Any]]:
     import wfdb
 
     from echopulse import storage
 
     header = record + ".hea"
-    if not storage.exists(header):
-        raise ECGReadError(f"{header}: file not found")
-    companions = []
-    if storage.is_remote(header):
-        # the signal files a header names: first token of each signal line
-        lines = [ln for ln in storage.read_text(header).splitlines() if ln.strip() and not ln.startswith("#")]
-        companions = sorted({ln.split()[0] for ln in lines[1:] if ln.split()})
-    with storage.local_path(header, companions=companions) as local:
-        try:
-            rec = wfdb.rdrecord(str(local.with_suffix("")), physical=True)
-        except Exception as exc:
-            raise ECGReadError(f"{header}: unreadable WFDB record ({type(exc).__name__}: {exc})") from None
+    try:
+        # on S3: one GET for the header, one per signal file it names
+        with storage.local_path(header, companions=_wfdb_signal_files) as local:
+            try:
+                rec = wfdb.rdrecord(str(local.with_suffix("")), physical=True)
+            except Exception as exc:
+                raise ECGReadError(f"{header}: unreadable WFDB record ({type(exc).__name__}: {exc})") from None
+    except storage.NotFound:
+        raise ECGReadError(f"{header}: file not found") from None
     if rec.p_signal is None or rec.p_signal.size == 0:
         raise ECGReadError(f"{header}: WFDB record holds no samples")
     sig = rec.p_signal.T.astype(np.float64)  # (n_leads, N)
