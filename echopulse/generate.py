@@ -7,8 +7,10 @@ prime, as training shows), the rest the previous window's own generated token id
 re-encoded -- and takes the ECG from its own start time. Training primes rows with exactly that
 many token frames. Pixels that were background (black) throughout the first window are re-anchored
 to the first window's value in every later window, so tokenizer artefacts cannot accumulate
-outside the sector. Any frame rate is resampled from the model's frames, so duration and rate
-follow the request.
+outside the sector; and each chained window is drawn up to ``SamplingConfig.window_candidates``
+times until its mean frame keeps the first window's look (``window_accept_ssim``), so the view
+does not drift. Any frame rate is resampled from the model's frames, so duration and rate follow
+the request.
 """
 
 from __future__ import annotations
