@@ -31,7 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from echopulse.synth.dicom_variants import rewrite_transfer_syntax  # noqa: E402
 from echopulse.synth.phantom import write_corpus  # noqa: E402
 from jobs.recipes import get_recipe  # noqa: E402
-from pipelines.ingest import make_input_fn, read_manifest, run_ingest  # noqa: E402
+from pipelines.ingest import make_input_fn, run_ingest  # noqa: E402
+from pipelines.plan import read_manifest  # noqa: E402
 
 log = logging.getLogger("bench.ingest")
 

@@ -1,12 +1,13 @@
 """Sized, deterministically named shards and the compact per-input outcome log.
 
-An ingest run cuts the (deduplicated) manifest into fixed **groups** of ``inputs_per_task``
-consecutive inputs (one Ray task each). A task walks its inputs in order and writes their rows
-into **chunks**: a chunk closes once its rows reach about ``shard_mb``. Each chunk is one data
-file plus one outcome file, both named by the manifest index of the chunk's first input::
+An ingest run cuts the (deduplicated) manifest into **groups** of about ``inputs_per_task``
+inputs, by a hash of each input's key (:mod:`pipelines.plan`; one Ray task each). A task walks its
+inputs in order and writes their rows into **chunks**: a chunk closes once its rows reach about
+``shard_mb``. Each chunk is one data file plus one outcome file, both named by the index of the
+chunk's first input (``group * GROUP_STRIDE + rank in the group``)::
 
-    <kind>/shard-<index>.parquet     clips/v1 or tokens/v1 rows, row groups of ~row_group_mb
-    outcomes/shard-<index>.parquet   one row per input of the chunk (OUTCOME_SCHEMA)
+    <kind>/shard-<group>-<rank>.parquet     clips/v1 or tokens/v1 rows, row groups of ~row_group_mb
+    outcomes/shard-<group>-<rank>.parquet   one row per input of the chunk (OUTCOME_SCHEMA)
 
 The outcome file is written after the data file, so an input is done exactly when it is in the
 outcome log; a data file without its outcome file (a run that died mid-chunk) is an orphan that
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import posixpath
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +32,7 @@ log = logging.getLogger(__name__)
 
 OUTCOMES = "outcomes"
 MB = 1 << 20
+GROUP_STRIDE = 1_000_000  # an input's index is group * GROUP_STRIDE + its rank in the group
 
 OUTCOME_SCHEMA = pa.schema([
     ("_key", pa.string()),
@@ -54,7 +56,7 @@ class ShardConfig:
     Attributes:
         shard_mb: a data file closes once its rows reach about this many MiB.
         row_group_mb: rows per Parquet row group, in MiB (what one training read pulls in).
-        inputs_per_task: consecutive manifest inputs one Ray task ingests (at least one file
+        inputs_per_task: manifest inputs one Ray task ingests, on average (at least one file
             per task, so this also bounds files per input).
     """
 
@@ -64,15 +66,12 @@ class ShardConfig:
 
 
 def shard_name(index: int) -> str:
-    return f"shard-{index:08d}.parquet"
+    return f"shard-{index // GROUP_STRIDE:06d}-{index % GROUP_STRIDE:06d}.parquet"
 
 
-def groups(indices: list[int], inputs_per_task: int) -> list[list[int]]:
-    """Manifest indices (ascending) cut into the fixed groups ``index // inputs_per_task``."""
-    out: dict[int, list[int]] = {}
-    for i in indices:
-        out.setdefault(i // inputs_per_task, []).append(i)
-    return [out[g] for g in sorted(out)]
+def shard_group(path: str) -> int:
+    """The group a shard or outcome file belongs to, from its name."""
+    return int(posixpath.basename(path).split("-")[1])
 
 
 class ChunkWriter:
@@ -158,31 +157,32 @@ def write_outcomes(out: str, index: int, outcomes: list[dict[str, Any]]) -> None
         pq.write_table(table, f)
 
 
-def _listing(uri: str) -> list[str]:
+def listing(uri: str) -> list[str]:
     fs, path = storage.filesystem(uri)
     if not fs.exists(path):
         return []
     return sorted(p for p in fs.find(path) if p.endswith(".parquet"))
 
 
-def read_outcomes(out: str, columns: Iterable[str] | None = None) -> pa.Table:
-    """The whole outcome log of ``out`` (one listing, one read per outcome file)."""
-    files = _listing(storage.join(out, OUTCOMES))
-    if not files:
-        return OUTCOME_SCHEMA.empty_table()
+def iter_outcomes(out: str, columns: Iterable[str] | None = None) -> Iterator[pa.Table]:
+    """The outcome log of ``out``, one outcome file (one chunk: at most a group) at a time."""
     fs, _ = storage.filesystem(out)
-    tables = []
-    for p in files:
+    for p in listing(storage.join(out, OUTCOMES)):
         with fs.open(p, "rb") as f:
-            tables.append(pq.read_table(f, columns=list(columns) if columns else None))
-    return pa.concat_tables(tables)
+            yield pq.read_table(f, columns=list(columns) if columns else None)
+
+
+def read_outcomes(out: str, columns: Iterable[str] | None = None) -> pa.Table:
+    """The whole outcome log of ``out`` as one table (small outputs and tests; runs stream it)."""
+    tables = list(iter_outcomes(out, columns))
+    return pa.concat_tables(tables) if tables else OUTCOME_SCHEMA.empty_table()
 
 
 def remove_orphans(out: str, kind: str) -> int:
     """Delete data files whose outcome file is missing (a chunk a run did not finish)."""
-    done = {posixpath.basename(p) for p in _listing(storage.join(out, OUTCOMES))}
+    done = {posixpath.basename(p) for p in listing(storage.join(out, OUTCOMES))}
     fs, _ = storage.filesystem(out)
-    orphans = [p for p in _listing(storage.join(out, kind)) if posixpath.basename(p) not in done]
+    orphans = [p for p in listing(storage.join(out, kind)) if posixpath.basename(p) not in done]
     for p in orphans:
         fs.rm(p)
     if orphans:
