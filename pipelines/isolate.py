@@ -14,7 +14,9 @@ the decoder's error instead of the node running out of memory; each input gets a
 (``RLIMIT_CPU``, ``IngestOptions.max_input_cpu_s``) after which the kernel stops the child. When the
 child dies anyway, the input it held is quarantined with stage ``worker`` and the reason
 (``worker died: signal 24 (SIGXCPU)``), a fresh child starts, and the group goes on: the task never
-sees the crash, so Ray's task retries stay for lost nodes.
+sees the crash, so Ray's task retries stay for lost nodes. A child is also replaced after any input
+that failed: a codec that ran out of memory can keep what it allocated (seen with libjpeg: the next
+input then failed with a MemoryError).
 """
 
 from __future__ import annotations
@@ -92,7 +94,7 @@ class DecoderProcess:
             self._start()
         try:
             self._conn.send(row)
-            return self._conn.recv()
+            outcome, table = self._conn.recv()
         except (EOFError, OSError):  # the child died on this input
             self._proc.join(timeout=30)
             reason = death_reason(self._proc.exitcode)
@@ -101,6 +103,11 @@ class DecoderProcess:
             self.deaths += 1
             log.warning("decoder child died on input %s (%s); it is quarantined", row.get("_key"), reason)
             return died_outcome(row, reason), None
+        if outcome["stage"]:
+            # a failed decode can leave its allocations behind (a codec that ran out of memory
+            # leaks it): the next input gets a fresh child
+            self.close()
+        return outcome, table
 
     def close(self) -> None:
         if self._proc is None:

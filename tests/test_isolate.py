@@ -22,11 +22,13 @@ UIDS = {"study": "1.2.826.0.1.3680043.8.498.1", "series": "1.2.826.0.1.3680043.8
 
 
 def _cine(path, n_frames: int, size: int = 96) -> None:
-    """A moving sector, enough for ingest's crop and clip cutting (no ECG: ECG-less clips)."""
+    """A moving sector, enough for ingest's crop and clip cutting (no ECG: ECG-less clips); longer
+    cines repeat the first 40 frames."""
     y, x = np.mgrid[0:size, 0:size]
     sector = (y > 4) & (np.abs(x - size / 2) < y * 0.7)
-    t = np.arange(n_frames)[:, None, None]
+    t = np.arange(40)[:, None, None]
     frames = (sector * (110 + 80 * np.sin((x + 3 * t) / 5.0) * np.cos(y / 6.0))).astype(np.uint8)
+    frames = np.tile(frames, (n_frames // 40, 1, 1))
     write_cine(path, frames, 30.0, uids=UIDS, date="20200101", time="120000",
                attributes={"Manufacturer": "test"})
 
@@ -65,8 +67,8 @@ def test_a_codestream_beyond_the_memory_limit_fails_in_the_child_not_the_node(in
     (good, table), (bomb, none), (jpeg, _) = results
     assert good["clips"] == table.num_rows > 0 and jpeg["clips"] > 0
     assert bomb["clips"] == 0 and none is None and bomb["stage"] == "read_echo"
-    assert "memory" in bomb["detail"].lower(), bomb
     assert deaths == 0  # the limit turned the allocation into a decode error
+    assert "Out of free memory" in bomb["detail"] or "MemoryError" in bomb["detail"]
 
 
 def test_an_input_the_kernel_stops_is_quarantined_and_the_next_input_runs(inputs):
