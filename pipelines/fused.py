@@ -36,7 +36,7 @@ from echopulse.errors import EchoPulseError
 from echopulse.ingest import IngestOptions
 from echopulse.schema import TOKENS_SCHEMA, write_dataset_info
 from pipelines.isolate import isolated_inputs
-from pipelines.plan import PlanCounts, plan_counts
+from pipelines.plan import PlanCounts, manifest_format, plan_counts
 from pipelines.shards import MB, ChunkWriter, ShardConfig, write_outcomes
 
 log = logging.getLogger(__name__)
@@ -232,6 +232,7 @@ def run_ingest_tokens(manifest: str, out: str, clip: ClipConfig, tokenizer: str,
     if batch_size < 1 or actors < 1:
         raise EchoPulseError("--batch-size and --actors must be at least 1")
     tok_cfg, tok_info = _matching_tokenizer(tokenizer, clip)
+    manifest_format(manifest)  # a bad manifest fails before Ray starts
     storage.makedirs(out)
     prepare_out(out, "tokens", resume)
     if keep_clips:

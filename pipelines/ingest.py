@@ -175,12 +175,9 @@ def run_ingest(
     Returns:
         The counts also written to ``out/summary.json``.
     """
-    from echopulse.runtime import init_ray
-
     shards = shards or ShardConfig()
     storage.makedirs(out)
     prepare_out(out, "clips", resume)
-    init_ray()
     remote_args = ray_remote_args(manifest, out)
     plan = plan_dataset(manifest, out, shards, resume, remote_args)
     task = make_ingest_task_fn(clip, storage.parent(manifest), out, salt, options, shards)

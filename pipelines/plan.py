@@ -286,6 +286,9 @@ def plan_dataset(manifest: str, out: str, shards: ShardConfig, resume: bool,
     if resume:
         for p in listing(storage.join(out, OUTCOMES)):
             done_files.setdefault(shard_group(p), []).append(p)
+    from echopulse.runtime import init_ray
+
+    init_ray()  # after the checks: a bad manifest fails without starting Ray
     raw = manifest_dataset(manifest, kind, names, remote_args)
     ds = raw.map_batches(make_normalize_fn(is_echonet(names), n_groups), batch_format="pyarrow",
                          batch_size=4096, **remote_args)
