@@ -234,12 +234,12 @@ def run_ingest_tokens(manifest: str, out: str, clip: ClipConfig, tokenizer: str,
     tok_cfg, tok_info = _matching_tokenizer(tokenizer, clip)
     manifest_format(manifest)  # a bad manifest fails before Ray starts
     storage.makedirs(out)
-    prepare_out(out, "tokens", resume)
+    listing = prepare_out(out, "tokens", resume)
     if keep_clips:
         storage.makedirs(keep_clips)
         prepare_out(keep_clips, "clips", resume)
     counts = _run_fused_pass(manifest, out, clip, tokenizer, salt, resume, options, shards, keep_clips,
-                             actors, batch_size, use_gpu, encoder_cpus)
+                             actors, batch_size, use_gpu, encoder_cpus, listing)
     fused = _write_summaries(out, counts, clip, tokenizer, tok_cfg, tok_info, shards, batch_size, keep_clips)
     if fused.tokens == 0:
         raise EchoPulseError(f"no input could be tokenized; reasons in {storage.join(out, 'quarantine')}")
@@ -265,8 +265,9 @@ def _matching_tokenizer(tokenizer: str, clip: ClipConfig) -> tuple[Any, dict[str
 def _run_fused_pass(manifest: str, out: str, clip: ClipConfig, tokenizer: str, salt: str | None,
                     resume: bool, options: IngestOptions | None, shards: ShardConfig,
                     keep_clips: str | None, actors: int, batch_size: int, use_gpu: bool | None,
-                    encoder_cpus: float | None) -> PlanCounts:
-    """The Ray Data pass: the plan, decode tasks, then a tokenizer actor pool; the plan's counts."""
+                    encoder_cpus: float | None, listing: dict[str, list[str]] | None = None) -> PlanCounts:
+    """The Ray Data pass: the plan, decode tasks, then a tokenizer actor pool; the plan's counts
+    (``listing``: ``out`` as :func:`pipelines.ingest.prepare_out` listed it, resuming)."""
     import ray
     from ray.data import ActorPoolStrategy
 
@@ -281,7 +282,7 @@ def _run_fused_pass(manifest: str, out: str, clip: ClipConfig, tokenizer: str, s
         encoder_cpus = ENCODER_CPUS if ray.cluster_resources().get("CPU", 1) >= 4 else 0.5
     remote_args = ray_remote_args(manifest, out, tokenizer, keep_clips)
     decode = make_decode_task_fn(clip, storage.parent(manifest), out, salt, options, shards, keep_clips)
-    ds = plan_dataset(manifest, out, shards, resume, remote_args)
+    ds = plan_dataset(manifest, out, shards, resume, remote_args, listing)
     ds = ds.flat_map(decode, num_cpus=1, **remote_args)
     ds = ds.map(EncodeChunks, fn_constructor_kwargs={
         "tokenizer_uri": tokenizer, "out": out, "shards": shards, "batch_size": batch_size,

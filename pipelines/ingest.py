@@ -41,7 +41,7 @@ from echopulse.schema import (CLIPS_SCHEMA, QUARANTINE_COLUMNS, QUARANTINE_FILE,
                               write_dataset_info)
 from pipelines.isolate import isolated_inputs
 from pipelines.plan import PlanCounts, plan_counts, plan_dataset
-from pipelines.shards import (OUTCOMES, ChunkWriter, ShardConfig, clear_out, iter_outcomes, remove_orphans,
+from pipelines.shards import (OUTCOMES, ChunkWriter, ShardConfig, clear_out, iter_outcomes, list_out, remove_orphans,
                              run_or_explain)
 
 log = logging.getLogger(__name__)
@@ -178,9 +178,9 @@ def run_ingest(
     """
     shards = shards or ShardConfig()
     storage.makedirs(out)
-    prepare_out(out, "clips", resume)
+    listing = prepare_out(out, "clips", resume)
     remote_args = ray_remote_args(manifest, out)
-    plan = plan_dataset(manifest, out, shards, resume, remote_args)
+    plan = plan_dataset(manifest, out, shards, resume, remote_args, listing)
     task = make_ingest_task_fn(clip, storage.parent(manifest), out, salt, options, shards)
     counts = collect_counts(out, plan.map(task, num_cpus=num_cpus_per_task, **remote_args))
     if resume:
@@ -200,12 +200,15 @@ def ray_remote_args(*uris: str | None) -> dict[str, Any]:
     return {}
 
 
-def prepare_out(out: str, kind: str, resume: bool) -> None:
-    """Clear ``out``'s data, quarantine and outcome log, or, resuming, drop unfinished chunks."""
+def prepare_out(out: str, kind: str, resume: bool) -> dict[str, list[str]] | None:
+    """Clear ``out``'s data, quarantine and outcome log, or, resuming, drop unfinished chunks;
+    resuming, the listing of ``out`` it made (``shards.list_out``: the plan reuses it)."""
     if resume:
-        remove_orphans(out, kind)
-        return
+        listing = list_out(out)
+        remove_orphans(out, kind, listing)
+        return listing
     clear_out(out, (kind, "quarantine", OUTCOMES))
+    return None
 
 
 def collect_counts(out: str, ds) -> PlanCounts:

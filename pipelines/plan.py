@@ -91,7 +91,7 @@ def manifest_format(manifest: str) -> tuple[str, list[str]]:
                 raise EchoPulseError(f"{manifest}: not a readable Parquet manifest ({exc})") from exc
         else:
             try:
-                names = next(csv.reader([f.readline(1 << 20).decode("utf-8-sig")]), [])
+                names = next(csv.reader([f.read(1 << 20).split(b"\n", 1)[0].decode("utf-8-sig")]), [])
             except (UnicodeDecodeError, csv.Error) as exc:
                 raise EchoPulseError(f"{manifest}: not a readable CSV manifest ({exc})") from exc
     names = [n.strip("\r\n") for n in names]
@@ -246,11 +246,12 @@ def check_plan(out: str, info: dict[str, Any], resume: bool) -> None:
 
 
 def plan_dataset(manifest: str, out: str, shards: ShardConfig, resume: bool,
-                 remote_args: dict[str, Any] | None = None):
+                 remote_args: dict[str, Any] | None = None, listing: dict[str, list[str]] | None = None):
     """The plan of an ingest run over ``manifest`` into ``out``: a lazy Ray Dataset of plan rows.
 
     Reads the header and counts the rows (a streaming read, one record batch at a time); resuming,
-    lists ``out``'s outcome log once (file names only) so that each group reads its own files.
+    takes ``out``'s outcome file names from ``listing`` (``shards.list_out``; listed here when not
+    given) so that each group reads its own files.
 
     Raises:
         EchoPulseError: a missing, unreadable or empty manifest, or one without the required columns.
@@ -265,7 +266,7 @@ def plan_dataset(manifest: str, out: str, shards: ShardConfig, resume: bool,
                      "inputs_per_task": shards.inputs_per_task}, resume)
     done_files: dict[int, list[str]] = {}
     if resume:
-        for p in list_out(out).get(OUTCOMES, []):
+        for p in (listing if listing is not None else list_out(out)).get(OUTCOMES, []):
             done_files.setdefault(shard_group(p), []).append(p)
     from echopulse.runtime import init_ray
 

@@ -204,7 +204,7 @@ def list_out(out: str) -> dict[str, list[str]]:
     listing (one request per 1,000 files on S3); paths are inside ``out``'s filesystem."""
     fs, root = storage.filesystem(out)
     root = root.rstrip("/")
-    fs.invalidate_cache(root)  # other processes (the Ray tasks) wrote here
+    fs.invalidate_cache()  # other processes (the Ray tasks) wrote here: no cached listing below root either
     try:
         found = fs.find(root)
     except FileNotFoundError:
@@ -255,7 +255,7 @@ def clear_out(out: str, folders: Iterable[str]) -> None:
     """Delete what ``folders`` of ``out`` hold (a fresh run): one listing, bulk deletes."""
     fs, root = storage.filesystem(out)
     root = root.rstrip("/")
-    fs.invalidate_cache(root)
+    fs.invalidate_cache()
     try:
         found = fs.find(root)
     except FileNotFoundError:
