@@ -31,7 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from echopulse.synth.dicom_variants import rewrite_transfer_syntax  # noqa: E402
 from echopulse.synth.phantom import write_corpus  # noqa: E402
 from jobs.recipes import get_recipe  # noqa: E402
-from pipelines.ingest import make_input_fn, read_manifest, run_ingest  # noqa: E402
+from pipelines.ingest import make_input_fn, run_ingest  # noqa: E402
+from pipelines.plan import read_manifest  # noqa: E402
 
 log = logging.getLogger("bench.ingest")
 
@@ -94,7 +95,7 @@ def input_megabytes(root: Path, rows: list[dict]) -> float:
 
 
 def serial_loop(manifest: Path, rows: list[dict], out: Path, clip) -> tuple[float, int]:
-    from pipelines.ingest import input_key
+    from pipelines.plan import input_key
 
     from pipelines.shards import ChunkWriter, ShardConfig
 

@@ -76,6 +76,8 @@ class IngestOptions:
         mask_sector: zero everything outside the moving sector after the crop.
         screen_ecg: for a row that names no ECG on an echo without a Waveform Sequence, read the
             ECG trace drawn on screen when there is one (``ecg`` = ``screen`` always reads it).
+        max_input_cpu_s: CPU seconds one input may take in the ingest pipelines' decoder process
+            before the kernel stops it and the input is quarantined (``None``: no limit).
     """
 
     clip_mode: str = "window"
@@ -84,6 +86,7 @@ class IngestOptions:
     max_decoded_bytes: int = MAX_DECODED_BYTES
     mask_sector: bool = True
     screen_ecg: bool = True
+    max_input_cpu_s: float | None = 600.0
 
     def __post_init__(self) -> None:
         if self.clip_mode not in CLIP_MODES:

@@ -54,12 +54,13 @@ def is_object_store(uri: str) -> bool:
 def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """The fsspec filesystem for ``uri`` and the path inside it.
 
-    One object per protocol, endpoint and AWS settings of this process (reused by every call, so
-    a run resolves its storage and credentials once; a changed ``AWS_*`` variable gets a new one).
+    One object per process, protocol, endpoint and AWS settings (reused by every call, so a run
+    resolves its storage and credentials once; a changed ``AWS_*`` variable gets a new one).
     """
     uri = str(uri)
     protocol = fsspec.core.split_protocol(uri)[0] or "file"
-    key = (protocol, *(os.environ.get(k) for k in AWS_ENV_VARS)) if "::" not in uri else None
+    # per process: an fsspec async filesystem refuses use in a forked child (the isolated decoder)
+    key = (os.getpid(), protocol, *(os.environ.get(k) for k in AWS_ENV_VARS)) if "::" not in uri else None
     fs = _FILESYSTEMS.get(key) if key else None
     if fs is None:
         try:
@@ -72,10 +73,24 @@ def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
 
 
 def arrow_filesystem(uri: str) -> tuple[pafs.FileSystem | None, str]:
-    """A pyarrow filesystem (for Ray Data / Ray Train) and path; ``None`` for local paths."""
+    """A pyarrow filesystem (for Ray Data / Ray Train) and path; ``None`` for local paths.
+
+    It travels to Ray's workers pickled, and Ray Data runs steps (its file listing) that take no
+    ``runtime_env``: so on S3 it carries the AWS keys this process has in its environment, as
+    :func:`aws_env` does for our tasks; without such variables the workers' own credential chain
+    applies (profiles, instance roles).
+    """
     if not is_remote(uri):
         return None, str(Path(uri).resolve())
     fs, path = filesystem(uri)
+    if str(uri).startswith("s3://") and os.environ.get("AWS_ACCESS_KEY_ID"):
+        opts = _storage_options(uri)
+        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+        if region:
+            opts.setdefault("client_kwargs", {})["region_name"] = region
+        fs, path = fsspec.core.url_to_fs(uri, skip_instance_cache=True, key=os.environ["AWS_ACCESS_KEY_ID"],
+                                         secret=os.environ.get("AWS_SECRET_ACCESS_KEY"),
+                                         token=os.environ.get("AWS_SESSION_TOKEN"), **opts)
     return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
 
 

@@ -35,7 +35,9 @@ from echopulse.config import ClipConfig, to_dict
 from echopulse.errors import EchoPulseError
 from echopulse.ingest import IngestOptions
 from echopulse.schema import TOKENS_SCHEMA, write_dataset_info
-from pipelines.shards import MB, ChunkWriter, ShardConfig, run_or_explain, write_outcomes
+from pipelines.isolate import isolated_inputs
+from pipelines.plan import PlanCounts, manifest_format, plan_counts
+from pipelines.shards import MB, ChunkWriter, ShardConfig, write_outcomes
 
 log = logging.getLogger(__name__)
 
@@ -58,11 +60,13 @@ def _from_ipc(data: bytes) -> pa.Table:
 def make_decode_task_fn(clip: ClipConfig, base_dir: str, out: str, salt: str | None,
                         options: IngestOptions | None, shards: ShardConfig,
                         clips_out: str | None = None, chunk_mb: float = DECODE_CHUNK_MB):
-    """One group of inputs -> chunk rows ``{"index", "clips" (IPC), "outcomes" (JSON)}``.
+    """One plan row (a group of inputs) -> chunk rows ``{"index", "clips" (IPC), "outcomes" (JSON)}``.
 
     A chunk without clips (every input quarantined) is finished here: its outcome file is written
-    and no row goes to the encoders.
+    and no clips go to the encoders. The group's first row carries the plan's counts (a group with
+    no chunk for the encoders sends one empty row for them).
     """
+
     from pipelines.ingest import make_input_fn
 
     def emit(index: int, tables: list[pa.Table], outcomes: list[dict[str, Any]]):
@@ -71,27 +75,35 @@ def make_decode_task_fn(clip: ClipConfig, base_dir: str, out: str, salt: str | N
             return []
         return [{"index": index, "clips": _ipc(pa.concat_tables(tables)), "outcomes": json.dumps(outcomes)}]
 
-    def run(group: dict[str, Any]):
-        process = make_input_fn(clip, base_dir, salt, options)
+    def chunks(rows: list[dict[str, Any]]):
         keep = ChunkWriter(clips_out, "clips", shards) if clips_out else None
         index, tables, outcomes, size = None, [], [], 0
-        for row in json.loads(group["rows"]):
-            outcome, table = process(row)
-            i = int(row["_index"])
-            if keep is not None:
-                keep.add(i, outcome, table)
-            index = i if index is None else index
-            outcomes.append({**outcome, "index": i})
-            if table is not None:
-                tables.append(table)
-                size += table.nbytes
-            if size >= min(chunk_mb, shards.shard_mb) * MB:
-                yield from emit(index, tables, outcomes)
-                index, tables, outcomes, size = None, [], [], 0
+        with isolated_inputs(lambda: make_input_fn(clip, base_dir, salt, options), options) as process:
+            for row in rows:
+                outcome, table = process(row)
+                i = int(row["_index"])
+                if keep is not None:
+                    keep.add(i, outcome, table)
+                index = i if index is None else index
+                outcomes.append({**outcome, "index": i})
+                if table is not None:
+                    tables.append(table)
+                    size += table.nbytes
+                if size >= min(chunk_mb, shards.shard_mb) * MB:
+                    yield from emit(index, tables, outcomes)
+                    index, tables, outcomes, size = None, [], [], 0
         if index is not None:
             yield from emit(index, tables, outcomes)
         if keep is not None:
             keep.close_chunk()
+
+    def run(group: dict[str, Any]):
+        counts = plan_counts(group)
+        for chunk in chunks(json.loads(group["rows"])):
+            yield {**chunk, **counts}
+            counts = dict.fromkeys(counts, 0)
+        if any(counts.values()):
+            yield {"index": -1, "clips": b"", "outcomes": "[]", **counts}
 
     return run
 
@@ -112,16 +124,18 @@ class EncodeChunks:
         device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
         model.to(device).eval()
         if device == "cpu":
-            import ray
+            from pipelines.common import match_torch_threads_to_actor
 
-            cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
-            torch.set_num_threads(max(1, int(cpus)))
+            match_torch_threads_to_actor()
         self.out, self.shards, self.batch_size = out, shards, batch_size
         self.tokenizer = PartTokenizer(model, info["model_id"], batch_size, ecg_samples, device)
 
     def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
         from echopulse.tokenize import ERROR, STAGE
 
+        counts = {k: v for k, v in row.items() if k.startswith("plan_")}
+        if not row["clips"]:  # a group's counts without clips
+            return {"inputs": 0, "tokens": 0, **counts}
         clips = _from_ipc(row["clips"])
         outcomes = json.loads(row["outcomes"])
         # the chunk's clips are its inputs' clips in order: the input each clip row came from
@@ -148,7 +162,7 @@ class EncodeChunks:
                          detail="; ".join(errors.get(j, []))[:2000])
         writer.index, writer.outcomes = int(row["index"]), outcomes
         writer.close_chunk()
-        return {"inputs": len(outcomes), "tokens": int(good.sum())}
+        return {"inputs": len(outcomes), "tokens": int(good.sum()), **counts}
 
 
 def token_table(enc: dict[str, Any], clips: pa.Table, ok: np.ndarray) -> pa.Table:
@@ -212,24 +226,21 @@ def run_ingest_tokens(manifest: str, out: str, clip: ClipConfig, tokenizer: str,
     Raises:
         EchoPulseError: a tokenizer of another clip geometry, or not one input tokenized.
     """
-    from pipelines.ingest import plan_inputs, prepare_out
+    from pipelines.ingest import prepare_out
 
     shards = shards or ShardConfig()
     if batch_size < 1 or actors < 1:
         raise EchoPulseError("--batch-size and --actors must be at least 1")
     tok_cfg, tok_info = _matching_tokenizer(tokenizer, clip)
-    rows, duplicates = plan_inputs(manifest)
+    manifest_format(manifest)  # a bad manifest fails before Ray starts
     storage.makedirs(out)
-    done = prepare_out(out, "tokens", resume)
+    listing = prepare_out(out, "tokens", resume)
     if keep_clips:
         storage.makedirs(keep_clips)
         prepare_out(keep_clips, "clips", resume)
-    todo = [r for r in rows if r["_key"] not in done]
-    if todo:
-        _run_fused_pass(todo, manifest, out, clip, tokenizer, salt, options, shards, keep_clips,
-                        actors, batch_size, use_gpu, encoder_cpus)
-    fused = _write_summaries(out, rows, duplicates, clip, tokenizer, tok_cfg, tok_info, shards, batch_size,
-                             keep_clips)
+    counts = _run_fused_pass(manifest, out, clip, tokenizer, salt, resume, options, shards, keep_clips,
+                             actors, batch_size, use_gpu, encoder_cpus, listing)
+    fused = _write_summaries(out, counts, clip, tokenizer, tok_cfg, tok_info, shards, batch_size, keep_clips)
     if fused.tokens == 0:
         raise EchoPulseError(f"no input could be tokenized; reasons in {storage.join(out, 'quarantine')}")
     return fused
@@ -251,51 +262,46 @@ def _matching_tokenizer(tokenizer: str, clip: ClipConfig) -> tuple[Any, dict[str
     return tok_cfg, tok_info
 
 
-def _run_fused_pass(todo: list[dict], manifest: str, out: str, clip: ClipConfig, tokenizer: str,
-                    salt: str | None, options: IngestOptions | None, shards: ShardConfig,
+def _run_fused_pass(manifest: str, out: str, clip: ClipConfig, tokenizer: str, salt: str | None,
+                    resume: bool, options: IngestOptions | None, shards: ShardConfig,
                     keep_clips: str | None, actors: int, batch_size: int, use_gpu: bool | None,
-                    encoder_cpus: float | None) -> None:
-    """The Ray Data pass over the inputs still to do: decode tasks, then a tokenizer actor pool."""
+                    encoder_cpus: float | None, listing: dict[str, list[str]] | None = None) -> PlanCounts:
+    """The Ray Data pass: the plan, decode tasks, then a tokenizer actor pool; the plan's counts
+    (``listing``: ``out`` as :func:`pipelines.ingest.prepare_out` listed it, resuming)."""
     import ray
     from ray.data import ActorPoolStrategy
 
     from echopulse.runtime import init_ray
-    from pipelines.shards import groups
+    from pipelines.ingest import collect_counts, ray_remote_args
+    from pipelines.plan import plan_dataset
 
     init_ray()
     if use_gpu is None:
         use_gpu = ray.cluster_resources().get("GPU", 0) >= 1
     if encoder_cpus is None:
         encoder_cpus = ENCODER_CPUS if ray.cluster_resources().get("CPU", 1) >= 4 else 0.5
-    by_index = {r["_index"]: r for r in todo}
-    items = [{"rows": json.dumps([by_index[i] for i in g])}
-             for g in groups(sorted(by_index), shards.inputs_per_task)]
-    remote_args: dict[str, Any] = {}
-    env = storage.aws_env()
-    if env and any(storage.is_remote(u) for u in (manifest, out, tokenizer, keep_clips or "")):
-        remote_args["runtime_env"] = {"env_vars": env}
+    remote_args = ray_remote_args(manifest, out, tokenizer, keep_clips)
     decode = make_decode_task_fn(clip, storage.parent(manifest), out, salt, options, shards, keep_clips)
-    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    ds = plan_dataset(manifest, out, shards, resume, remote_args, listing)
     ds = ds.flat_map(decode, num_cpus=1, **remote_args)
     ds = ds.map(EncodeChunks, fn_constructor_kwargs={
         "tokenizer_uri": tokenizer, "out": out, "shards": shards, "batch_size": batch_size,
         "use_gpu": bool(use_gpu), "ecg_samples": clip.ecg_samples}, compute=ActorPoolStrategy(size=actors),
         num_gpus=1 if use_gpu else 0, num_cpus=encoder_cpus, **remote_args)
-    # streams: one small counts row per chunk
-    run_or_explain(out, lambda: sum(1 for _ in ds.iter_rows()))
+    return collect_counts(out, ds)  # streams: one small counts row per chunk
 
 
-def _write_summaries(out: str, rows: list[dict], duplicates: int, clip: ClipConfig, tokenizer: str,
+def _write_summaries(out: str, plan: PlanCounts, clip: ClipConfig, tokenizer: str,
                      tok_cfg: Any, tok_info: dict[str, Any], shards: ShardConfig, batch_size: int,
                      keep_clips: str | None) -> FusedSummary:
     """Finish the outcome logs; write ``summary.json`` and the dataset info of both outputs."""
     from pipelines.ingest import finish
 
-    summary = finish(out, rows, duplicates)
+    summary = finish(out, plan)
     log_tokens = _tokens_and_splits(out)
     fused = FusedSummary(inputs=summary.inputs, inputs_with_tokens=summary.inputs_with_clips,
                          quarantined=summary.quarantined, clips=summary.clips, tokens=log_tokens[0],
-                         out=out, duplicates=duplicates)
+                         out=out, duplicates=plan.duplicates)
     counts = fused.as_dict()
     storage.write_text(storage.join(out, "summary.json"), json.dumps(counts, indent=2))
     write_dataset_info(out, TOKENS_SCHEMA, {"tokenizer": tokenizer, "batch_size": batch_size,
@@ -305,7 +311,7 @@ def _write_summaries(out: str, rows: list[dict], duplicates: int, clip: ClipConf
     if keep_clips:
         from echopulse.schema import CLIPS_SCHEMA
 
-        clips_summary = finish(keep_clips, rows, duplicates)
+        clips_summary = finish(keep_clips, plan)
         write_dataset_info(keep_clips, CLIPS_SCHEMA, {"clip": to_dict(clip), "shards": to_dict(shards)},
                            clips_summary.as_dict())
     return fused

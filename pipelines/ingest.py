@@ -3,11 +3,15 @@
 The manifest is a CSV or Parquet file (columns in ``echopulse.ingest``), or EchoNet-Dynamic's
 ``FileList.csv`` (its ``Videos/*.avi`` become ECG-less clips).
 
-Each input (manifest row, duplicates dropped and counted) runs through the plain stage function
-from ``echopulse.ingest``. Ray Data runs one task per fixed group of consecutive inputs; the task
-writes the clips into sized shards and every input's outcome into the compact outcome log
-(:mod:`pipelines.shards`), so every input ends as clips or as a quarantine row, never dropped, and
-``--resume`` skips what the log already holds. The driver only sees one counts row per task.
+Ray Data reads the manifest and plans the run (:mod:`pipelines.plan`: hash groups of about
+``inputs_per_task`` inputs, duplicates dropped and counted, done inputs skipped on ``--resume``);
+the driver never holds the manifest's rows. One task per group runs each input through the plain
+stage function from ``echopulse.ingest`` in a memory-limited child process
+(:mod:`pipelines.isolate`: an input that kills its decoder is quarantined, the rest of the group
+goes on), writes the clips into sized shards and every input's outcome into the compact outcome
+log (:mod:`pipelines.shards`), so every input ends as clips or as a quarantine row, never dropped,
+and ``--resume`` skips what the log already holds. The driver only sees one counts row per task
+and reads the outcome log back one file at a time.
 
 Layout of OUT::
 
@@ -20,9 +24,6 @@ Layout of OUT::
 
 from __future__ import annotations
 
-import csv
-import hashlib
-import io
 import json
 import logging
 from dataclasses import dataclass
@@ -36,16 +37,14 @@ from echopulse import storage
 from echopulse.config import ClipConfig, to_dict
 from echopulse.errors import ConfigError, EchoPulseError
 from echopulse.ingest import IngestOptions
-from echopulse.manifests.common import cell_text
-from echopulse.manifests.echonet_dynamic import filelist_row, video_name
-from echopulse.schema import CLIPS_SCHEMA, clip_schema, write_dataset_info, write_quarantine
-from pipelines.shards import (OUTCOMES, ChunkWriter, ShardConfig, clear_out, groups, list_out, read_outcomes,
-                             remove_orphans, run_or_explain)
+from echopulse.schema import (CLIPS_SCHEMA, QUARANTINE_COLUMNS, QUARANTINE_FILE, QUARANTINE_SCHEMA, clip_schema,
+                              write_dataset_info)
+from pipelines.isolate import isolated_inputs
+from pipelines.plan import PlanCounts, plan_counts, plan_dataset
+from pipelines.shards import (OUTCOMES, ChunkWriter, ShardConfig, clear_out, iter_outcomes, list_out, remove_orphans,
+                             run_or_explain)
 
 log = logging.getLogger(__name__)
-
-REQUIRED_MANIFEST_COLUMNS = ("echo",)
-ECHONET_COLUMNS = ("FileName", "EF", "FPS")
 
 
 @dataclass(frozen=True)
@@ -66,48 +65,6 @@ class IngestSummary:
                 "clips_without_ecg": self.clips_without_ecg, "duplicates": self.duplicates,
                 "clips_ecg_synchronized": self.clips_ecg_synchronized,
                 "clips_ecg_unsynchronized": self.clips_ecg_unsynchronized}
-
-
-def read_manifest(manifest: str) -> list[dict[str, Any]]:
-    """Rows of a manifest (CSV, Parquet, or EchoNet-Dynamic's FileList.csv) as dicts.
-
-    Values are strings (empty for a missing value), so a row reads the same from either format.
-    Raises a clear :class:`EchoPulseError` for a missing or malformed file.
-    """
-    if not storage.exists(manifest):
-        raise EchoPulseError(f"{manifest}: manifest not found")
-    data = storage.read_bytes(manifest)
-    if data[:4] == b"PAR1" or manifest.lower().endswith((".parquet", ".pq")):
-        try:
-            rows = pq.read_table(io.BytesIO(data)).to_pylist()
-        except (pa.ArrowException, OSError) as exc:
-            raise EchoPulseError(f"{manifest}: not a readable Parquet manifest ({exc})") from exc
-    else:
-        try:
-            rows = list(csv.DictReader(io.StringIO(data.decode("utf-8-sig"))))
-        except (UnicodeDecodeError, csv.Error) as exc:
-            raise EchoPulseError(f"{manifest}: not a readable CSV manifest ({exc})") from exc
-    if not rows:
-        raise EchoPulseError(f"{manifest}: manifest has no rows")
-    if all(c in rows[0] for c in ECHONET_COLUMNS) and "echo" not in rows[0]:
-        rows = echonet_rows(rows)
-    rows = [{"ecg": "", **{str(k): cell_text(v) for k, v in r.items()}} for r in rows]
-    missing = [c for c in REQUIRED_MANIFEST_COLUMNS if c not in rows[0]]
-    if missing:
-        raise EchoPulseError(f"{manifest}: manifest lacks column(s) {', '.join(missing)}")
-    return rows
-
-
-def echonet_rows(rows: list[dict[str, Any]]) -> list[dict[str, str]]:
-    """EchoNet-Dynamic's FileList.csv rows as manifest rows (``echonet_dynamic.filelist_row``, what
-    ``echopulse manifest echonet-dynamic`` writes): the videos at ``Videos/<FileName>.avi`` beside
-    the list (read, not checked, here), no traced frames."""
-    return [filelist_row(r, f"Videos/{video_name(cell_text(r['FileName']))}") for r in rows]
-
-
-def input_key(row: dict[str, Any]) -> str:
-    """Stable name of one input (a hash, so no path or identifier leaks into file names)."""
-    return hashlib.sha256(f"{row.get('echo')}|{row.get('ecg')}".encode()).hexdigest()[:20]
 
 
 def clips_to_table(clips: list[dict[str, Any]], clip: ClipConfig) -> pa.Table:
@@ -159,19 +116,22 @@ def make_input_fn(clip: ClipConfig, base_dir: str, salt: str | None,
 
 def make_ingest_task_fn(clip: ClipConfig, base_dir: str, out: str, salt: str | None,
                         options: IngestOptions | None, shards: ShardConfig):
-    """The Ray Data row function: one group of inputs -> sized clip shards + outcome log; counts."""
+    """The Ray Data row function: one plan row (a group of inputs) -> sized clip shards + outcome
+    log; one counts row (with the plan's counts) for the driver."""
 
     def run(group: dict[str, Any]) -> dict[str, Any]:
-        process = make_input_fn(clip, base_dir, salt, options)
-        writer = ChunkWriter(out, "clips", shards)
-        clips = 0
         rows = json.loads(group["rows"])
-        for row in rows:
-            outcome, table = process(row)
-            writer.add(int(row["_index"]), outcome, table)
-            clips += outcome["clips"]
-        writer.close_chunk()
-        return {"inputs": len(rows), "clips": clips, "files": writer.files}
+        clips, files = 0, 0
+        if rows:
+            writer = ChunkWriter(out, "clips", shards)
+            with isolated_inputs(lambda: make_input_fn(clip, base_dir, salt, options), options) as process:
+                for row in rows:
+                    outcome, table = process(row)
+                    writer.add(int(row["_index"]), outcome, table)
+                    clips += outcome["clips"]
+            writer.close_chunk()
+            files = writer.files
+        return {"inputs": len(rows), "clips": clips, "files": files, **plan_counts(group)}
 
     return run
 
@@ -184,20 +144,6 @@ def quarantine_row(outcome: dict[str, Any]) -> dict[str, str]:
         detail = f"ecg={ecg}; {detail}" if detail else f"ecg={ecg}"
     return {"source_uri": outcome["echo"], "clip_id": "", "stage": outcome["stage"],
             "error": outcome["error"], "detail": detail}
-
-
-def plan_inputs(manifest: str) -> tuple[list[dict[str, Any]], int]:
-    """The manifest's rows, each input once (``_key``, ``_index``), and how many duplicates were dropped."""
-    rows = read_manifest(manifest)
-    seen: set[str] = set()
-    unique = []
-    for row in rows:
-        key = input_key(row)
-        if key in seen:
-            continue
-        seen.add(key)
-        unique.append({**row, "_key": key, "_index": len(unique)})
-    return unique, len(rows) - len(unique)
 
 
 def run_ingest(
@@ -217,7 +163,8 @@ def run_ingest(
             study, fps, ecg_fs, ecg_leads, ecg_units), or EchoNet-Dynamic's FileList.csv; relative
             paths resolve against the manifest's folder and may not climb out of it unless
             ``options.allow_roots`` names where they land. A row repeating an earlier echo/ecg
-            pair is ingested once and counted in ``duplicates``.
+            pair is ingested once and counted in ``duplicates``. Read as a Ray dataset
+            (:mod:`pipelines.plan`), never into the driver.
         out: output directory or URI.
         clip: clip geometry (frames, size, fps, ECG samples).
         salt: salt for study keys (default: ``ECHOPULSE_STUDY_SALT`` or the built-in one).
@@ -230,86 +177,116 @@ def run_ingest(
         The counts also written to ``out/summary.json``.
     """
     shards = shards or ShardConfig()
-    rows, duplicates = plan_inputs(manifest)
-    base_dir = storage.parent(manifest)
     storage.makedirs(out)
-    done = prepare_out(out, "clips", resume)
-    todo = [r for r in rows if r["_key"] not in done]
+    listing = prepare_out(out, "clips", resume)
+    remote_args = ray_remote_args(manifest, out)
+    plan = plan_dataset(manifest, out, shards, resume, remote_args, listing)
+    task = make_ingest_task_fn(clip, storage.parent(manifest), out, salt, options, shards)
+    counts = collect_counts(out, plan.map(task, num_cpus=num_cpus_per_task, **remote_args))
     if resume:
-        log.info("resume: %d of %d inputs already done", len(rows) - len(todo), len(rows))
-    if todo:
-        task = make_ingest_task_fn(clip, base_dir, out, salt, options, shards)
-        run_groups(todo, task, shards, num_cpus_per_task,
-                   remote=storage.is_remote(manifest) or storage.is_remote(out), out=out)
-    summary = finish(out, rows, duplicates)
+        log.info("resume: %d of %d inputs already done", counts.done, counts.inputs)
+    summary = finish(out, counts)
     write_dataset_info(out, CLIPS_SCHEMA, {"clip": to_dict(clip), "shards": to_dict(shards)},
                        summary.as_dict(), manifest=manifest)  # lineage: the manifest behind the clips
     return summary
 
 
-def prepare_out(out: str, kind: str, resume: bool) -> set[str]:
-    """Clear ``out``'s data, quarantine and outcome log (or, resuming, drop unfinished chunks);
-    the keys of the inputs already done."""
-    if resume:
-        listing = list_out(out)  # one listing for both
-        remove_orphans(out, kind, listing)
-        return set(read_outcomes(out, ["_key"], listing).column("_key").to_pylist())
-    clear_out(out, (kind, "quarantine", OUTCOMES))
-    return set()
-
-
-def run_groups(todo: list[dict[str, Any]], task, shards: ShardConfig, num_cpus_per_task: float,
-               remote: bool, out: str) -> list[dict[str, Any]]:
-    """Run ``task`` over the fixed groups of ``todo`` as Ray tasks (one block per group)."""
-    import ray
-
-    from echopulse.runtime import init_ray
-
-    init_ray()
-    by_index = {r["_index"]: r for r in todo}
-    items = [{"rows": json.dumps([by_index[i] for i in g])}
-             for g in groups(sorted(by_index), shards.inputs_per_task)]
-    ds = ray.data.from_items(items, override_num_blocks=len(items))
-    remote_args: dict[str, Any] = {"num_cpus": num_cpus_per_task}
+def ray_remote_args(*uris: str | None) -> dict[str, Any]:
+    """Ray task options every stage of a run needs: the AWS variables when it touches S3 (workers
+    of a cluster started elsewhere do not share this process's environment)."""
     env = storage.aws_env()
-    if env and remote:
-        # workers of a cluster started elsewhere do not share this process's environment
-        remote_args["runtime_env"] = {"env_vars": env}
-    # one small counts row per group
-    return run_or_explain(out, ds.map(task, **remote_args).take_all)
+    if env and any(storage.is_remote(u) for u in uris if u):
+        return {"runtime_env": {"env_vars": env}}
+    return {}
 
 
-def finish(out: str, rows: list[dict[str, Any]], duplicates: int) -> IngestSummary:
-    """Counts and quarantine from the outcome log of ``out`` (the manifest's inputs only)."""
-    keys = {r["_key"] for r in rows}
-    log_rows = [o for o in read_outcomes(out).to_pylist() if o["_key"] in keys]
-    by_key = {o["_key"]: o for o in log_rows}
-    missing = keys - set(by_key)
-    if missing:
-        raise EchoPulseError(f"{out}: {len(missing)} input(s) have no outcome; rerun with --resume")
-    ordered = sorted(by_key.values(), key=lambda o: o["index"])
-    # one-pass runs log the tokens each input got: an input with clips but no tokens is quarantined
-    bad = [o for o in ordered if o["clips"] == 0 or o.get("tokens") == 0]
-    # every failure gets a quarantine row (also an input some of whose clips failed to encode)
-    write_quarantine(out, [quarantine_row(o) for o in ordered if o["stage"] or o in bad])
-    summary = IngestSummary(
-        inputs=len(ordered),
-        inputs_with_clips=len(ordered) - len(bad),
-        quarantined=len(bad),
-        clips=sum(o["clips"] for o in ordered),
-        out=out,
-        clips_without_ecg=sum(o["clips_without_ecg"] for o in ordered),
-        duplicates=duplicates,
-        clips_ecg_synchronized=sum(o["clips_ecg_synchronized"] or 0 for o in ordered),
-        clips_ecg_unsynchronized=sum(o["clips"] - o["clips_without_ecg"] - (o["clips_ecg_synchronized"] or 0)
-                                     for o in ordered),
-    )
-    storage.write_text(storage.join(out, "summary.json"), json.dumps(summary.as_dict(), indent=2))
-    for o in bad[:20]:
-        log.warning("quarantined %s: %s", o["echo"], o["error"])
-    if len(bad) > 20:
-        log.warning("... and %d more quarantined inputs (see %s)", len(bad) - 20,
+def prepare_out(out: str, kind: str, resume: bool) -> dict[str, list[str]] | None:
+    """Clear ``out``'s data, quarantine and outcome log, or, resuming, drop unfinished chunks;
+    resuming, the listing of ``out`` it made (``shards.list_out``: the plan reuses it)."""
+    if resume:
+        listing = list_out(out)
+        remove_orphans(out, kind, listing)
+        return listing
+    clear_out(out, (kind, "quarantine", OUTCOMES))
+    return None
+
+
+def collect_counts(out: str, ds) -> PlanCounts:
+    """Run a planned Ray Data pass, streaming its small counts rows; the plan's counts."""
+    counts = PlanCounts()
+
+    def execute() -> None:
+        for row in ds.iter_rows():
+            counts.add(row)
+
+    run_or_explain(out, execute)
+    return counts
+
+
+class QuarantineSink:
+    """Writes ``OUT/quarantine/quarantine.parquet`` row batch by row batch (never all in memory)."""
+
+    def __init__(self, out: str, batch: int = 8192) -> None:
+        target = storage.join(out, QUARANTINE_FILE)
+        storage.makedirs(storage.parent(target))
+        fs, path = storage.filesystem(target)
+        self._file = fs.open(path, "wb")
+        self._writer = pq.ParquetWriter(self._file, QUARANTINE_SCHEMA)
+        self._rows: list[dict[str, str]] = []
+        self._batch = batch
+
+    def add(self, row: dict[str, Any]) -> None:
+        self._rows.append({c: str(row.get(c) or "") for c in QUARANTINE_COLUMNS})
+        if len(self._rows) >= self._batch:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._rows:
+            self._writer.write_table(pa.Table.from_pylist(self._rows, schema=QUARANTINE_SCHEMA))
+            self._rows = []
+
+    def close(self) -> None:
+        self._flush()
+        self._writer.close()
+        self._file.close()
+
+
+def finish(out: str, plan: PlanCounts) -> IngestSummary:
+    """Counts and quarantine from the outcome log of ``out``, read one outcome file at a time.
+
+    Raises:
+        EchoPulseError: the log does not hold exactly one outcome per planned input.
+    """
+    t = {"inputs": 0, "bad": 0, "clips": 0, "no_ecg": 0, "sync": 0}
+    sink = QuarantineSink(out)
+    try:
+        for table in iter_outcomes(out):
+            for o in table.to_pylist():
+                t["inputs"] += 1
+                t["clips"] += o["clips"]
+                t["no_ecg"] += o["clips_without_ecg"]
+                t["sync"] += o["clips_ecg_synchronized"] or 0
+                # one-pass runs log the tokens each input got: an input with clips but no tokens is bad
+                bad = o["clips"] == 0 or o.get("tokens") == 0
+                if o["stage"] or bad:  # every failure gets a row (also clips that failed to encode)
+                    sink.add(quarantine_row(o))
+                if bad:
+                    t["bad"] += 1
+                    if t["bad"] <= 20:
+                        log.warning("quarantined %s: %s", o["echo"], o["error"])
+    finally:
+        sink.close()
+    if t["inputs"] != plan.inputs:
+        raise EchoPulseError(f"{out}: the outcome log holds {t['inputs']} of {plan.inputs} input(s); "
+                             "rerun with --resume")
+    if t["bad"] > 20:
+        log.warning("... and %d more quarantined inputs (see %s)", t["bad"] - 20,
                     storage.join(out, "quarantine"))
+    summary = IngestSummary(
+        inputs=t["inputs"], inputs_with_clips=t["inputs"] - t["bad"], quarantined=t["bad"], clips=t["clips"],
+        out=out, clips_without_ecg=t["no_ecg"], duplicates=plan.duplicates, clips_ecg_synchronized=t["sync"],
+        clips_ecg_unsynchronized=t["clips"] - t["no_ecg"] - t["sync"])
+    storage.write_text(storage.join(out, "summary.json"), json.dumps(summary.as_dict(), indent=2))
     return summary
 
 

@@ -18,7 +18,6 @@ import asyncio
 import email.parser
 import email.policy
 import logging
-import os
 import time
 from dataclasses import asdict, dataclass
 from typing import Any

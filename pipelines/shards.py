@@ -1,12 +1,13 @@
 """Sized, deterministically named shards and the compact per-input outcome log.
 
-An ingest run cuts the (deduplicated) manifest into fixed **groups** of ``inputs_per_task``
-consecutive inputs (one Ray task each). A task walks its inputs in order and writes their rows
-into **chunks**: a chunk closes once its rows reach about ``shard_mb``. Each chunk is one data
-file plus one outcome file, both named by the manifest index of the chunk's first input::
+An ingest run cuts the (deduplicated) manifest into **groups** of about ``inputs_per_task``
+inputs, by a hash of each input's key (:mod:`pipelines.plan`; one Ray task each). A task walks its
+inputs in order and writes their rows into **chunks**: a chunk closes once its rows reach about
+``shard_mb``. Each chunk is one data file plus one outcome file, both named by the index of the
+chunk's first input (``group * GROUP_STRIDE + rank in the group``)::
 
-    <kind>/shard-<index>.parquet     clips/v1 or tokens/v1 rows, row groups of ~row_group_mb
-    outcomes/shard-<index>.parquet   one row per input of the chunk (OUTCOME_SCHEMA)
+    <kind>/shard-<group>-<rank>.parquet     clips/v1 or tokens/v1 rows, row groups of ~row_group_mb
+    outcomes/shard-<group>-<rank>.parquet   one row per input of the chunk (OUTCOME_SCHEMA)
 
 The outcome file is written after the data file, so an input is done exactly when it is in the
 outcome log; a data file without its outcome file (a run that died mid-chunk) is an orphan that
@@ -37,6 +38,7 @@ log = logging.getLogger(__name__)
 
 OUTCOMES = "outcomes"
 MB = 1 << 20
+GROUP_STRIDE = 1_000_000  # an input's index is group * GROUP_STRIDE + its rank in the group
 
 OUTCOME_SCHEMA = pa.schema([
     ("_key", pa.string()),
@@ -60,7 +62,7 @@ class ShardConfig:
     Attributes:
         shard_mb: a data file closes once its rows reach about this many MiB.
         row_group_mb: rows per Parquet row group, in MiB (what one training read pulls in).
-        inputs_per_task: consecutive manifest inputs one Ray task ingests (at least one file
+        inputs_per_task: manifest inputs one Ray task ingests, on average (at least one file
             per task, so this also bounds files per input).
         part_mb: multipart part size on object stores (a shard above it is uploaded in parts as
             its row groups are written; memory holds one part).
@@ -73,15 +75,12 @@ class ShardConfig:
 
 
 def shard_name(index: int) -> str:
-    return f"shard-{index:08d}.parquet"
+    return f"shard-{index // GROUP_STRIDE:06d}-{index % GROUP_STRIDE:06d}.parquet"
 
 
-def groups(indices: list[int], inputs_per_task: int) -> list[list[int]]:
-    """Manifest indices (ascending) cut into the fixed groups ``index // inputs_per_task``."""
-    out: dict[int, list[int]] = {}
-    for i in indices:
-        out.setdefault(i // inputs_per_task, []).append(i)
-    return [out[g] for g in sorted(out)]
+def shard_group(path: str) -> int:
+    """The group a shard or outcome file belongs to, from its name."""
+    return int(posixpath.basename(path).split("-")[1])
 
 
 class ChunkWriter:
@@ -205,7 +204,7 @@ def list_out(out: str) -> dict[str, list[str]]:
     listing (one request per 1,000 files on S3); paths are inside ``out``'s filesystem."""
     fs, root = storage.filesystem(out)
     root = root.rstrip("/")
-    fs.invalidate_cache(root)  # other processes (the Ray tasks) wrote here
+    fs.invalidate_cache()  # other processes (the Ray tasks) wrote here: no cached listing below root either
     try:
         found = fs.find(root)
     except FileNotFoundError:
@@ -256,7 +255,7 @@ def clear_out(out: str, folders: Iterable[str]) -> None:
     """Delete what ``folders`` of ``out`` hold (a fresh run): one listing, bulk deletes."""
     fs, root = storage.filesystem(out)
     root = root.rstrip("/")
-    fs.invalidate_cache(root)
+    fs.invalidate_cache()
     try:
         found = fs.find(root)
     except FileNotFoundError:

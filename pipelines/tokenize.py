@@ -47,6 +47,10 @@ class TokenizeParts:
         model, _, info = load_checkpoint(local, expected_kind="tokenizer")
         device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
         model.to(device).eval()
+        if device == "cpu":
+            from pipelines.common import match_torch_threads_to_actor
+
+            match_torch_threads_to_actor()
         self.fn = make_tokenize_fn(model, info["model_id"], batch_size, ecg_samples, device)
 
     def __call__(self, batch: dict[str, np.ndarray]):

@@ -111,7 +111,8 @@ from echopulse.errors import ConfigError  # noqa: E402
 from echopulse.ingest import IngestOptions  # noqa: E402
 from echopulse.io.ecg import read_ecg  # noqa: E402
 from echopulse.synth.dicom_variants import add_waveform  # noqa: E402
-from pipelines.ingest import clip_for_mode, read_manifest  # noqa: E402
+from pipelines.ingest import clip_for_mode  # noqa: E402
+from pipelines.plan import read_manifest  # noqa: E402
 
 
 def test_cycle_mode_one_clip_per_rr_interval(corpus):

@@ -6,7 +6,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipelines.shards import MB, ChunkWriter, ShardConfig, groups, read_outcomes, remove_orphans, shard_name
+from pipelines.shards import (GROUP_STRIDE, MB, ChunkWriter, ShardConfig, read_outcomes, remove_orphans, shard_group,
+                             shard_name)
 
 
 def _rows(n: int, kb: int = 100) -> pa.Table:
@@ -42,6 +43,7 @@ def test_chunks_close_at_the_size_and_are_named_by_their_first_input(tmp_path):
     assert remove_orphans(str(tmp_path), "clips") == 1 and not files[1].exists() and files[0].exists()
 
 
-def test_groups_are_fixed_by_the_manifest_index():
-    assert groups([0, 1, 2, 5, 9, 10], 5) == [[0, 1, 2], [5, 9], [10]]
-    assert groups([9, 10], 5) == [[9], [10]]  # a resumed run keeps the same groups
+def test_shard_names_carry_the_group():
+    index = 7 * GROUP_STRIDE + 42
+    assert shard_name(index) == "shard-000007-000042.parquet"
+    assert shard_group(f"s3://b/out/outcomes/{shard_name(index)}") == 7

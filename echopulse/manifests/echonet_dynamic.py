@@ -38,7 +38,7 @@ def filelist_row(r: dict, echo: str, traced: tuple[str, str] = ("", "")) -> dict
     """One FileList.csv row as a manifest row for the video at ``echo``: no ECG, an apical
     four-chamber view, EF from percent to a fraction, Split lower-cased, the study named after the
     video, ``traced`` = (end-diastolic, end-systolic) frame when known. Also what ingest makes of a
-    FileList.csv given as its manifest (``pipelines.ingest.read_manifest``)."""
+    FileList.csv given as its manifest (``pipelines.plan.read_manifest``)."""
     name = video_name(cell_text(r["FileName"]))
     return {"echo": echo, "ecg": "", "ecg_sync": "", "view": "A4C", "ef": percent_to_fraction(r.get("EF")),
             "fps": cell_text(r.get("FPS")), "split": cell_text(r.get("Split")).lower(),

@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
@@ -65,7 +64,6 @@ def test_interrupted_sweep_resumes_and_tracks_on_a_server(tokens, tmp_path, mlfl
     from mlflow import MlflowClient
 
     from jobs.recipes import get_recipe
-    from jobs.train_generator import train_generator
     from jobs.tune_masking import tune_masking
 
     tokens_dir, tokenizer = tokens
@@ -121,11 +119,12 @@ def test_interrupted_sweep_resumes_and_tracks_on_a_server(tokens, tmp_path, mlfl
 
     with open(summary.table, newline="") as f:
         assert len(list(csv.DictReader(f))) == 3
-    best = get_recipe(summary.best_recipe)
+    best = get_recipe(summary.best_recipe)  # a recipe file the train commands take (--recipe FILE)
     assert best.generator.schedule == summary.best["schedule"]
-    trained = train_generator(str(tokens_dir), tokenizer, str(tmp_path / "best"), best,
-                              f"sqlite:///{tmp_path}/m.db")
-    assert Path(trained.checkpoint, "model.safetensors").exists()
+    # the full training of the base recipe at the best trial's learning rate (train generator
+    # --recipe FILE runs it like any recipe)
+    assert best.name == "tiny-tuned"
+    assert best.generator_train == replace(recipe.generator_train, lr=summary.best["lr"])
 
 
 def test_sampling_orders_axis_and_fewest_steps():

@@ -99,7 +99,7 @@ def test_echonet_dynamic_rows_carry_ef_split_and_traced_ed_es_frames(echonet_dyn
 def test_filelist_as_ingest_manifest_reads_as_the_manifest_command_writes(echonet_dynamic_root):
     """Ingest given FileList.csv itself makes the rows ``echopulse manifest echonet-dynamic`` makes
     (one function), less the video check and the tracings."""
-    from pipelines.ingest import read_manifest
+    from pipelines.plan import read_manifest
 
     built = {r["study"]: r for r in build_manifest("echonet-dynamic", echonet_dynamic_root).rows}
     read = {r["study"]: r for r in read_manifest(str(echonet_dynamic_root / "FileList.csv"))}
