@@ -174,7 +174,7 @@ def main(argv=None) -> int:
                         help="what guidance pushes away from (default: the recipe's)")
     parser.add_argument("--recipe", default="demo", help="recipe to train with (default: %(default)s)")
     parser.add_argument("--quick", action="store_true", help="tiny recipe, 150 + 150 steps, 3 phantom rates")
-    parser.add_argument("--studies", type=int, default=12, help="phantom training studies (default: %(default)s)")
+    parser.add_argument("--studies", type=int, default=48, help="phantom training studies (default: %(default)s)")
     parser.add_argument("--tokenizer-steps", type=int, default=600, help="(default: %(default)s)")
     parser.add_argument("--generator-steps", type=int, default=600, help="(default: %(default)s)")
     parser.add_argument("--seconds", type=float, default=8.0, help="video length (default: %(default)s)")

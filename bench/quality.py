@@ -291,8 +291,8 @@ def print_table(result: dict) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--studies", type=int, default=24, help="phantom studies (default: %(default)s)")
-    parser.add_argument("--holdout", type=int, default=5, help="studies held out (default: %(default)s)")
+    parser.add_argument("--studies", type=int, default=48, help="phantom studies (default: %(default)s)")
+    parser.add_argument("--holdout", type=int, default=8, help="studies held out (default: %(default)s)")
     parser.add_argument("--seconds", type=float, default=6.0, help="study length (default: %(default)s)")
     parser.add_argument("--train-stride", type=float, default=0.3,
                         help="hop between training clip starts, s (held-out clips do not overlap; "
