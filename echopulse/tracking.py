@@ -90,6 +90,23 @@ def create_run(
     return run.info.run_id
 
 
+def finished_child_metrics(tracking_uri: str, parent_run_id: str, run_name: str,
+                           experiment: str = DEFAULT_EXPERIMENT) -> dict[str, float] | None:
+    """The latest metrics of a FINISHED child run of ``parent_run_id`` named ``run_name``, or
+    ``None`` when there is none (how a resumed sweep recognises a trial that finished before the
+    interruption reached the sweep's own state)."""
+    client = _client(tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return None
+    quoted = run_name.replace("'", "")
+    runs = client.search_runs([exp.experiment_id],
+                              f"tags.mlflow.parentRunId = '{parent_run_id}' and "
+                              f"tags.mlflow.runName = '{quoted}' and attributes.status = 'FINISHED'",
+                              max_results=1)
+    return dict(runs[0].data.metrics) if runs else None
+
+
 class RunLogger:
     """Logs metrics/artifacts to an existing run; a no-op when ``run_id`` is ``None`` (ranks > 0)."""
 

@@ -213,12 +213,17 @@ def run_trial(config: dict[str, Any]) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from echopulse.models.checkpoint import load_checkpoint
-    from echopulse.tracking import RunLogger, create_run
+    from echopulse.tracking import RunLogger, create_run, finished_child_metrics
 
     trial = config["trial"]
     recipe = trial_recipe(from_dict(Recipe, config["recipe"]), trial)
     datasets, _ = tokens_datasets(config["tokens"], recipe)
     name = f"trial-{trial['schedule']}-{tune.get_context().get_trial_id()}"
+    done = finished_child_metrics(config["tracking_uri"], config["parent_run_id"], name)
+    if done is not None:  # it finished before an interruption reached the sweep's state
+        log.info("%s finished before the sweep was interrupted; reporting its metrics", name)
+        tune.report(done)
+        return
     run_id = create_run(config["tracking_uri"], name, {"trial": trial, "recipe": to_dict(recipe)},
                         parent_run_id=config["parent_run_id"],
                         tags={"echopulse.stage": "tune_trial"})

@@ -2,7 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from echopulse.tracking import RunLogger, create_run, flatten_params, resolve_tracking_uri, tracked_run
+from echopulse.tracking import (RunLogger, create_run, finished_child_metrics, flatten_params, resolve_tracking_uri,
+                                tracked_run)
 
 
 def test_flatten_params():
@@ -112,3 +113,19 @@ def test_sweep_closes_stopped_trials_as_killed_and_keeps_real_failures(tmp_path)
     assert status == {"trial-cosine-ab12_00000": "FINISHED", "trial-linear-ab12_00001": "KILLED",
                       "trial-square-ab12_00002": "FAILED", "trial-cubic-ab12_00003": "KILLED"}
     assert client.get_run(ids["trial-linear-ab12_00001"]).data.tags["echopulse.stopped_early"] == "true"
+
+
+def test_a_finished_trial_is_found_by_parent_and_name_and_a_running_one_is_not(tmp_path):
+    uri = f"sqlite:///{tmp_path}/m.db"
+    parent = create_run(uri, "sweep")
+    other = create_run(uri, "other-sweep")
+    done = create_run(uri, "trial-cosine-a1", parent_run_id=parent)
+    RunLogger(uri, done).log_metrics({"val_ce": 2.5, "gen_ssim": 0.6}, step=15)
+    RunLogger(uri, done).finish()
+    create_run(uri, "trial-linear-b2", parent_run_id=parent)  # still running: interrupted mid-trial
+    elsewhere = create_run(uri, "trial-sqrt-c3", parent_run_id=other)
+    RunLogger(uri, elsewhere).finish()
+
+    assert finished_child_metrics(uri, parent, "trial-cosine-a1") == {"val_ce": 2.5, "gen_ssim": 0.6}
+    assert finished_child_metrics(uri, parent, "trial-linear-b2") is None
+    assert finished_child_metrics(uri, parent, "trial-sqrt-c3") is None  # another sweep's trial
