@@ -9,7 +9,6 @@ table (:data:`QUARANTINE_COLUMNS`, :func:`write_quarantine`).
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import time
@@ -74,19 +73,53 @@ QUARANTINE_SCHEMA = pa.schema([(c, pa.string()) for c in QUARANTINE_COLUMNS])
 QUARANTINE_FILE = "quarantine/quarantine.parquet"
 
 
+class QuarantineSink:
+    """The one writer of ``OUT/quarantine/quarantine.parquet``: rows go out batch by batch, never
+    all in memory (an archive-scale ingest can set aside millions); missing columns are empty.
+    Use as a context manager, or call :meth:`close`."""
+
+    def __init__(self, out: str, batch: int = 8192) -> None:
+        self.path = storage.join(out, QUARANTINE_FILE)
+        storage.makedirs(storage.parent(self.path))
+        fs, path = storage.filesystem(self.path)
+        self._file = fs.open(path, "wb")
+        self._writer = pq.ParquetWriter(self._file, QUARANTINE_SCHEMA)
+        self._rows: list[dict[str, str]] = []
+        self._batch = batch
+
+    def add(self, row: dict[str, Any]) -> None:
+        self._rows.append({c: str(row.get(c) or "") for c in QUARANTINE_COLUMNS})
+        if len(self._rows) >= self._batch:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._rows:
+            self._writer.write_table(pa.Table.from_pylist(self._rows, schema=QUARANTINE_SCHEMA))
+            self._rows = []
+
+    def close(self) -> None:
+        self._flush()
+        self._writer.close()
+        self._file.close()
+
+    def __enter__(self) -> "QuarantineSink":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
 def write_quarantine(out: str, rows: list[dict[str, Any]]) -> str:
-    """Write ``OUT/quarantine/quarantine.parquet`` (possibly empty); missing columns are empty.
+    """Write ``OUT/quarantine/quarantine.parquet`` from ``rows`` (possibly none) with
+    :class:`QuarantineSink`.
 
     Returns:
         The path written.
     """
-    table = pa.Table.from_pylist([{c: str(r.get(c) or "") for c in QUARANTINE_COLUMNS} for r in rows],
-                                 schema=QUARANTINE_SCHEMA)
-    target = storage.join(out, QUARANTINE_FILE)
-    buf = io.BytesIO()
-    pq.write_table(table, buf)
-    storage.write_bytes(target, buf.getvalue())
-    return target
+    with QuarantineSink(out) as sink:
+        for row in rows:
+            sink.add(row)
+    return sink.path
 
 
 def write_dataset_info(out: str, schema: str, config: dict[str, Any], counts: dict[str, int],

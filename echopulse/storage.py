@@ -200,9 +200,51 @@ AWS_ENV_VARS = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", 
                 "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE")
 
 
+AWS_SECRET_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+
+
 def aws_env() -> dict[str, str]:
     """The AWS variables set in this process (for Ray workers on a cluster that lacks them)."""
     return {k: os.environ[k] for k in AWS_ENV_VARS if os.environ.get(k)}
+
+
+def aws_settings() -> dict[str, str]:
+    """The AWS variables of this process that are not secret (endpoint, region, profile): what may
+    travel in a Ray ``runtime_env``, which Ray prints (Ray Data's plan on failure, task listings)."""
+    return {k: v for k, v in aws_env().items() if k not in AWS_SECRET_VARS}
+
+
+class Credentials:
+    """This process's AWS keys for Ray workers, never printed: ``repr`` names the variables only.
+
+    Ray prints a stage's ``runtime_env`` and constructor arguments when a Ray Data run fails, so
+    keys never go there; a task or actor gets this object (in its closure or arguments) and calls
+    :meth:`apply` before touching storage. Workers of a cluster started elsewhere do not share the
+    driver's environment.
+    """
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self._env = dict(env)
+
+    @classmethod
+    def from_env(cls) -> "Credentials | None":
+        env = {k: v for k, v in aws_env().items() if k in AWS_SECRET_VARS}
+        return cls(env) if env else None
+
+    def apply(self) -> None:
+        """Set the keys in this process (the storage helpers read them from the environment)."""
+        os.environ.update(self._env)
+
+    def __repr__(self) -> str:
+        return f"Credentials({', '.join(sorted(self._env))}: hidden)"
+
+    __str__ = __repr__
+
+
+def apply_credentials(credentials: "Credentials | None") -> None:
+    """:meth:`Credentials.apply` when there are any."""
+    if credentials is not None:
+        credentials.apply()
 
 
 def parent(uri: str) -> str:

@@ -59,7 +59,8 @@ def _from_ipc(data: bytes) -> pa.Table:
 
 def make_decode_task_fn(clip: ClipConfig, base_dir: str, out: str, salt: str | None,
                         options: IngestOptions | None, shards: ShardConfig,
-                        clips_out: str | None = None, chunk_mb: float = DECODE_CHUNK_MB):
+                        clips_out: str | None = None, chunk_mb: float = DECODE_CHUNK_MB,
+                        credentials: storage.Credentials | None = None):
     """One plan row (a group of inputs) -> chunk rows ``{"index", "clips" (IPC), "outcomes" (JSON)}``.
 
     A chunk without clips (every input quarantined) is finished here: its outcome file is written
@@ -98,6 +99,7 @@ def make_decode_task_fn(clip: ClipConfig, base_dir: str, out: str, salt: str | N
             keep.close_chunk()
 
     def run(group: dict[str, Any]):
+        storage.apply_credentials(credentials)
         counts = plan_counts(group)
         for chunk in chunks(json.loads(group["rows"])):
             yield {**chunk, **counts}
@@ -112,9 +114,11 @@ class EncodeChunks:
     """Ray Data callable class: a tokenizer per actor; encodes chunk rows and writes their shards."""
 
     def __init__(self, tokenizer_uri: str, out: str, shards: ShardConfig, batch_size: int = 16,
-                 use_gpu: bool = False, ecg_samples: int = 0) -> None:
+                 use_gpu: bool = False, ecg_samples: int = 0,
+                 credentials: storage.Credentials | None = None) -> None:
         import torch
 
+        storage.apply_credentials(credentials)
         from echopulse.models.checkpoint import load_checkpoint
         from echopulse.tokenize import PartTokenizer
 
@@ -272,7 +276,8 @@ def _run_fused_pass(manifest: str, out: str, clip: ClipConfig, tokenizer: str, s
     from ray.data import ActorPoolStrategy
 
     from echopulse.runtime import init_ray
-    from pipelines.ingest import collect_counts, ray_remote_args
+    from pipelines.common import ray_remote_args, worker_credentials
+    from pipelines.ingest import collect_counts
     from pipelines.plan import plan_dataset
 
     init_ray()
@@ -281,12 +286,15 @@ def _run_fused_pass(manifest: str, out: str, clip: ClipConfig, tokenizer: str, s
     if encoder_cpus is None:
         encoder_cpus = ENCODER_CPUS if ray.cluster_resources().get("CPU", 1) >= 4 else 0.5
     remote_args = ray_remote_args(manifest, out, tokenizer, keep_clips)
-    decode = make_decode_task_fn(clip, storage.parent(manifest), out, salt, options, shards, keep_clips)
+    credentials = worker_credentials(manifest, out, tokenizer, keep_clips)
+    decode = make_decode_task_fn(clip, storage.parent(manifest), out, salt, options, shards, keep_clips,
+                                 credentials=credentials)
     ds = plan_dataset(manifest, out, shards, resume, remote_args, listing)
     ds = ds.flat_map(decode, num_cpus=1, **remote_args)
     ds = ds.map(EncodeChunks, fn_constructor_kwargs={
         "tokenizer_uri": tokenizer, "out": out, "shards": shards, "batch_size": batch_size,
-        "use_gpu": bool(use_gpu), "ecg_samples": clip.ecg_samples}, compute=ActorPoolStrategy(size=actors),
+        "use_gpu": bool(use_gpu), "ecg_samples": clip.ecg_samples, "credentials": credentials},
+        compute=ActorPoolStrategy(size=actors),
         num_gpus=1 if use_gpu else 0, num_cpus=encoder_cpus, **remote_args)
     return collect_counts(out, ds)  # streams: one small counts row per chunk
 

@@ -31,14 +31,13 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from echopulse import storage
 from echopulse.config import ClipConfig, to_dict
 from echopulse.errors import ConfigError, EchoPulseError
 from echopulse.ingest import IngestOptions
-from echopulse.schema import (CLIPS_SCHEMA, QUARANTINE_COLUMNS, QUARANTINE_FILE, QUARANTINE_SCHEMA, clip_schema,
-                              write_dataset_info)
+from echopulse.schema import CLIPS_SCHEMA, QuarantineSink, clip_schema, write_dataset_info
+from pipelines.common import ray_remote_args, worker_credentials
 from pipelines.isolate import isolated_inputs
 from pipelines.plan import PlanCounts, plan_counts, plan_dataset
 from pipelines.shards import (OUTCOMES, ChunkWriter, ShardConfig, clear_out, iter_outcomes, list_out, remove_orphans,
@@ -115,11 +114,13 @@ def make_input_fn(clip: ClipConfig, base_dir: str, salt: str | None,
 
 
 def make_ingest_task_fn(clip: ClipConfig, base_dir: str, out: str, salt: str | None,
-                        options: IngestOptions | None, shards: ShardConfig):
+                        options: IngestOptions | None, shards: ShardConfig,
+                        credentials: storage.Credentials | None = None):
     """The Ray Data row function: one plan row (a group of inputs) -> sized clip shards + outcome
     log; one counts row (with the plan's counts) for the driver."""
 
     def run(group: dict[str, Any]) -> dict[str, Any]:
+        storage.apply_credentials(credentials)
         rows = json.loads(group["rows"])
         clips, files = 0, 0
         if rows:
@@ -181,7 +182,8 @@ def run_ingest(
     listing = prepare_out(out, "clips", resume)
     remote_args = ray_remote_args(manifest, out)
     plan = plan_dataset(manifest, out, shards, resume, remote_args, listing)
-    task = make_ingest_task_fn(clip, storage.parent(manifest), out, salt, options, shards)
+    task = make_ingest_task_fn(clip, storage.parent(manifest), out, salt, options, shards,
+                               worker_credentials(manifest, out))
     counts = collect_counts(out, plan.map(task, num_cpus=num_cpus_per_task, **remote_args))
     if resume:
         log.info("resume: %d of %d inputs already done", counts.done, counts.inputs)
@@ -189,15 +191,6 @@ def run_ingest(
     write_dataset_info(out, CLIPS_SCHEMA, {"clip": to_dict(clip), "shards": to_dict(shards)},
                        summary.as_dict(), manifest=manifest)  # lineage: the manifest behind the clips
     return summary
-
-
-def ray_remote_args(*uris: str | None) -> dict[str, Any]:
-    """Ray task options every stage of a run needs: the AWS variables when it touches S3 (workers
-    of a cluster started elsewhere do not share this process's environment)."""
-    env = storage.aws_env()
-    if env and any(storage.is_remote(u) for u in uris if u):
-        return {"runtime_env": {"env_vars": env}}
-    return {}
 
 
 def prepare_out(out: str, kind: str, resume: bool) -> dict[str, list[str]] | None:
@@ -223,34 +216,6 @@ def collect_counts(out: str, ds) -> PlanCounts:
     return counts
 
 
-class QuarantineSink:
-    """Writes ``OUT/quarantine/quarantine.parquet`` row batch by row batch (never all in memory)."""
-
-    def __init__(self, out: str, batch: int = 8192) -> None:
-        target = storage.join(out, QUARANTINE_FILE)
-        storage.makedirs(storage.parent(target))
-        fs, path = storage.filesystem(target)
-        self._file = fs.open(path, "wb")
-        self._writer = pq.ParquetWriter(self._file, QUARANTINE_SCHEMA)
-        self._rows: list[dict[str, str]] = []
-        self._batch = batch
-
-    def add(self, row: dict[str, Any]) -> None:
-        self._rows.append({c: str(row.get(c) or "") for c in QUARANTINE_COLUMNS})
-        if len(self._rows) >= self._batch:
-            self._flush()
-
-    def _flush(self) -> None:
-        if self._rows:
-            self._writer.write_table(pa.Table.from_pylist(self._rows, schema=QUARANTINE_SCHEMA))
-            self._rows = []
-
-    def close(self) -> None:
-        self._flush()
-        self._writer.close()
-        self._file.close()
-
-
 def finish(out: str, plan: PlanCounts) -> IngestSummary:
     """Counts and quarantine from the outcome log of ``out``, read one outcome file at a time.
 
@@ -258,8 +223,7 @@ def finish(out: str, plan: PlanCounts) -> IngestSummary:
         EchoPulseError: the log does not hold exactly one outcome per planned input.
     """
     t = {"inputs": 0, "bad": 0, "clips": 0, "no_ecg": 0, "sync": 0}
-    sink = QuarantineSink(out)
-    try:
+    with QuarantineSink(out) as sink:
         for table in iter_outcomes(out):
             for o in table.to_pylist():
                 t["inputs"] += 1
@@ -274,8 +238,6 @@ def finish(out: str, plan: PlanCounts) -> IngestSummary:
                     t["bad"] += 1
                     if t["bad"] <= 20:
                         log.warning("quarantined %s: %s", o["echo"], o["error"])
-    finally:
-        sink.close()
     if t["inputs"] != plan.inputs:
         raise EchoPulseError(f"{out}: the outcome log holds {t['inputs']} of {plan.inputs} input(s); "
                              "rerun with --resume")

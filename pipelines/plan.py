@@ -191,10 +191,11 @@ def make_normalize_fn(echonet: bool, n_groups: int):
     return normalize
 
 
-def make_plan_fn(out: str, done_files: dict[int, list[str]]):
+def make_plan_fn(out: str, done_files: dict[int, list[str]], credentials: storage.Credentials | None = None):
     """Ray Data group function: one group's rows -> its plan row (each input once, done skipped)."""
 
     def plan(group: pa.Table) -> pa.Table:
+        storage.apply_credentials(credentials)  # resuming, it reads the group's outcome files
         rows = group.to_pylist()
         g = int(rows[0]["_group"])
         rows.sort(key=lambda r: r["_key"])
@@ -269,10 +270,12 @@ def plan_dataset(manifest: str, out: str, shards: ShardConfig, resume: bool,
         for p in (listing if listing is not None else list_out(out)).get(OUTCOMES, []):
             done_files.setdefault(shard_group(p), []).append(p)
     from echopulse.runtime import init_ray
+    from pipelines.common import worker_credentials
 
     init_ray()  # after the checks: a bad manifest fails without starting Ray
     raw = manifest_dataset(manifest, kind, names, remote_args)
     ds = raw.map_batches(make_normalize_fn(is_echonet(names), n_groups), batch_format="pyarrow",
                          batch_size=4096, **remote_args)
     return ds.groupby("_group", num_partitions=min(n_groups, 64)).map_groups(
-        make_plan_fn(out, done_files), batch_format="pyarrow", **remote_args)
+        make_plan_fn(out, done_files, worker_credentials(out) if done_files else None), batch_format="pyarrow",
+        **remote_args)

@@ -18,8 +18,6 @@ import json
 import logging
 import tempfile
 from dataclasses import dataclass
-from typing import Any
-
 import numpy as np
 import pyarrow.parquet as pq
 
@@ -37,9 +35,10 @@ class TokenizeParts:
     :func:`echopulse.tokenize.make_tokenize_fn`."""
 
     def __init__(self, tokenizer_uri: str, batch_size: int = 16, use_gpu: bool = False,
-                 ecg_samples: int = 0) -> None:
+                 ecg_samples: int = 0, credentials: storage.Credentials | None = None) -> None:
         import torch
 
+        storage.apply_credentials(credentials)
         from echopulse.models.checkpoint import load_checkpoint
 
         self._tmp = tempfile.TemporaryDirectory()
@@ -152,17 +151,17 @@ def _encode_parts(good: list[str], n_good: int, clips: str, tokenizer: str, targ
     if not ecg_samples:  # an older tokenizer checkpoint: the parts' own ECG length
         with storage.filesystem(good[0])[0].open(storage.filesystem(good[0])[1], "rb") as f:
             ecg_samples = (tensor_shape(pq.ParquetFile(f).schema_arrow.field("ecg").type) or (0,))[-1]
-    remote_args: dict[str, Any] = {}
-    env = storage.aws_env()
-    if env and (storage.is_remote(clips) or storage.is_remote(tokenizer)):
-        remote_args["runtime_env"] = {"env_vars": env}
+    from pipelines.common import ray_remote_args, worker_credentials
+
+    remote_args = ray_remote_args(clips, tokenizer, target)
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     ds = ray.data.from_items([{"path": p} for p in good],
                              override_num_blocks=min(len(good), max(2 * cpus, 2 * actors, 1)))
     encoded = ds.map_batches(
         TokenizeParts,
         fn_constructor_kwargs={"tokenizer_uri": tokenizer, "batch_size": batch_size,
-                               "use_gpu": bool(use_gpu), "ecg_samples": int(ecg_samples)},
+                               "use_gpu": bool(use_gpu), "ecg_samples": int(ecg_samples),
+                               "credentials": worker_credentials(clips, tokenizer, target)},
         batch_size=1,
         compute=ActorPoolStrategy(size=actors),
         num_gpus=1 if use_gpu else 0,
