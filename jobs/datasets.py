@@ -79,20 +79,40 @@ def _flag_columns(ds) -> list[str]:
     return flags[:1] or ["ecg"]
 
 
+def _numpy_batch(batch) -> dict[str, Any]:
+    """A pyarrow record batch as has_ecg / is_synchronized take it (lists as nested arrays)."""
+    import numpy as np
+
+    out: dict[str, Any] = {}
+    for name, column in zip(batch.schema.names, batch.columns):
+        if name in ("ecg", "ecg_leads"):
+            out[name] = np.asarray(column.to_pylist(), dtype=np.float32 if name == "ecg" else None)
+        else:
+            out[name] = column.to_numpy(zero_copy_only=False)
+    return out
+
+
 def ecg_counts(tokens: str) -> dict[str, dict[str, int]]:
     """Per split, how many rows of a ``tokens/v1`` dataset have an ECG and how many have none, and
-    how many of those with an ECG are not synchronized with their echo (``unsynchronized``; one pass
-    over the ECG column, or over ``ecg_source`` when the dataset carries it)."""
+    how many of those with an ECG are not synchronized with their echo (``unsynchronized``).
+
+    Reads the split and the ECG flag columns alone (``ecg_source``, else ``ecg_leads``; the ECG
+    itself only for datasets older than both), in this process without Ray.
+    """
     from collections import Counter
 
-    from pipelines.common import read_parquet_dir
+    from pipelines.common import read_columns
 
-    ds = read_parquet_dir(storage.join(tokens, "tokens"))
-    flags = ds.select_columns([*_flag_columns(ds), *_sync_column(ds), "split"]).map_batches(
-        _ecg_flags, batch_format="numpy")
+    uri = storage.join(tokens, "tokens")
     counts: Counter = Counter()
-    for batch in flags.iter_batches(batch_format="numpy"):
-        counts.update(zip(batch["split"].tolist(), batch["has_ecg"].tolist(), batch["sync"].tolist()))
+    flag_columns = ["split", "ecg_source", "ecg_leads", "ecg_sync"]
+    for batch in read_columns(uri, flag_columns):
+        if not {"ecg_source", "ecg_leads"} & set(batch.schema.names):
+            flag_columns = ["split", "ecg", "ecg_sync"]  # tokens written before the flag columns
+            break
+    for batch in read_columns(uri, flag_columns):
+        flags = _ecg_flags(_numpy_batch(batch))
+        counts.update(zip(flags["split"].tolist(), flags["has_ecg"].tolist(), flags["sync"].tolist()))
     splits = sorted({split for split, _, _ in counts})
     return {split: {"with_ecg": counts[(split, True, True)] + counts[(split, True, False)],
                     "without_ecg": counts[(split, False, True)] + counts[(split, False, False)],
@@ -118,6 +138,8 @@ def tokens_datasets(tokens: str, recipe: Recipe, counts: dict[str, dict[str, int
     Raises:
         EchoPulseError: when no train clip has an ECG (with ``counts``).
     """
+    from ray.data.expressions import col
+
     from pipelines.common import read_parquet_dir
 
     info = check_tokens_info(tokens, recipe)
@@ -158,9 +180,9 @@ def tokens_datasets(tokens: str, recipe: Recipe, counts: dict[str, dict[str, int
                         fn_kwargs={"allow_unsynchronized": allow_unsynchronized})
     if conditions:
         ds = ds.map_batches(make_condition_columns_fn(gen.num_views, gen.ef_conditioning), batch_format="numpy")
-    train = ds.filter(lambda r: r["split"] == "train").select_columns(columns)
+    train = ds.filter(expr=col("split") == "train").select_columns(columns)  # Arrow filters
     if has_val:
-        val = ds.filter(lambda r: r["split"] == "val").select_columns(columns)
+        val = ds.filter(expr=col("split") == "val").select_columns(columns)
     else:
         log.warning("%s: no val clips with an ECG; validating on train rows", tokens)
         val = train

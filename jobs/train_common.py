@@ -121,15 +121,13 @@ class CachedBatches:
 FAIL_ENV = "ECHOPULSE_FAIL_ONCE_AT_STEP"
 
 
-def maybe_fail_once(step: int, marker: str | None) -> None:
+def maybe_fail_once(step: int, marker: str | None, rank: int) -> None:
     """Testing aid: with ``ECHOPULSE_FAIL_ONCE_AT_STEP=k`` rank 0 crashes once at step ``k``.
 
     A marker file in the run's storage keeps it to once, so the restarted worker group goes on.
     """
-    import ray.train
-
     at = os.environ.get(FAIL_ENV)
-    if not at or marker is None or int(at) != step or ray.train.get_context().get_world_rank() != 0:
+    if not at or marker is None or int(at) != step or rank != 0:
         return
     if storage.exists(marker):
         return
@@ -156,8 +154,62 @@ def micro_batch_size(train: TrainConfig, world: int) -> int:
     return max(1, train.batch_size // parts)
 
 
+@dataclass(frozen=True)
+class WorkerRuntime:
+    """What a training worker takes from whatever runs it: a Ray Train worker group
+    (:func:`ray_train_runtime`) or a single-worker Tune trial (:func:`tune_trial_runtime`)."""
+
+    rank: int
+    world: int
+    local_world: int
+    device: Any
+    dataset: Callable[[str], Any]  # "train" / "val" -> something with iter_torch_batches
+    prepare_model: Callable[[Any], Any]  # DDP wrap and move to the device
+    get_checkpoint: Callable[[], Any]  # the checkpoint to resume from (a ray Checkpoint) or None
+    report: Callable[[dict[str, float], str | None], None]  # (metrics, checkpoint directory or None)
+    progress: Any = None  # a tqdm-like class for rank 0's bar
+
+
+def ray_train_runtime() -> WorkerRuntime:
+    """This Ray Train worker's rank, device, dataset shards, checkpoint and reporting."""
+    import ray.train
+    import ray.train.torch
+    from ray.experimental.tqdm_ray import tqdm as ray_tqdm
+
+    ctx = ray.train.get_context()
+
+    def report(metrics: dict[str, float], checkpoint_dir: str | None) -> None:
+        checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+    return WorkerRuntime(rank=ctx.get_world_rank(), world=ctx.get_world_size(),
+                         local_world=ctx.get_local_world_size(), device=ray.train.torch.get_device(),
+                         dataset=ray.train.get_dataset_shard, prepare_model=ray.train.torch.prepare_model,
+                         get_checkpoint=ray.train.get_checkpoint, report=report, progress=ray_tqdm)
+
+
+def tune_trial_runtime(datasets: dict[str, Any], use_gpu: bool) -> WorkerRuntime:
+    """A Tune trial that trains in its own process (one worker): the whole datasets, Tune's
+    checkpoint and ``tune.report``. No TorchTrainer, so none of its actors (controller, worker
+    group, split coordinators) start for the trial."""
+    import torch
+    from ray import tune
+    from ray.experimental.tqdm_ray import tqdm as ray_tqdm
+
+    device = torch.device("cuda" if use_gpu else "cpu")
+
+    def report(metrics: dict[str, float], checkpoint_dir: str | None) -> None:
+        checkpoint = tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        tune.report(metrics, checkpoint=checkpoint)
+
+    return WorkerRuntime(rank=0, world=1, local_world=1, device=device, dataset=datasets.__getitem__,
+                         prepare_model=lambda model: model.to(device), get_checkpoint=tune.get_checkpoint,
+                         report=report, progress=ray_tqdm)
+
+
 def train_worker_loop(
     *,
+    runtime: WorkerRuntime,
     model,
     train: TrainConfig,
     step_fn: Callable[..., dict[str, float]],
@@ -170,27 +222,24 @@ def train_worker_loop(
     fail_marker: str | None = None,
     resume_from: str | None = None,
 ) -> None:
-    """:class:`echopulse.training.loop.TrainingLoop` inside a Ray Train worker.
+    """:class:`echopulse.training.loop.TrainingLoop` inside a training worker (``runtime``).
 
-    The Ray parts: rank and world from the train context, the CPU threads of this worker, resume
-    from this run's latest checkpoint (after a worker-group restart), else ``resume_from`` (an
-    earlier run's, found by :func:`latest_checkpoint`), else none; metrics and checkpoints go to
-    ``ray.train.report``; rank 0's progress bar is Ray's own; the test-only injected failure.
+    From the runtime: rank and world, resume from this run's latest checkpoint (after a
+    worker-group restart or a Tune restore), else ``resume_from`` (an earlier run's, found by
+    :func:`latest_checkpoint`), else none; metrics and checkpoints go to its ``report``; rank 0's
+    progress bar is Ray's own. Also the CPU threads of this worker and the test-only injected failure.
     """
-    import ray.train
     import torch
-    from ray.experimental.tqdm_ray import tqdm as ray_tqdm
 
     from echopulse.models.checkpoint import unwrap
     from echopulse.training.loop import TrainingLoop
     from echopulse.training.state import load_train_state
 
-    ctx = ray.train.get_context()
     if next(model.parameters()).device.type == "cpu":
-        torch.set_num_threads(worker_threads(ctx.get_local_world_size()))
+        torch.set_num_threads(worker_threads(runtime.local_world))
 
     def restore(net, optimizer, ema) -> int:
-        restored = ray.train.get_checkpoint()
+        restored = runtime.get_checkpoint()
         if restored is not None:
             with restored.as_directory() as path:
                 return load_train_state(path, unwrap(net), optimizer, ema)
@@ -199,14 +248,11 @@ def train_worker_loop(
                 return load_train_state(storage.local_copy(resume_from, tmp), unwrap(net), optimizer, ema)
         return 0
 
-    def report(metrics: dict[str, float], checkpoint_dir: str | None) -> None:
-        checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-        ray.train.report(metrics, checkpoint=checkpoint)
-
     TrainingLoop(model=model, train=train, step_fn=step_fn, batches=batches, logger=logger, save=save,
-                 report=report, restore=restore, rank=ctx.get_world_rank(), world=ctx.get_world_size(),
+                 report=runtime.report, restore=restore, rank=runtime.rank, world=runtime.world,
                  validate=validate, sample=sample, on_log=on_log,
-                 before_step=lambda step: maybe_fail_once(step, fail_marker), progress=ray_tqdm).run()
+                 before_step=lambda step: maybe_fail_once(step, fail_marker, runtime.rank),
+                 progress=runtime.progress).run()
 
 
 def run_config(name: str, out: str, train: TrainConfig, callbacks: list | None = None,

@@ -19,9 +19,10 @@ from echopulse.errors import EchoPulseError
 from echopulse.training.loop import gather_mean
 from jobs import preflight
 from jobs.datasets import check_tokens_info, ecg_counts, tokens_datasets
-from jobs.train_common import (CachedBatches, TrainResult, export_checkpoint, fail_marker, latest_checkpoint,
-                               log_config_artifact, log_outcome, micro_batch_size, repeat_batches, run_config,
-                               run_name, scaling, train_worker_loop)
+from jobs.train_common import (CachedBatches, TrainResult, WorkerRuntime, export_checkpoint, fail_marker,
+                               latest_checkpoint, log_config_artifact, log_outcome, micro_batch_size,
+                               ray_train_runtime, repeat_batches, run_config, run_name, scaling,
+                               train_worker_loop)
 
 log = logging.getLogger(__name__)
 
@@ -124,8 +125,11 @@ def make_sample(model, config: dict[str, Any], recipe: Recipe, val_batches) -> C
 
 def generator_loop(config: dict[str, Any]) -> None:
     """Ray Train per-worker loop for the generator."""
-    import ray.train
-    import ray.train.torch
+    generator_worker(config, ray_train_runtime())
+
+
+def generator_worker(config: dict[str, Any], runtime: WorkerRuntime) -> None:
+    """Train the generator on this worker (a Ray Train worker, or a single-worker Tune trial)."""
     import torch
 
     from echopulse.models.checkpoint import save_checkpoint, unwrap
@@ -135,30 +139,26 @@ def generator_loop(config: dict[str, Any]) -> None:
 
     recipe = from_dict(Recipe, config["recipe"])
     train = recipe.generator_train
-    ctx = ray.train.get_context()
     torch.manual_seed(train.seed)
-    device = ray.train.torch.get_device()
+    device = runtime.device
     generator = MaskGIT(recipe.generator)
     if recipe.generator.ecg.checkpoint:  # a pretrained ST-MEM encoder (checked by preflight)
         from echopulse.models.ecg_encoder import load_stmem_checkpoint
 
         load_stmem_checkpoint(recipe.generator.ecg.checkpoint, generator.ecg_encoder,
                               freeze=recipe.generator.ecg.freeze)
-    model = ray.train.torch.prepare_model(generator)
-    logger = RunLogger(config["tracking_uri"], config["run_id"] if ctx.get_world_rank() == 0 else None)
-    per_worker = micro_batch_size(train, ctx.get_world_size())
-    batches = repeat_batches(ray.train.get_dataset_shard("train"), per_worker, device,
-                             seed=train.seed + ctx.get_world_rank())
-    val_shard = ray.train.get_dataset_shard("val")
-
-    val_batches = CachedBatches(val_shard, per_worker, device)
+    model = runtime.prepare_model(generator)
+    logger = RunLogger(config["tracking_uri"], config["run_id"] if runtime.rank == 0 else None)
+    per_worker = micro_batch_size(train, runtime.world)
+    batches = repeat_batches(runtime.dataset("train"), per_worker, device, seed=train.seed + runtime.rank)
+    val_batches = CachedBatches(runtime.dataset("val"), per_worker, device)
 
     validate = make_validate(model, val_batches)
     sample = make_sample(model, config, recipe, val_batches)
 
     extra = {"tokenizer_id": config["tokenizer_id"], "clip": to_dict(recipe.clip),
              "sampling": to_dict(recipe.sampling)}
-    train_worker_loop(model=model, train=train, step_fn=generator_train_step, batches=batches,
+    train_worker_loop(runtime=runtime, model=model, train=train, step_fn=generator_train_step, batches=batches,
                       logger=logger, validate=validate, sample=sample,
                       fail_marker=config.get("fail_marker"),
                       resume_from=config.get("resume_from"),

@@ -20,7 +20,7 @@ from echopulse.training.loop import gather_mean
 from jobs import preflight
 from jobs.train_common import (CachedBatches, TrainResult, export_checkpoint, fail_marker, latest_checkpoint,
                                log_config_artifact, log_outcome, micro_batch_size, repeat_batches, run_config,
-                               run_name, scaling, train_worker_loop)
+                               ray_train_runtime, run_name, scaling, train_worker_loop)
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +46,6 @@ def reconstruction_gif(video, recon, fps: float, path: str) -> str:
 
 def tokenizer_loop(config: dict[str, Any]) -> None:
     """Ray Train per-worker loop: the model file knows nothing of this."""
-    import ray.train
-    import ray.train.torch
     import torch
 
     from echopulse.models.checkpoint import save_checkpoint, unwrap
@@ -57,15 +55,14 @@ def tokenizer_loop(config: dict[str, Any]) -> None:
 
     recipe = from_dict(Recipe, config["recipe"])
     train = recipe.tokenizer_train
-    ctx = ray.train.get_context()
+    runtime = ray_train_runtime()
     torch.manual_seed(train.seed)
-    model = ray.train.torch.prepare_model(VideoTokenizer(recipe.tokenizer))
-    logger = RunLogger(config["tracking_uri"], config["run_id"] if ctx.get_world_rank() == 0 else None)
-    device = ray.train.torch.get_device()
-    per_worker = micro_batch_size(train, ctx.get_world_size())
-    batches = repeat_batches(ray.train.get_dataset_shard("train"), per_worker, device,
-                             seed=train.seed + ctx.get_world_rank())
-    val_batches = CachedBatches(ray.train.get_dataset_shard("val"), per_worker, device)
+    model = runtime.prepare_model(VideoTokenizer(recipe.tokenizer))
+    logger = RunLogger(config["tracking_uri"], config["run_id"] if runtime.rank == 0 else None)
+    device = runtime.device
+    per_worker = micro_batch_size(train, runtime.world)
+    batches = repeat_batches(runtime.dataset("train"), per_worker, device, seed=train.seed + runtime.rank)
+    val_batches = CachedBatches(runtime.dataset("val"), per_worker, device)
 
     def validate(step: int) -> dict[str, float]:
         """Reconstruction quality over this rank's val shard, combined over ranks."""
@@ -89,7 +86,7 @@ def tokenizer_loop(config: dict[str, Any]) -> None:
         return [reconstruction_gif(video, recon, recipe.clip.fps,
                                    os.path.join(directory, f"reconstruction_step{step:07d}.gif"))]
 
-    train_worker_loop(model=model, train=train, step_fn=tokenizer_train_step, batches=batches,
+    train_worker_loop(runtime=runtime, model=model, train=train, step_fn=tokenizer_train_step, batches=batches,
                       logger=logger, validate=validate, sample=sample,
                       fail_marker=config.get("fail_marker"),
                       resume_from=config.get("resume_from"),
@@ -98,15 +95,32 @@ def tokenizer_loop(config: dict[str, Any]) -> None:
                                                      extra={"clip": to_dict(recipe.clip)}))
 
 
-def clips_dataset(clips: str, split: str = "train"):
-    """The clips' frames for one split (all clips when that split is empty)."""
+def split_counts(clips: str) -> dict[str, int]:
+    """Clips per split of a ``clips/v1`` dataset (its split column alone, read without Ray)."""
+    from collections import Counter
+
+    from pipelines.common import read_columns
+
+    counts: Counter = Counter()
+    for batch in read_columns(storage.join(clips, "clips"), ["split"]):
+        counts.update(batch.column("split").to_pylist())
+    return dict(counts)
+
+
+def clips_dataset(clips: str, split: str = "train", counts: dict[str, int] | None = None):
+    """The clips' frames for one split (all clips when that split is empty); ``counts``: the
+    dataset's :func:`split_counts` when the caller has them."""
+    from ray.data.expressions import col
+
     from pipelines.common import read_parquet_dir
 
+    counts = split_counts(clips) if counts is None else counts
+    if not sum(counts.values()):
+        raise EchoPulseError(f"{clips}: the clips dataset is empty")
     ds = read_parquet_dir(storage.join(clips, "clips")).select_columns(["frames", "split"])
-    picked = ds.filter(lambda row: row["split"] == split)
-    if picked.count() == 0:
-        if ds.count() == 0:
-            raise EchoPulseError(f"{clips}: the clips dataset is empty")
+    if counts.get(split, 0):
+        picked = ds.filter(expr=col("split") == split)  # an Arrow filter, no Python per row
+    else:
         log.warning("%s: no %r clips; using all clips for %s", clips, split, split)
         picked = ds
     return picked.select_columns(["frames"])
@@ -140,7 +154,8 @@ def train_tokenizer(clips: str, out: str, recipe: Recipe, tracking_uri: str,
     preflight.tokenizer_job(clips, out, recipe)  # empty/wrong-schema clips, unwritable out
     resume_from = latest_checkpoint(out, to_dict(recipe.tokenizer))
     init_ray()
-    datasets = {"train": clips_dataset(clips), "val": clips_dataset(clips, "val")}
+    counts = split_counts(clips)
+    datasets = {"train": clips_dataset(clips, "train", counts), "val": clips_dataset(clips, "val", counts)}
     storage.makedirs(out)
     name = run_name("tokenizer")
     run_id = create_run(tracking_uri, name, {"recipe": to_dict(recipe), "clips": clips, "out": out},

@@ -1,8 +1,9 @@
 """Sweep masking schedules with Ray Tune; MLflow parent run per sweep, child run per trial.
 
-Each trial trains the generator with ``jobs/train_generator.py``'s loop and trainer builder (no
-copy) for ``recipe.tune.steps`` steps, with its training schedule, mask-ratio bounds and learning
-rate; ASHA can stop weak trials early on validation masked-token cross-entropy (at a fixed mask
+Each trial trains the generator with ``jobs/train_generator.py``'s worker loop (no copy; one
+worker trains inside the trial's own process, more run its ``TorchTrainer``) for
+``recipe.tune.steps`` steps, with its training schedule, mask-ratio bounds and learning rate;
+ASHA can stop weak trials early on validation masked-token cross-entropy (at a fixed mask
 ratio, so it compares across schedules). A finished trial then generates a fixed validation subset
 at every ``sampling_steps`` value, primed with the real first frame and given the real ECG, and
 scores it against the tokenizer's reconstruction of the real clip (full-frame SSIM, PSNR) and its
@@ -208,9 +209,12 @@ def fewest_steps(quality: dict[str, float], sampling_steps: tuple[int, ...], tol
 
 
 def run_trial(config: dict[str, Any]) -> None:
-    """One Tune trial: child MLflow run, generator ``TorchTrainer`` reporting to Tune, then sampling."""
+    """One Tune trial: child MLflow run, generator training reporting to Tune, then sampling.
+
+    One worker trains inside the trial's own process (:func:`_train_in_trial`); more workers run a
+    nested ``TorchTrainer`` (:func:`_train_with_trainer`).
+    """
     from ray import tune
-    from ray.tune.integration.ray_train import TuneReportCallback
 
     from echopulse.models.checkpoint import load_checkpoint
     from echopulse.tracking import RunLogger, create_run, finished_child_metrics
@@ -228,27 +232,69 @@ def run_trial(config: dict[str, Any]) -> None:
                         parent_run_id=config["parent_run_id"],
                         tags={"echopulse.stage": "tune_trial"})
     logger = RunLogger(config["tracking_uri"], run_id)
-    trainer = build_generator_trainer(datasets, recipe, config["tokenizer_id"],
-                                      config["tracking_uri"], run_id, name, config["trials_out"],
-                                      workers=config["workers"], use_gpu=config["use_gpu"],
-                                      callbacks=[TuneReportCallback()])
+    train = _train_in_trial if config["workers"] == 1 else _train_with_trainer
     try:
-        result = trainer.fit()
         with tempfile.TemporaryDirectory() as tmp:
-            generator, _, _ = load_checkpoint(result.checkpoint.to_directory(f"{tmp}/g"),
-                                              expected_kind="generator")
+            metrics = train(config, datasets, recipe, run_id, name, f"{tmp}/g")
+            generator, _, _ = load_checkpoint(f"{tmp}/g", expected_kind="generator")
             tokenizer, _, _ = load_checkpoint(storage.local_copy(config["tokenizer"], f"{tmp}/t"),
                                               expected_kind="tokenizer")
         quality = generation_metrics(generator, tokenizer, load_subset(config["eval_subset"]), recipe,
                                      tuple(recipe.tune.sampling_steps))
-        final = {**{k: float(v) for k, v in result.metrics.items()
-                    if isinstance(v, (int, float))}, **quality}
+        final = {**{k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}, **quality}
         logger.log_metrics(quality, step=recipe.generator_train.steps)
     except BaseException:
         logger.finish("FAILED")
         raise
     logger.finish()
     tune.report(final)
+
+
+def _train_with_trainer(config: dict[str, Any], datasets: dict[str, Any], recipe: Recipe, run_id: str,
+                        name: str, checkpoint_dir: str) -> dict[str, Any]:
+    """Train with a nested ``TorchTrainer`` (several workers), its reports forwarded to Tune;
+    the final checkpoint is copied to ``checkpoint_dir``; returns the final metrics."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    trainer = build_generator_trainer(datasets, recipe, config["tokenizer_id"],
+                                      config["tracking_uri"], run_id, name, config["trials_out"],
+                                      workers=config["workers"], use_gpu=config["use_gpu"],
+                                      callbacks=[TuneReportCallback()])
+    result = trainer.fit()
+    result.checkpoint.to_directory(checkpoint_dir)
+    return dict(result.metrics or {})
+
+
+def _train_in_trial(config: dict[str, Any], datasets: dict[str, Any], recipe: Recipe, run_id: str,
+                    name: str, checkpoint_dir: str) -> dict[str, Any]:
+    """Train with one worker in this trial's process (:func:`jobs.train_common.tune_trial_runtime`):
+    reports and checkpoints go to Tune (a restored sweep resumes the trial from its checkpoint);
+    the last checkpoint is also copied to ``checkpoint_dir``; returns the final metrics.
+
+    No TorchTrainer: a nested one would start a controller, a worker group and split coordinators
+    for each trial (tens of seconds and a second CPU per trial on a small machine)."""
+    import shutil
+
+    from jobs.train_common import tune_trial_runtime, use_gpu_default
+    from jobs.train_generator import generator_worker
+
+    runtime = tune_trial_runtime(datasets, use_gpu_default() if config["use_gpu"] is None else config["use_gpu"])
+    last: dict[str, Any] = {}
+
+    def report(metrics: dict[str, float], checkpoint: str | None) -> None:
+        if checkpoint:
+            shutil.rmtree(checkpoint_dir, ignore_errors=True)
+            shutil.copytree(checkpoint, checkpoint_dir)
+        last.clear()
+        last.update(metrics)
+        runtime.report(metrics, checkpoint)
+
+    worker_config = {"recipe": to_dict(recipe), "tracking_uri": config["tracking_uri"], "run_id": run_id,
+                     "tokenizer_id": config["tokenizer_id"]}
+    generator_worker(worker_config, replace(runtime, report=report))
+    if not os.path.isdir(checkpoint_dir):
+        raise RuntimeError(f"{name}: training finished without a checkpoint")
+    return last
 
 
 def _parent_run(out: str, resume: bool, tracking_uri: str, recipe: Recipe,
@@ -326,7 +372,7 @@ def _make_tuner(recipe: Recipe, configs: list[dict[str, Any]], tokens: str, toke
     """A ``tune.Tuner``: restored from ``out`` when resuming one there, else a fresh sweep."""
     from ray import tune
 
-    trainable = tune.with_resources(run_trial, {"cpu": 1})
+    trainable = tune.with_resources(run_trial, _trial_resources(workers, use_gpu))
     experiment = storage.join(storage_path(out), SWEEP_NAME)
     if resume and tune.Tuner.can_restore(experiment):
         log.info("resuming the sweep in %s", experiment)
@@ -340,6 +386,21 @@ def _make_tuner(recipe: Recipe, configs: list[dict[str, Any]], tokens: str, toke
                       tune_config=_tune_config(recipe),
                       run_config=tune.RunConfig(name=SWEEP_NAME,
                                                 storage_path=storage_path(out), verbose=0))
+
+
+def _trial_resources(workers: int, use_gpu: bool | None):
+    """What a trial holds. A one-worker trial trains in its own process: it holds that worker's
+    CPU (and GPU) and one CPU more for the Ray Data tasks that read its tokens (a trial's child
+    tasks run inside its placement group). A trial with more workers holds one CPU and its
+    TorchTrainer asks for the rest."""
+    from ray import tune
+
+    from jobs.train_common import use_gpu_default
+
+    if workers > 1:
+        return {"cpu": 1}
+    gpu = use_gpu_default() if use_gpu is None else use_gpu
+    return tune.PlacementGroupFactory([{"CPU": 1, **({"GPU": 1} if gpu else {})}, {"CPU": 1}])
 
 
 def _write_results(recipe: Recipe, rows: list[dict[str, Any]], best: dict[str, Any], out: str,

@@ -49,3 +49,41 @@ def test_generator_refuses_a_train_split_of_only_unsynchronized_clips(tmp_path):
                                              r"\(3 paired only by patient and time skipped\); "
                                              "--allow-unsynchronized"):
         tokens_datasets(str(tmp_path), recipe, counts)
+
+
+def _write_tokens(root, columns: dict) -> str:
+    import pyarrow.parquet as pq
+
+    (root / "tokens").mkdir(parents=True)
+    table = pa.table(columns)
+    pq.write_table(table.slice(0, 2), root / "tokens" / "shard-0.parquet")
+    pq.write_table(table.slice(2), root / "tokens" / "shard-1.parquet")
+    (root / "tokens" / "notes.txt").write_text("not a shard")
+    return str(root)
+
+
+def test_ecg_counts_read_the_flag_columns_without_ray(tmp_path):
+    from jobs.datasets import ecg_counts
+
+    b = _batch()
+    split = ["train", "train", "val", "train"]
+    new = _write_tokens(tmp_path / "new", {"split": split, "ecg_source": b["ecg_source"].tolist(),
+                                           "ecg_sync": b["ecg_sync"].tolist(), "ecg": b["ecg"].reshape(4, -1).tolist()})
+    assert ecg_counts(new) == {"train": {"with_ecg": 2, "without_ecg": 1, "unsynchronized": 1},
+                               "val": {"with_ecg": 1, "without_ecg": 0, "unsynchronized": 0}}
+    # tokens made before the flag columns: the ECG's own values say which rows have one
+    old = _write_tokens(tmp_path / "old", {"split": split, "ecg": b["ecg"].reshape(4, -1).tolist()})
+    assert ecg_counts(old) == {"train": {"with_ecg": 2, "without_ecg": 1, "unsynchronized": 0},
+                               "val": {"with_ecg": 1, "without_ecg": 0, "unsynchronized": 0}}
+
+
+def test_clip_split_counts_read_the_split_column(tmp_path):
+    import pyarrow.parquet as pq
+
+    from jobs.train_tokenizer import split_counts
+
+    (tmp_path / "clips").mkdir()
+    assert split_counts(str(tmp_path)) == {}
+    pq.write_table(pa.table({"split": ["train", "val", "train"], "frames": [[1], [2], [3]]}),
+                   tmp_path / "clips" / "shard-0.parquet")
+    assert split_counts(str(tmp_path)) == {"train": 2, "val": 1}
