@@ -103,18 +103,26 @@ def build_clips(work: Path, studies: int, seconds: float, seed: int, clip, train
         for k in ("frames", "ecg", "study", "heart_rate_bpm"):
             d[k] = np.stack(d[k]) if k in ("frames", "ecg") else np.asarray(d[k])
     out["held_studies"] = sorted(held)
+    # the real SonoSite cine cut the same way (pydicom-data), kept with the corpus so a clips cache
+    # carries it to machines without pydicom-data
+    from echopulse.real_cine import real_cine_clips, vendor_cine_path
+
+    out["real_cine"] = real_cine_clips(clip) if vendor_cine_path() else None
     return out
 
 
 def save_clips(path: Path, data: dict) -> None:
     """The cut corpus as one ``.npz`` (plain arrays: read back without pickle)."""
     arrays = {f"{split}__{k}": np.asarray(v) for split in ("train", "heldout") for k, v in data[split].items()}
+    if data.get("real_cine") is not None:  # so a machine without pydicom-data scores it too
+        arrays["real_cine"] = np.asarray(data["real_cine"], np.uint8)
     np.savez_compressed(path, held_studies=np.asarray(data["held_studies"]), **arrays)
 
 
 def load_clips(path: Path) -> dict:
     with np.load(path, allow_pickle=False) as z:
-        out: dict = {"train": {}, "heldout": {}, "held_studies": z["held_studies"].tolist()}
+        out: dict = {"train": {}, "heldout": {}, "held_studies": z["held_studies"].tolist(),
+                     "real_cine": z["real_cine"] if "real_cine" in z.files else None}
         for key in z.files:
             if "__" in key:
                 split, name = key.split("__", 1)
@@ -147,9 +155,12 @@ class Progress:
 
 
 def train_loop(name: str, model, step_fn, make_batch, steps: int, lr: float, warmup: int,
-               every: int, keys: tuple[str, ...], deadline: float | None, seed: int = 0) -> dict:
+               every: int, keys: tuple[str, ...], deadline: float | None, seed: int = 0,
+               validate=None, val_every: int = 0) -> dict:
     """``steps`` steps of an ``echopulse.training`` step function in the project's one loop
     (:class:`echopulse.training.loop.TrainingLoop`: warmup + cosine LR, fp32, no EMA, no checkpoints).
+    ``validate(step)`` (optional) runs every ``val_every`` steps and at the end; its metrics are
+    logged with the training ones.
 
     With a ``deadline`` (``time.monotonic()``), the loop shortens the run to the steps that fit,
     judged from the pace so far, and the LR schedule with it so it still decays. ``final`` is the
@@ -164,11 +175,12 @@ def train_loop(name: str, model, step_fn, make_batch, steps: int, lr: float, war
     from echopulse.training.loop import TrainingLoop
 
     train = TrainConfig(steps=steps, lr=lr, warmup_steps=warmup, log_every=every, seed=seed, ema_decay=0.0,
-                        bf16=False)
+                        bf16=False, val_every=val_every if validate is not None else 0)
     progress = Progress(name, keys)
     loop = TrainingLoop(model=model, train=train, step_fn=step_fn, logger=progress,
                         batches=(make_batch(i) for i in itertools.count()),
-                        progress=partial(tqdm, disable=True), deadline=deadline)  # the log lines show progress
+                        progress=partial(tqdm, disable=True), deadline=deadline,  # the log lines show progress
+                        validate=validate)
     progress.loop = loop
     t0, cpu0 = time.perf_counter(), time.process_time()
     ran = loop.run()
@@ -243,12 +255,14 @@ def pixel_scores(videos: np.ndarray, ecg: np.ndarray, fps: np.ndarray) -> np.nda
     return np.asarray([pixel_ecg_control(v, f, e)["score"] for v, e, f in zip(videos, ecg, fps)])
 
 
-def real_cine_scores(tokenizer, clip, device) -> dict[str, float]:
+def real_cine_scores(tokenizer, clip, device, clips=None) -> dict[str, float]:
     """The tokenizer on pydicom-data's real SonoSite cine (``echopulse.real_cine``), whole frame
-    and in-sector; nan when pydicom-data is not installed."""
+    and in-sector; ``clips``: the cine's clips from a corpus cache; nan when neither they nor
+    pydicom-data are there."""
     from echopulse.real_cine import real_cine_fidelity, vendor_cine_path
 
-    got = real_cine_fidelity(tokenizer, clip, device=device) if vendor_cine_path() else {}
+    have = clips is not None or vendor_cine_path()
+    got = real_cine_fidelity(tokenizer, clip, device=device, clips=clips) if have else {}
     return {f"real_cine_tokenizer_{k}": got.get(k, float("nan"))
             for k in ("psnr_db", "insector_psnr_db", "insector_ssim")}
 
@@ -421,7 +435,7 @@ def main(argv=None) -> int:
     tok_psnr, tok_ssim = nanmean(tok_scores["psnr"]), nanmean(tok_scores["ssim"])
     seconds["tokenize"] = time.perf_counter() - t
     log.info("tokenizer on held-out clips: PSNR %.2f dB, SSIM %.3f", tok_psnr, tok_ssim)
-    real_cine = real_cine_scores(tokenizer, recipe.clip, device)
+    real_cine = real_cine_scores(tokenizer, recipe.clip, device, data.get("real_cine"))
 
     # generator
     generator = MaskGIT(gen_cfg).to(device)

@@ -47,6 +47,12 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
     parser.add_argument("--log-every", type=int, default=50, help="(default: %(default)s)")
+    parser.add_argument("--eval-every", type=int, default=0,
+                        help="also score the real cine and held-out clips every N steps, a curve in "
+                             "the JSON (default: at the end only)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s; fp32)")
+    parser.add_argument("--budget-min", type=float, default=None,
+                        help="end training in about this many minutes (fewer steps than --steps)")
     parser.add_argument("--clips", default=None, help="cache of the cut corpus (.npz): read if it exists, else written")
     parser.add_argument("--tokenizer", default=None, help="a saved tokenizer (.safetensors): skip training")
     parser.add_argument("--save", default=None, help="write the trained tokenizer here (.safetensors)")
@@ -59,12 +65,16 @@ def main(argv=None) -> int:
 
     from echopulse.evaluate import reconstruct
     from echopulse.models.tokenizer import VideoTokenizer
-    from echopulse.real_cine import real_cine_fidelity, reconstruction_scores
+    from echopulse.real_cine import real_cine_clips, real_cine_fidelity, reconstruction_scores
     from echopulse.training.steps import tokenizer_train_step
     from jobs.recipes import demo
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     load_start = machine()["load_avg"]
     recipe = demo()
     t = time.perf_counter()
@@ -80,31 +90,54 @@ def main(argv=None) -> int:
     data_s = time.perf_counter() - t
     log.info("%d training clips, %d held-out clips (%.0f s)", len(train["frames"]), len(held["frames"]), data_s)
 
-    tokenizer = VideoTokenizer(recipe.tokenizer)
+    deadline = None if args.budget_min is None else time.monotonic() + 60 * args.budget_min
+    real_clips = data.get("real_cine")
+    if real_clips is None:  # no cache with it: cut it here (needs pydicom-data)
+        real_clips = real_cine_clips(recipe.clip)
+    tokenizer = VideoTokenizer(recipe.tokenizer).to(device)
     rng = np.random.default_rng(args.seed)
     n_train = len(train["frames"])
 
     def batch(step: int) -> dict:
-        return {"frames": torch.from_numpy(train["frames"][rng.choice(n_train, args.batch, replace=False)])}
+        idx = rng.choice(n_train, args.batch, replace=False)
+        return {"frames": torch.from_numpy(train["frames"][idx]).to(device)}
+
+    curve: list[dict] = []
+
+    def evaluate(step: int) -> dict[str, float]:
+        """Real-cine and held-out phantom in-sector PSNR now (logged; one point of the curve)."""
+        real_now = real_cine_fidelity(tokenizer, recipe.clip, device=device, clips=real_clips)
+        was = tokenizer.training
+        tokenizer.eval()
+        phantom_now = reconstruction_scores(reconstruct(tokenizer, held["frames"], device=device), held["frames"])
+        tokenizer.train(was)
+        point = {"step": step, "real_insector_psnr_db": real_now["insector_psnr_db"],
+                 "phantom_insector_psnr_db": phantom_now["insector_psnr_db"]}
+        curve.append(point)
+        return {k: v for k, v in point.items() if k != "step"}
 
     if args.tokenizer:
         run = load_trained("tokenizer", tokenizer, args.tokenizer)
     else:
         run = train_loop("tokenizer", tokenizer, tokenizer_train_step, batch, args.steps, args.lr, args.warmup,
-                         args.log_every, ("loss", "psnr", "codebook_usage"), None)
+                         args.log_every, ("loss", "psnr", "codebook_usage", "real_insector_psnr_db",
+                                          "phantom_insector_psnr_db"), deadline,
+                         validate=evaluate if args.eval_every else None, val_every=args.eval_every)
     if args.save:
         from safetensors.torch import save_model
 
         save_model(tokenizer, args.save)
     tokenizer.eval()
-    phantom = reconstruction_scores(reconstruct(tokenizer, held["frames"]), held["frames"])
-    real = real_cine_fidelity(tokenizer, recipe.clip)
+    phantom = reconstruction_scores(reconstruct(tokenizer, held["frames"], device=device), held["frames"])
+    real = real_cine_fidelity(tokenizer, recipe.clip, device=device, clips=real_clips)
     result = {
         "phantom_heldout": phantom,
         "real_cine": real,
         "goal_real_insector_psnr_db": GOAL_INSECTOR_DB,
         "goal_reached": bool(real["insector_psnr_db"] >= GOAL_INSECTOR_DB),
         "steps": run["steps"],
+        "curve": curve,
+        "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
         "seconds": {"data": round(data_s, 1), "train": round(run["seconds"], 1),
                     "cpu_train": round(run["cpu_seconds"], 1)},
         "clips": {"train": int(n_train), "heldout": int(len(held["frames"]))},
