@@ -118,10 +118,10 @@ class EncodeChunks:
                  credentials: storage.Credentials | None = None) -> None:
         import torch
 
-        storage.apply_credentials(credentials)
         from echopulse.models.checkpoint import load_checkpoint
         from echopulse.tokenize import PartTokenizer
 
+        storage.apply_credentials(credentials)
         self._tmp = tempfile.TemporaryDirectory()
         local = storage.local_copy(tokenizer_uri, self._tmp.name)
         model, _, info = load_checkpoint(local, expected_kind="tokenizer")

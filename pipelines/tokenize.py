@@ -18,6 +18,7 @@ import json
 import logging
 import tempfile
 from dataclasses import dataclass
+
 import numpy as np
 import pyarrow.parquet as pq
 
@@ -38,9 +39,9 @@ class TokenizeParts:
                  ecg_samples: int = 0, credentials: storage.Credentials | None = None) -> None:
         import torch
 
-        storage.apply_credentials(credentials)
         from echopulse.models.checkpoint import load_checkpoint
 
+        storage.apply_credentials(credentials)
         self._tmp = tempfile.TemporaryDirectory()
         local = storage.local_copy(tokenizer_uri, self._tmp.name)
         model, _, info = load_checkpoint(local, expected_kind="tokenizer")
