@@ -20,7 +20,50 @@ from echopulse.tracking import RunLogger, create_run, resolve_tracking_uri
 log = logging.getLogger(__name__)
 
 SCREEN_ONLY_EVERY = 3
+VIDEO_SECONDS = 6.0  # the demo video: long enough (several beats) to read its heart rate from the pixels
 STAGES = ("synth", "ingest", "train tokenizer", "tokenize", "train generator", "tune", "generate")
+
+
+def beat_report(frames, fps: float, ecg_bpm: float) -> dict[str, Any]:
+    """Does a generated video beat with its ECG? Its heart rate from the pixels alone
+    (:func:`echopulse.metrics.pixel_heart_rate`) against the ECG's; ``video_bpm`` is nan when the
+    video shows no periodic motion."""
+    import math
+
+    from echopulse.metrics import pixel_heart_rate
+
+    video_bpm, _ = pixel_heart_rate(frames, fps)
+    return {"video_bpm": float(video_bpm), "ecg_bpm": float(ecg_bpm),
+            "within_5bpm": bool(math.isfinite(video_bpm) and abs(video_bpm - ecg_bpm) <= 5.0)}
+
+
+def describe_beat(beat: dict[str, Any]) -> str:
+    """One line for the user: the video's heart rate (from its pixels) against the ECG's."""
+    if beat["video_bpm"] != beat["video_bpm"]:
+        return f"no beat in the video's pixels (ECG {beat['ecg_bpm']:.0f} bpm)"
+    verdict = "beats with its ECG" if beat["within_5bpm"] else "does not beat with its ECG"
+    return f"the video {verdict}: {beat['video_bpm']:.0f} bpm from its pixels, ECG {beat['ecg_bpm']:.0f} bpm"
+
+
+def _generate_videos(checkpoint: str, ecg: Path, out_dir: Path, seed: int) -> tuple[list[str], dict[str, Any]]:
+    """A video of :data:`VIDEO_SECONDS` (or the ECG's length, if shorter) from ``ecg`` (chained
+    windows), written as GIF and MP4, and its :func:`beat_report`."""
+    import math
+
+    from echopulse.config import ECG_FS
+    from echopulse.generate import EchoGenerator, load_ecg_file, render_video
+
+    model = EchoGenerator.from_checkpoint(checkpoint)
+    prepared = load_ecg_file(str(ecg))
+    fps = model.clip.fps
+    # each window reads a little more ECG than it shows (the model's ECG context)
+    margin = max(0.0, model.clip.ecg_samples / ECG_FS - model.clip.frames / fps)
+    seconds = min(VIDEO_SECONDS, math.floor(10 * (prepared.ecg.shape[1] / ECG_FS - margin)) / 10)
+    frames = model.generate(prepared, seconds=seconds, fps=fps, seed=seed)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    videos = [str(render_video(frames, fps, str(out_dir / f"echo{suffix}"), prepared.ecg, prepared.lead_mask,
+                               False)) for suffix in (".gif", ".mp4")]
+    return videos, beat_report(frames, fps, prepared.heart_rate_bpm)
 
 
 def _pick_val_ecg(synth_dir: Path) -> Path:
@@ -123,7 +166,6 @@ def _chain(work: Path, recipe: Recipe, seed: int, uri: str, parent: str, parent_
            outputs: dict[str, Any], stage: Callable[[int, str], float],
            done: Callable[[float, str], None]) -> None:
     """Stages 2-7 of the quickstart (after synth), filling ``outputs``."""
-    from echopulse.generate import generate_to_file
     from jobs.train_generator import train_generator
     from jobs.train_tokenizer import train_tokenizer
     from jobs.tune_masking import tune_masking
@@ -166,11 +208,9 @@ def _chain(work: Path, recipe: Recipe, seed: int, uri: str, parent: str, parent_
 
     t = stage(7, "ECG of a held-out study -> echo video")
     ecg = _pick_val_ecg(work / "synth")
-    videos = []
-    for suffix in (".gif", ".mp4"):
-        res = generate_to_file(gen.checkpoint, str(ecg), str(work / "generated" / f"echo{suffix}"),
-                               seed=seed)
-        videos.append(res["out"])
-        parent_log.log_artifact(res["out"], "generated")
-    outputs["videos"] = videos
-    done(t, ", ".join(videos))
+    videos, beat = _generate_videos(gen.checkpoint, ecg, work / "generated", seed)
+    for path in videos:
+        parent_log.log_artifact(path, "generated")
+    parent_log.log_metrics({k: v for k, v in beat.items() if isinstance(v, float)}, step=0)
+    outputs["videos"], outputs["video_heart_rate"] = videos, beat
+    done(t, f"{', '.join(videos)}; {describe_beat(beat)}")
