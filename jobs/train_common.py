@@ -384,6 +384,16 @@ def scaling(workers: int, use_gpu: bool | None):
     return ScalingConfig(num_workers=workers, use_gpu=gpu, placement_strategy=placement)
 
 
+def data_config(workers: int):
+    """Which datasets Ray Train shards between workers: the training split when there are several
+    workers; never the validation split (each rank validates all of it, and ``gather_mean`` then
+    averages equal figures), and nothing for one worker. An unsplit dataset reaches its worker as a
+    plain iterator: no split-coordinator actor to start for it (seconds per run on a small machine)."""
+    from ray.train import DataConfig
+
+    return DataConfig(datasets_to_split=["train"] if workers > 1 else [])
+
+
 def summarize(kind: str, result: TrainResult) -> dict[str, Any]:
     return {"kind": kind, "checkpoint": result.checkpoint, "run_id": result.run_id,
             **{k: round(v, 5) for k, v in result.metrics.items()}}

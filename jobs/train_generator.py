@@ -19,8 +19,8 @@ from echopulse.errors import EchoPulseError
 from echopulse.training.loop import gather_mean
 from jobs import preflight
 from jobs.datasets import check_tokens_info, ecg_counts, tokens_datasets
-from jobs.train_common import (CachedBatches, TrainResult, WorkerRuntime, export_checkpoint, fail_marker,
-                               latest_checkpoint, log_config_artifact, log_outcome, micro_batch_size,
+from jobs.train_common import (CachedBatches, TrainResult, WorkerRuntime, data_config, export_checkpoint,
+                               fail_marker, latest_checkpoint, log_config_artifact, log_outcome, micro_batch_size,
                                ray_train_runtime, repeat_batches, run_config, run_name, scaling,
                                train_worker_loop)
 
@@ -200,6 +200,7 @@ def build_generator_trainer(datasets: dict[str, Any], recipe: Recipe, tokenizer_
                            "fail_marker": fail_marker(out, name),
                            "resume_from": resume_from, "tokenizer_path": tokenizer_path},
         scaling_config=scaling(workers or recipe.generator_train.workers, use_gpu),
+        dataset_config=data_config(workers or recipe.generator_train.workers),
         run_config=run_config(name, out, recipe.generator_train, callbacks, score=SCORE),
         datasets=datasets,
     )

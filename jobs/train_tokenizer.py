@@ -18,9 +18,9 @@ from echopulse.errors import EchoPulseError
 from echopulse.schema import CLIPS_SCHEMA
 from echopulse.training.loop import gather_mean
 from jobs import preflight
-from jobs.train_common import (CachedBatches, TrainResult, export_checkpoint, fail_marker, latest_checkpoint,
-                               log_config_artifact, log_outcome, micro_batch_size, repeat_batches, run_config,
-                               ray_train_runtime, run_name, scaling, train_worker_loop)
+from jobs.train_common import (CachedBatches, TrainResult, data_config, export_checkpoint, fail_marker,
+                               latest_checkpoint, log_config_artifact, log_outcome, micro_batch_size, repeat_batches,
+                               ray_train_runtime, run_config, run_name, scaling, train_worker_loop)
 
 log = logging.getLogger(__name__)
 
@@ -168,6 +168,7 @@ def train_tokenizer(clips: str, out: str, recipe: Recipe, tracking_uri: str,
                            "fail_marker": fail_marker(out, name),
                            "resume_from": resume_from},
         scaling_config=scaling(workers or recipe.tokenizer_train.workers, use_gpu),
+        dataset_config=data_config(workers or recipe.tokenizer_train.workers),
         run_config=run_config(name, out, recipe.tokenizer_train, score=SCORE),
         datasets=datasets,
     )
