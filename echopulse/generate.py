@@ -47,6 +47,29 @@ class Window:
     ecg_start: int
 
 
+def _ecg_start(start: int, clip: ClipConfig) -> int:
+    """First ECG sample (at ``ECG_FS``) of the window whose first frame is ``start``."""
+    return int(round(start / clip.fps * ECG_FS))
+
+
+def last_window_start(clip: ClipConfig, ecg_samples: int) -> int:
+    """The latest frame a window can start at with its whole conditioning ECG inside the ECG
+    (-1 when not even the first window's fits)."""
+    if clip.ecg_samples > ecg_samples:
+        return -1
+    start = 0
+    while _ecg_start(start + 1, clip) + clip.ecg_samples <= ecg_samples:
+        start += 1
+    return start
+
+
+def longest_video_s(clip: ClipConfig, ecg_samples: int) -> float:
+    """The longest video (seconds at the model's frame rate) an ECG of ``ecg_samples`` samples can
+    condition: its last window ends where the ECG's conditioning runs out (0 when none fits)."""
+    start = last_window_start(clip, ecg_samples)
+    return (start + clip.frames) / clip.fps if start >= 0 else 0.0
+
+
 def plan_windows(model_frames: int, clip: ClipConfig, ecg_samples: int, temporal_patch: int = 2,
                  prime_token_frames: int = 1) -> list[Window]:
     """Where each window of a chained video starts.
@@ -69,16 +92,14 @@ def plan_windows(model_frames: int, clip: ClipConfig, ecg_samples: int, temporal
     frames, need = clip.frames, clip.ecg_samples
 
     def ecg_start(start: int) -> int:
-        return int(round(start / clip.fps * ECG_FS))
+        return _ecg_start(start, clip)
 
     overlap = 1 + temporal_patch * (prime_token_frames - 1)
     if not 1 <= overlap < frames:
         raise ValueError(f"prime_token_frames={prime_token_frames} leaves nothing to generate in a "
                          f"{frames}-frame window")
-    max_start = 0
-    while ecg_start(max_start + 1) + need <= ecg_samples:
-        max_start += 1
-    if need > ecg_samples or max_start + frames < model_frames:
+    max_start = last_window_start(clip, ecg_samples)
+    if max_start < 0 or max_start + frames < model_frames:
         video_s = (model_frames - 1) / clip.fps
         last_start = max(0, model_frames - frames)
         needed = max(need, ecg_start(last_start) + need) / ECG_FS

@@ -73,8 +73,9 @@ def _ecg_flags(batch: dict[str, Any]) -> dict[str, Any]:
     return {"split": batch["split"], "has_ecg": has_ecg(batch), "sync": is_synchronized(batch)}
 
 
-def _flag_columns(ds) -> list[str]:
-    names = ds.schema().names
+def _flag_columns(names: list[str]) -> list[str]:
+    """The column that tells which rows have an ECG (``ecg_source``, else ``ecg_leads``, else the
+    ECG itself), among a dataset's column ``names``."""
     flags = [c for c in ECG_FLAG_COLUMNS if c in names]
     return flags[:1] or ["ecg"]
 
@@ -101,18 +102,15 @@ def ecg_counts(tokens: str) -> dict[str, dict[str, int]]:
     """
     from collections import Counter
 
-    from pipelines.common import read_columns
+    from pipelines.common import parquet_dataset
 
-    uri = storage.join(tokens, "tokens")
+    dataset = parquet_dataset(storage.join(tokens, "tokens"))
     counts: Counter = Counter()
-    flag_columns = ["split", "ecg_source", "ecg_leads", "ecg_sync"]
-    for batch in read_columns(uri, flag_columns):
-        if not {"ecg_source", "ecg_leads"} & set(batch.schema.names):
-            flag_columns = ["split", "ecg", "ecg_sync"]  # tokens written before the flag columns
-            break
-    for batch in read_columns(uri, flag_columns):
-        flags = _ecg_flags(_numpy_batch(batch))
-        counts.update(zip(flags["split"].tolist(), flags["has_ecg"].tolist(), flags["sync"].tolist()))
+    if dataset is not None:
+        names = dataset.schema.names
+        for batch in dataset.to_batches(columns=["split", *_flag_columns(names), *_sync_column(names)]):
+            flags = _ecg_flags(_numpy_batch(batch))
+            counts.update(zip(flags["split"].tolist(), flags["has_ecg"].tolist(), flags["sync"].tolist()))
     splits = sorted({split for split, _, _ in counts})
     return {split: {"with_ecg": counts[(split, True, True)] + counts[(split, True, False)],
                     "without_ecg": counts[(split, False, True)] + counts[(split, False, False)],
@@ -120,8 +118,8 @@ def ecg_counts(tokens: str) -> dict[str, dict[str, int]]:
             for split in splits}
 
 
-def _sync_column(ds) -> list[str]:
-    return ["ecg_sync"] if "ecg_sync" in ds.schema().names else []
+def _sync_column(names: list[str]) -> list[str]:
+    return ["ecg_sync"] if "ecg_sync" in names else []
 
 
 def tokens_datasets(tokens: str, recipe: Recipe, counts: dict[str, dict[str, int]] | None = None,
@@ -174,8 +172,9 @@ def tokens_datasets(tokens: str, recipe: Recipe, counts: dict[str, dict[str, int
     gen = recipe.generator
     conditions = [c for c, on in (("view", gen.num_views > 0), ("ef", gen.ef_conditioning)) if on]
     columns = ["tokens", "ecg", *conditions]
-    flags = [c for c in _flag_columns(ds) if c != "ecg"]
-    ds = ds.select_columns(["tokens", "ecg", "split", *conditions, *flags, *_sync_column(ds)])
+    names = ds.schema().names
+    flags = [c for c in _flag_columns(names) if c != "ecg"]
+    ds = ds.select_columns(["tokens", "ecg", "split", *conditions, *flags, *_sync_column(names)])
     ds = ds.map_batches(_with_ecg, batch_format="numpy",
                         fn_kwargs={"allow_unsynchronized": allow_unsynchronized})
     if conditions:

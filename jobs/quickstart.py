@@ -46,19 +46,14 @@ def describe_beat(beat: dict[str, Any]) -> str:
 
 
 def _generate_videos(checkpoint: str, ecg: Path, out_dir: Path, seed: int) -> tuple[list[str], dict[str, Any]]:
-    """A video of :data:`VIDEO_SECONDS` (or the ECG's length, if shorter) from ``ecg`` (chained
-    windows), written as GIF and MP4, and its :func:`beat_report`."""
-    import math
-
-    from echopulse.config import ECG_FS
-    from echopulse.generate import EchoGenerator, load_ecg_file, render_video
+    """A video of :data:`VIDEO_SECONDS` (or the longest the ECG can condition) from ``ecg``
+    (chained windows), written as GIF and MP4, and its :func:`beat_report`."""
+    from echopulse.generate import EchoGenerator, load_ecg_file, longest_video_s, render_video
 
     model = EchoGenerator.from_checkpoint(checkpoint)
     prepared = load_ecg_file(str(ecg))
     fps = model.clip.fps
-    # each window reads a little more ECG than it shows (the model's ECG context)
-    margin = max(0.0, model.clip.ecg_samples / ECG_FS - model.clip.frames / fps)
-    seconds = min(VIDEO_SECONDS, math.floor(10 * (prepared.ecg.shape[1] / ECG_FS - margin)) / 10)
+    seconds = min(VIDEO_SECONDS, longest_video_s(model.clip, prepared.ecg.shape[1]))
     frames = model.generate(prepared, seconds=seconds, fps=fps, seed=seed)
     out_dir.mkdir(parents=True, exist_ok=True)
     videos = [str(render_video(frames, fps, str(out_dir / f"echo{suffix}"), prepared.ecg, prepared.lead_mask,

@@ -34,12 +34,13 @@ def read_parquet_dir(uri: str):
     return ray.data.read_parquet(path, filesystem=fs, file_extensions=["parquet"])
 
 
-def read_columns(uri: str, columns: list[str]):
-    """Record batches of ``columns`` (those the files have) of the Parquet files under ``uri``,
-    read by this process with pyarrow: no Ray Data execution.
+def parquet_dataset(uri: str):
+    """The Parquet files under ``uri`` as a pyarrow dataset, read by this process (no Ray Data
+    execution), or ``None`` when there are none.
 
     For the small per-row columns a job counts before it starts (split, ECG flags): Parquet reads
-    only those columns, so this costs milliseconds where a Ray Data pass costs seconds of start-up.
+    only the columns asked for, so this costs milliseconds where a Ray Data pass costs seconds of
+    start-up.
     """
     import pyarrow.dataset as pads
     import pyarrow.fs as pafs
@@ -48,10 +49,14 @@ def read_columns(uri: str, columns: list[str]):
     fs = fs or pafs.LocalFileSystem()
     found = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
     files = sorted(f.path for f in found if f.type == pafs.FileType.File and f.path.endswith(".parquet"))
-    if not files:
-        return
-    dataset = pads.dataset(files, format="parquet", filesystem=fs)
-    yield from dataset.to_batches(columns=[c for c in columns if c in dataset.schema.names])
+    return pads.dataset(files, format="parquet", filesystem=fs) if files else None
+
+
+def read_columns(uri: str, columns: list[str]):
+    """Record batches of ``columns`` (those the files have) of :func:`parquet_dataset`."""
+    dataset = parquet_dataset(uri)
+    if dataset is not None:
+        yield from dataset.to_batches(columns=[c for c in columns if c in dataset.schema.names])
 
 
 def match_torch_threads_to_actor() -> int:

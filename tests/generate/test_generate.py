@@ -11,7 +11,7 @@ from PIL import Image
 from echopulse.cli import EXIT_BAD_INPUT, EXIT_OK, main
 from echopulse.config import ClipConfig
 from echopulse.errors import EchoPulseError
-from echopulse.generate import plan_windows, prime_frames
+from echopulse.generate import longest_video_s, plan_windows, prime_frames
 
 from .test_video_out import gif_frames_and_fps, mp4_frames_and_fps
 
@@ -26,6 +26,20 @@ def test_api_returns_uint8_video_deterministic_per_seed(model, ecg_file):
     assert video.dtype == np.uint8 and video.shape == (model.clip.frames, model.size, model.size)
     assert np.array_equal(video, model.generate(ecg_file, seed=3))
     assert not np.array_equal(video, model.generate(ecg_file, seed=4))
+
+
+@pytest.mark.parametrize("ecg_samples", [299, 300, 749, 750, 1500])
+def test_longest_video_is_the_last_one_the_ecg_can_condition(ecg_samples):
+    clip = ClipConfig(frames=5, size=32, fps=5.0, ecg_samples=300)
+    seconds = longest_video_s(clip, ecg_samples)
+    if ecg_samples < clip.ecg_samples:
+        assert seconds == 0.0
+        return
+    frames = int(round(seconds * clip.fps))
+    assert frames >= clip.frames
+    plan_windows(frames, clip, ecg_samples)  # fits
+    with pytest.raises(EchoPulseError, match="needs"):
+        plan_windows(frames + 1, clip, ecg_samples)  # one frame more does not
 
 
 def test_plan_windows_covers_the_video_with_token_aligned_priming():
