@@ -78,14 +78,13 @@ class Peaks:
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
-        import ray
-
+        stats = None
         while not self._stop.is_set():
             self.rss = max(self.rss, self.proc.memory_info().rss)
             try:
-                total = ray.cluster_resources().get("object_store_memory", 0)
-                free = ray.available_resources().get("object_store_memory", total)
-                self.store = max(self.store, int(total - free))
+                if stats is None:
+                    stats = plasma_bytes_used()
+                self.store = max(self.store, stats())
             except Exception:  # Ray not up yet
                 pass
             self._stop.wait(self.period)
@@ -97,6 +96,16 @@ class Peaks:
     def __exit__(self, *exc):
         self._stop.set()
         self._thread.join()
+
+
+def plasma_bytes_used():
+    """A function giving the bytes the cluster's object stores hold now (what ``ray memory
+    --stats-only`` prints; Ray's private API, the only place that reports it)."""
+    import ray
+    from ray._private.internal_api import get_memory_info_reply, get_state_from_address
+
+    state = get_state_from_address(ray.get_runtime_context().gcs_address)
+    return lambda: int(get_memory_info_reply(state).store_stats.object_store_bytes_used)
 
 
 def count_files(out: str) -> int:
@@ -144,6 +153,9 @@ def main(argv=None) -> int:
     parser.add_argument("--sizes", type=int, nargs=2, default=(1000, 4000), metavar=("SMALL", "LARGE"))
     parser.add_argument("--quick", action="store_true", help="sizes 100 and 400 (a shared machine)")
     parser.add_argument("--cpus", type=int, default=2, help="Ray CPUs (default: %(default)s)")
+    parser.add_argument("--gpus", type=int, default=0,
+                        help="Ray GPUs (default: %(default)s: encoders on CPU even where a GPU exists, "
+                             "so the actor scan measures cores)")
     parser.add_argument("--no-s3", action="store_true", help="skip the moto S3 run")
     parser.add_argument("--no-two-stage", action="store_true", help="skip ingest-then-tokenize")
     parser.add_argument("--inputs-per-task", type=int, default=512,
@@ -151,6 +163,7 @@ def main(argv=None) -> int:
     parser.add_argument("--actors-scan", type=int, default=0, metavar="INPUTS",
                         help="only measure tokenize clips/s at 1 and 2 actors over INPUTS inputs "
                              "(clips in ~1 MiB shards so both actors get parts)")
+    parser.add_argument("--actors", type=int, default=1, help="encoder actors in the one pass")
     parser.add_argument("--json", default=None, help="write the figures here")
     parser.add_argument("--workdir", default=None)
     args = parser.parse_args(argv)
@@ -169,7 +182,8 @@ def main(argv=None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     recipe = tiny()
     tokenizer = write_random_tokens(str(work / "unused"), recipe, n=2)
-    ray.init(num_cpus=args.cpus, object_store_memory=512 << 20, include_dashboard=False,
+    ray.init(num_cpus=args.cpus, num_gpus=args.gpus, object_store_memory=512 << 20,
+             include_dashboard=False,
              log_to_driver=False, logging_level=logging.WARNING)
     from ray.data import DataContext
 
@@ -183,7 +197,8 @@ def main(argv=None) -> int:
     def fused(name: str, manifest: Path, out: str) -> dict:
         with Peaks() as peaks:
             t0 = time.perf_counter()
-            summary = run_ingest_tokens(str(manifest), out, recipe.clip, tokenizer, shards=shards)
+            summary = run_ingest_tokens(str(manifest), out, recipe.clip, tokenizer, shards=shards,
+                                        actors=args.actors)
             wall = time.perf_counter() - t0
         r = {"inputs": summary.inputs, "tokens": summary.tokens, "wall_s": round(wall, 2),
              "inputs_per_s": round(summary.inputs / wall, 2), "driver_rss_mb": round(peaks.rss / 2**20, 1),
@@ -253,7 +268,8 @@ def main(argv=None) -> int:
         "s3_output_requests_per_input": results.get("s3", {}).get("output_requests_per_input"),
         "fused_speedup": (round(a["inputs_per_s"] / results["two_stage"]["inputs_per_s"], 2)
                           if "two_stage" in results else None),
-        "sizes": [small, large], "ray_cpus": cores, "inputs_per_task": args.inputs_per_task,
+        "sizes": [small, large], "ray_cpus": cores, "ray_gpus": args.gpus,
+        "inputs_per_task": args.inputs_per_task, "actors": args.actors,
         "runs": results,
         "load_avg": os.getloadavg(),
     }

@@ -110,7 +110,8 @@ def search_space(tune_cfg: TuneConfig, base_lr: float) -> list[dict[str, Any]]:
 
 
 def trial_recipe(recipe: Recipe, trial: dict[str, Any]) -> Recipe:
-    """The recipe one trial trains and samples with."""
+    """The recipe one trial trains and samples with: it validates at every logged step (whatever
+    the recipe's ``val_every``), so the scheduler can compare trials early."""
     steps = recipe.tune.steps
     return replace(
         recipe,
@@ -118,7 +119,7 @@ def trial_recipe(recipe: Recipe, trial: dict[str, Any]) -> Recipe:
                           mask_ratio_min=trial["mask_ratio_min"],
                           mask_ratio_max=trial["mask_ratio_max"]),
         generator_train=replace(recipe.generator_train, steps=steps, lr=trial["lr"],
-                                log_every=max(1, min(recipe.generator_train.log_every, steps))),
+                                log_every=max(1, min(recipe.generator_train.log_every, steps)), val_every=0),
         sampling=replace(recipe.sampling, schedule=trial["sampling_schedule"],
                          guidance=trial["guidance"], temperature=trial["temperature"],
                          order=trial.get("sampling_order", recipe.sampling.order)),

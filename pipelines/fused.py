@@ -42,6 +42,7 @@ from pipelines.shards import MB, ChunkWriter, ShardConfig, write_outcomes
 log = logging.getLogger(__name__)
 
 ENCODER_CPUS = 2.0
+SMALL_ENCODER_CPUS, SMALL_DECODE_CPUS = 0.5, 0.75  # clusters of fewer than 4 CPUs
 DECODE_CHUNK_MB = 64.0  # clip bytes per chunk handed to the encoders (below Ray's block target)
 TOKEN_EXTRA = ("ecg_source", "ecg_leads", "source_uri")
 
@@ -223,9 +224,10 @@ def run_ingest_tokens(manifest: str, out: str, clip: ClipConfig, tokenizer: str,
         actors: tokenizer actors; batch_size: clips per encode call; use_gpu: a GPU per actor
             (``None``: when the cluster has GPUs).
         encoder_cpus: CPUs each tokenizer actor reserves (torch's threads on a CPU encoder;
-            default 2, or 0.5 on a cluster of fewer than 4 CPUs, so decoders still fit). It differs
-            from the decode tasks' one CPU on purpose: Ray Data fuses a task map into the next
-            actor map when their resources match, which would put decoding on the encoders.
+            default 2, or 0.5 on a cluster of fewer than 4 CPUs, where decode tasks take 0.75 so
+            that two fit beside it). It differs from the decode tasks' CPUs on purpose: Ray Data
+            fuses a task map into the next actor map when their resources match, which would put
+            decoding on the encoders.
 
     Raises:
         EchoPulseError: a tokenizer of another clip geometry, or not one input tokenized.
@@ -283,14 +285,18 @@ def _run_fused_pass(manifest: str, out: str, clip: ClipConfig, tokenizer: str, s
     init_ray()
     if use_gpu is None:
         use_gpu = ray.cluster_resources().get("GPU", 0) >= 1
+    small = ray.cluster_resources().get("CPU", 1) < 4
     if encoder_cpus is None:
-        encoder_cpus = ENCODER_CPUS if ray.cluster_resources().get("CPU", 1) >= 4 else 0.5
+        encoder_cpus = SMALL_ENCODER_CPUS if small else ENCODER_CPUS
+    # on a small cluster two decoders still fit beside the encoder (which waits for them most of
+    # the time); 1 CPU each would leave a core's worth idle
+    decode_cpus = SMALL_DECODE_CPUS if small else 1.0
     remote_args = ray_remote_args(manifest, out, tokenizer, keep_clips)
     credentials = worker_credentials(manifest, out, tokenizer, keep_clips)
     decode = make_decode_task_fn(clip, storage.parent(manifest), out, salt, options, shards, keep_clips,
                                  credentials=credentials)
     ds = plan_dataset(manifest, out, shards, resume, remote_args, listing)
-    ds = ds.flat_map(decode, num_cpus=1, **remote_args)
+    ds = ds.flat_map(decode, num_cpus=decode_cpus, **remote_args)
     ds = ds.map(EncodeChunks, fn_constructor_kwargs={
         "tokenizer_uri": tokenizer, "out": out, "shards": shards, "batch_size": batch_size,
         "use_gpu": bool(use_gpu), "ecg_samples": clip.ecg_samples, "credentials": credentials},

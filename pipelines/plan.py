@@ -246,6 +246,9 @@ def check_plan(out: str, info: dict[str, Any], resume: bool) -> None:
     storage.write_text(target, json.dumps(info))
 
 
+PLAN_CPUS = 0.5  # not the decode tasks' 1 CPU: Ray Data would fuse planning into decoding
+
+
 def plan_dataset(manifest: str, out: str, shards: ShardConfig, resume: bool,
                  remote_args: dict[str, Any] | None = None, listing: dict[str, list[str]] | None = None):
     """The plan of an ingest run over ``manifest`` into ``out``: a lazy Ray Dataset of plan rows.
@@ -276,6 +279,9 @@ def plan_dataset(manifest: str, out: str, shards: ShardConfig, resume: bool,
     raw = manifest_dataset(manifest, kind, names, remote_args)
     ds = raw.map_batches(make_normalize_fn(is_echonet(names), n_groups), batch_format="pyarrow",
                          batch_size=4096, **remote_args)
-    return ds.groupby("_group", num_partitions=min(n_groups, 64)).map_groups(
+    plan = ds.groupby("_group", num_partitions=min(n_groups, 64)).map_groups(
         make_plan_fn(out, done_files, worker_credentials(out) if done_files else None), batch_format="pyarrow",
-        **remote_args)
+        num_cpus=PLAN_CPUS, **remote_args)
+    # a hash partition can hold several groups, and so one block of plan rows: one group per
+    # block instead, so that each decode task takes one group and its output stays one group's
+    return plan.repartition(target_num_rows_per_block=1)
