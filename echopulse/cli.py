@@ -368,7 +368,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     return EXIT_OK if status in submit.TERMINAL else EXIT_FAILED
 
 
-RECIPE_HELP = "recipe: tiny, demo, paper or a recipe .json (default: %(default)s)"
+RECIPE_HELP = "recipe: tiny, demo, demo48, paper or a recipe .json (default: %(default)s)"
 CHECKPOINT_HELP = ("generator checkpoint directory or URI, or an MLflow model: models:/NAME@ALIAS, "
                    "models:/NAME/VERSION, runs:/RUN_ID/model")
 GUIDANCE_HELP = ("classifier-free guidance weight g: logits = cond + g * (cond - uncond); 0 is "
