@@ -57,3 +57,19 @@ def test_a_million_row_manifest_is_planned_without_the_driver_holding_its_rows(t
     # the rows as driver dicts (the old plan) take ~450 MiB; the plan's driver grows by far less
     grown = (rss.peak - rss.start) / 2**20
     assert grown < 150, f"driver grew {grown:.0f} MiB planning {ROWS} rows"
+
+
+def test_each_group_reaches_the_next_stage_as_its_own_block(tmp_path, ray_session):
+    """A hash partition often holds several groups; a decode task must still get one group, so that
+    its output (the group's clip chunks) does not grow with the run (bench/scale.py's object store)."""
+    manifest = tmp_path / "manifest.csv"
+    rows = [f"echo/s_{i:03d}.dcm,ecg/s_{i:03d}.hea,A4C" for i in range(40)]
+    manifest.write_text("echo,ecg,view\n" + "\n".join(rows) + "\n")
+    plan = plan_dataset(str(manifest), str(tmp_path / "out"), ShardConfig(inputs_per_task=4), False)
+
+    def block_size(batch):  # the next stage as decoding runs it: a 1-CPU task over whole blocks
+        return {"plan_rows": [len(batch["group"])], "inputs": [int(sum(batch["inputs"]))]}
+
+    blocks = list(plan.map_batches(block_size, batch_size=None, num_cpus=1).iter_rows())
+    assert sum(b["inputs"] for b in blocks) == 40
+    assert [b["plan_rows"] for b in blocks] == [1] * 10  # ten groups of four, one per block
