@@ -90,10 +90,6 @@ def plan_windows(model_frames: int, clip: ClipConfig, ecg_samples: int, temporal
         EchoPulseError: when the ECG does not cover the windows the video needs.
     """
     frames, need = clip.frames, clip.ecg_samples
-
-    def ecg_start(start: int) -> int:
-        return _ecg_start(start, clip)
-
     overlap = 1 + temporal_patch * (prime_token_frames - 1)
     if not 1 <= overlap < frames:
         raise ValueError(f"prime_token_frames={prime_token_frames} leaves nothing to generate in a "
@@ -102,7 +98,7 @@ def plan_windows(model_frames: int, clip: ClipConfig, ecg_samples: int, temporal
     if max_start < 0 or max_start + frames < model_frames:
         video_s = (model_frames - 1) / clip.fps
         last_start = max(0, model_frames - frames)
-        needed = max(need, ecg_start(last_start) + need) / ECG_FS
+        needed = max(need, _ecg_start(last_start, clip) + need) / ECG_FS
         raise EchoPulseError(
             f"the ECG is {ecg_samples / ECG_FS:.2f} s long; {video_s + 1 / clip.fps:.2f} s of video "
             f"needs {needed:.2f} s of ECG (each {clip.seconds:.2f} s window of this model is "
@@ -114,7 +110,7 @@ def plan_windows(model_frames: int, clip: ClipConfig, ecg_samples: int, temporal
         if start + frames - 1 <= end or start < 0:
             raise EchoPulseError(f"the ECG ({ecg_samples / ECG_FS:.2f} s) is too short for "
                                  f"{model_frames} frames at {clip.fps:g} fps")
-        windows.append(Window(start, end - start + 1, ecg_start(start)))
+        windows.append(Window(start, end - start + 1, _ecg_start(start, clip)))
         end = start + frames - 1
     return windows
 

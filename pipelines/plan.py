@@ -246,7 +246,7 @@ def check_plan(out: str, info: dict[str, Any], resume: bool) -> None:
     storage.write_text(target, json.dumps(info))
 
 
-PLAN_CPUS = 0.5  # not the decode tasks' 1 CPU: Ray Data would fuse planning into decoding
+PLAN_CPUS = 0.5  # not the decode tasks' CPUs (1, or 0.75): equal ones fuse planning into decoding
 
 
 def plan_dataset(manifest: str, out: str, shards: ShardConfig, resume: bool,
