@@ -147,6 +147,8 @@ class GeneratorConfig:
             ``ECG_FS`` Hz). Cross-attention alone has to learn which ECG patch belongs to which
             frame; this gives the alignment directly (see docs/architecture.md).
         fps: the clip's frame rate (``ClipConfig.fps``): where each token frame lies on the ECG.
+        temporal_patch: the tokenizer's temporal patch (``TokenizerConfig.temporal_patch``): token
+            frame ``j >= 1`` holds frames ``p(j - 1) + 1 .. pj``, which places it on the ECG.
         prime_prob: fraction of training samples whose leading token frames are left unmasked:
             half of them the first token frame alone (generation primed with a first frame), half
             :attr:`chain_prime_token_frames` of them (what each chained window of a long video is
@@ -174,6 +176,7 @@ class GeneratorConfig:
     ef_conditioning: bool = False  # also conditioned on the ejection fraction, in [0, 1]
     ecg_frame_embedding: bool = True
     fps: float = 5.0
+    temporal_patch: int = 2
     prime_prob: float = 0.3
     lead_dropout: float = 0.3
     lead_mask_input: bool = True
@@ -319,6 +322,10 @@ class Recipe:
         if gen.ecg_frame_embedding and abs(gen.fps - self.clip.fps) > 1e-6:
             raise ValueError(f"generator.fps {gen.fps} differs from clip.fps {self.clip.fps}: the "
                              f"ECG frame embedding would look at the wrong part of the ECG")
+        if gen.ecg_frame_embedding and gen.temporal_patch != self.tokenizer.temporal_patch:
+            raise ValueError(f"generator.temporal_patch {gen.temporal_patch} differs from the "
+                             f"tokenizer's {self.tokenizer.temporal_patch}: the ECG frame embedding "
+                             f"would place token frames at the wrong times")
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -252,6 +252,7 @@ def frechet_distance(features_a: np.ndarray, features_b: np.ndarray) -> float:
 
 PIXEL_HR_RANGE_BPM = (35.0, 190.0)  # heart rates the autocorrelation looks for
 PIXEL_HR_MIN_PEAK = 0.3  # autocorrelation a beat must reach to be believed
+PIXEL_HR_UPSAMPLE = 4  # the motion is resampled this much finer before its autocorrelation
 
 
 def motion_component(video: np.ndarray) -> np.ndarray:
@@ -270,30 +271,38 @@ def motion_component(video: np.ndarray) -> np.ndarray:
     return u[:, 0] * s[0]
 
 
-def pixel_heart_rate(video: np.ndarray, fps: float) -> tuple[float, float]:
+def pixel_heart_rate(video: np.ndarray, fps: float, upsample: int = PIXEL_HR_UPSAMPLE) -> tuple[float, float]:
     """Heart rate (bpm) of a video from its pixels: autocorrelation of :func:`motion_component`.
 
-    The beat period is the shortest autocorrelation peak (within :data:`PIXEL_HR_RANGE_BPM`)
-    reaching 0.8 of the highest one, refined by a parabola through its neighbours.
+    The motion is first resampled ``upsample`` times finer (polyphase, band-limited), so a period
+    between two whole frames (134 bpm at 10 fps is 4.48 frames) has its own autocorrelation peak
+    instead of leaving the highest one at two periods (8.96, near 9). The beat period is the
+    shortest autocorrelation peak (within :data:`PIXEL_HR_RANGE_BPM`) reaching 0.8 of the highest
+    one, refined by a parabola through its neighbours.
 
     Returns:
         ``(bpm, peak)``: ``peak`` is the normalised autocorrelation at the period; ``bpm`` is
         ``nan`` (rejected) when no peak reaches :data:`PIXEL_HR_MIN_PEAK` -- a still, noisy or
         aperiodic video has no heart rate. Needs about two beats of video.
     """
+    from scipy.signal import resample_poly
+
     m = motion_component(video)
     n = len(m)
     if n < 4 or not np.any(m):
         return float("nan"), 0.0
     m = m - np.polyval(np.polyfit(np.arange(n), m, 1), np.arange(n))  # drift is not a beat
+    up = max(1, int(upsample))
+    m = resample_poly(m, up, 1) if up > 1 else m
+    n, rate = len(m), fps * up  # samples and samples per second from here on
     full = np.correlate(m, m, mode="full")[n - 1:]
     if full[0] <= 0:
         return float("nan"), 0.0
     # unbiased: each lag normalised by its overlap, so long lags are not penalised
     ac = full / full[0] * n / (n - np.arange(n))
-    lo = max(1, int(np.floor(fps * 60.0 / PIXEL_HR_RANGE_BPM[1])))
-    hi = min(n - 2, int(np.ceil(fps * 60.0 / PIXEL_HR_RANGE_BPM[0])), (2 * n) // 3)
-    peaks = [k for k in range(max(lo, 1), hi + 1) if ac[k] >= ac[k - 1] and ac[k] >= ac[k + 1]]
+    lo = max(1, int(np.floor(rate * 60.0 / PIXEL_HR_RANGE_BPM[1])))
+    hi = min(n - 2, int(np.ceil(rate * 60.0 / PIXEL_HR_RANGE_BPM[0])), (2 * n) // 3)
+    peaks = [k for k in range(lo, hi + 1) if ac[k] >= ac[k - 1] and ac[k] >= ac[k + 1]]
     if not peaks:
         return float("nan"), 0.0
     best = max(ac[k] for k in peaks)
@@ -302,7 +311,7 @@ def pixel_heart_rate(video: np.ndarray, fps: float) -> tuple[float, float]:
     k = next(k for k in peaks if ac[k] >= 0.8 * best)
     denom = ac[k - 1] - 2 * ac[k] + ac[k + 1]
     shift = 0.5 * (ac[k - 1] - ac[k + 1]) / denom if denom < 0 else 0.0
-    return float(60.0 * fps / (k + float(np.clip(shift, -0.5, 0.5)))), float(ac[k])
+    return float(60.0 * rate / (k + float(np.clip(shift, -0.5, 0.5)))), float(ac[k])
 
 
 def beat_phase_locking(video: np.ndarray, fps: float, r_peaks_s: np.ndarray, bins: int = 5) -> float:

@@ -22,6 +22,7 @@ def test_recipe_parts_agree(name):
     assert r.generator.token_grid == r.tokenizer.token_grid
     assert r.generator.vocab_size == r.tokenizer.codebook_size
     assert r.generator.ecg.samples == r.clip.ecg_samples
+    assert r.generator.temporal_patch == r.tokenizer.temporal_patch
 
 
 def test_paper_size_matches_the_paper():
@@ -29,6 +30,17 @@ def test_paper_size_matches_the_paper():
     assert (r.clip.frames, r.clip.size) == (11, 128)
     assert r.generator.seq_len == 1536
     assert (r.generator.dim, r.generator.depth, r.generator.heads) == (512, 6, 8)
+
+
+def test_generator_and_tokenizer_must_share_the_temporal_patch():
+    data = to_dict(get_recipe("demo"))
+    data["generator"]["temporal_patch"] = 2
+    with pytest.raises(ValueError, match="temporal_patch 2 differs from the tokenizer's 1"):
+        from_dict(Recipe, data)
+    # a recipe saved before the field existed (patch 2 on both sides) still loads
+    old = to_dict(paper())
+    del old["generator"]["temporal_patch"]
+    assert from_dict(Recipe, old) == paper()
 
 
 def test_clip_frames_must_be_odd():

@@ -7,10 +7,11 @@ classifier-free guidance needs at sampling time (``generate``, see ``sampling.py
 
 ECG frame embedding (``GeneratorConfig.ecg_frame_embedding``, on by default): every token of
 token frame ``j`` also gets an embedding of the raw 12-lead ECG window around that frame's time
-(frame 0 alone, then frames ``2j - 1, 2j``; the ECG starts at the clip's first frame). Cross-attention
-alone has to discover which ECG patch belongs to which frame, and in CPU-sized training runs it did
-not; the frame embedding hands the timing of each beat to the frames it shapes. It is dropped with
-the rest of the condition.
+(frame 0 alone, then the frames of the tokenizer's temporal patch, ``2j - 1, 2j`` with a patch of
+2; the ECG starts at the clip's first frame). Cross-attention alone has to discover which ECG
+patch belongs to which frame, and in CPU-sized training runs it did not; the frame embedding
+hands the timing of each beat to the frames it shapes. It is dropped with the rest of the
+condition.
 
 Optional extra conditions (``GeneratorConfig.num_views``, ``ef_conditioning``): a learned embedding
 of the echo view id and an MLP of the ejection fraction are added to every ECG context token (each
@@ -170,8 +171,8 @@ class MaskGIT(nn.Module):
         """ECG ``(b, 12, L)`` -> one embedding per token frame ``(b, t', dim)``, or ``None`` when
         the config has no ECG frame embedding.
 
-        Token frame 0 is video frame 0 (time 0); token frame ``j >= 1`` holds frames ``2j - 1``
-        and ``2j``. Each token frame sees the ``2 * ECG_FS / fps`` ECG samples centred on its
+        Token frame 0 is video frame 0 (time 0); token frame ``j >= 1`` holds frames
+        ``p(j - 1) + 1 .. pj`` (``p``: ``GeneratorConfig.temporal_patch``). Each token frame sees the ``2 * ECG_FS / fps`` ECG samples centred on its
         frames (zero-padded past either end of the ECG).
         """
         if self.ecg_frame_embed is None:
@@ -183,7 +184,8 @@ class MaskGIT(nn.Module):
         spf, window = cfg.ecg_samples_per_frame, self.frame_window
         t = cfg.token_grid[0]
         # window starts on the padded ECG (padded by `window` on the left)
-        centres = [0] + [round((2 * j - 0.5) * spf) for j in range(1, t)]
+        p = cfg.temporal_patch  # token frame j >= 1 is centred on frame pj - (p - 1) / 2
+        centres = [0] + [round((p * j - (p - 1) / 2) * spf) for j in range(1, t)]
         starts = torch.tensor([window + c - window // 2 for c in centres], device=ecg.device)
         padded = F.pad(ecg.float(), (window, window))  # (b, l, L + 2 window)
         index = starts[:, None] + torch.arange(window, device=ecg.device)  # (t', window)

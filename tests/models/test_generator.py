@@ -184,6 +184,22 @@ def test_ecg_frame_embedding_sees_each_token_frames_own_time():
         model.encode_ecg_frames(torch.randn(1, 12, 250))
 
 
+def test_ecg_frame_embedding_follows_a_temporal_patch_of_one():
+    """With one frame per token frame (``temporal_patch=1``), token frame j is video frame j and
+    its window is the ECG from frame j - 1 to frame j + 1."""
+    torch.manual_seed(0)
+    cfg = GeneratorConfig(token_grid=(5, 4, 4), fps=5.0, temporal_patch=1)  # 50 samples per frame
+    model = MaskGIT(cfg).eval()
+    ecg = torch.randn(1, cfg.ecg.leads, cfg.ecg.samples)
+    base = model.encode_ecg_frames(ecg)
+    spf = cfg.ecg_samples_per_frame
+    for sample, moved in ((10, {0, 1}), (int(2.5 * spf), {2, 3}), (4 * spf, {4})):
+        bumped = ecg.clone()
+        bumped[:, :, sample] += 5.0
+        changed = (model.encode_ecg_frames(bumped) - base).abs().amax(-1)[0] > 1e-6
+        assert {j for j in range(5) if changed[j]} == moved, (sample, changed)
+
+
 def test_primed_training_rows_never_mask_the_first_frame():
     torch.manual_seed(0)
     # every position drawn for masking: only priming can leave the first token frame visible
