@@ -115,7 +115,7 @@ def paper() -> Recipe:
     base = demo()
     clip = ClipConfig(frames=11, size=128, fps=10.0, ecg_samples=2250)
     # the paper's temporal patch of 2 (6 token frames); at 10 fps it smears beats above ~110 bpm
-    # (see demo): train at 20 fps (21 frames) for fast hearts
+    # (see demo; docs/architecture.md, "Temporal patch 1 for the demo recipes")
     tokenizer = replace(base.tokenizer, image_size=128, dim=256, spatial_depth=4, temporal_depth=4,
                         heads=8, fsq_levels=(8, 8, 8, 5, 5, 5), temporal_patch=2)
     # the released ST-MEM encoder is ViT-B/75 (width 768, depth 12, 12 heads of 64, 2250 samples

@@ -194,28 +194,33 @@ def test_bad_input_is_one_line_exit_2_and_no_output(tiny_checkpoint, ecg_file, t
     assert not out_dir.exists() or list(out_dir.iterdir()) == []
 
 
-def test_chained_windows_start_from_the_models_own_tokens():
+@pytest.mark.parametrize("patch, prime_k", [(2, 2), (1, 3)])
+def test_chained_windows_start_from_the_models_own_tokens(patch, prime_k):
     """A window is primed with its first frame (encoded alone) plus the previous window's own
-    generated token frames that cover the same frames -- not pixels re-encoded."""
+    generated token frames that cover the same frames -- not pixels re-encoded -- with pairs of
+    frames per token frame (patch 2) or one (patch 1, the demo recipes')."""
     import torch
 
     from echopulse.config import SamplingConfig
 
     calls = []
     model, cfg = _recording_model(11, 600, SamplingConfig(steps=2, guidance=0.0, window_candidates=1),
-                                  lambda ecg, kwargs, out: calls.append((kwargs.get("prime_tokens"), out)))
+                                  lambda ecg, kwargs, out: calls.append((kwargs.get("prime_tokens"), out)),
+                                  temporal_patch=patch)
     clip = model.clip
     ecg = np.random.default_rng(0).standard_normal((12, 250 * 10)).astype(np.float32)
     model.generate(ecg, seconds=7.0)
     frames_needed = model._frame_plan(7.0, None, ecg.shape[1])[0]
-    windows = plan_windows(frames_needed, clip, ecg.shape[1], 2, cfg.chain_prime_token_frames)
+    windows = plan_windows(frames_needed, clip, ecg.shape[1], patch, cfg.chain_prime_token_frames)
     assert len(calls) == len(windows) >= 3
     checked = 0
     for (prime, _), (_, previous), (w, w_prev) in zip(calls[1:], calls[:-1], zip(windows[1:], windows[:-1])):
         hop = w.start - w_prev.start
-        assert prime.shape[1] == cfg.chain_prime_token_frames == 2
-        if hop % 2 == 0:
-            assert torch.equal(prime[:, 1:], previous[:, hop // 2 + 1:hop // 2 + 2])
+        assert prime.shape[1] == cfg.chain_prime_token_frames == prime_k
+        assert w.overlap == 1 + patch * (prime_k - 1) or w is windows[-1]
+        if hop % patch == 0:
+            j0 = hop // patch
+            assert torch.equal(prime[:, 1:], previous[:, j0 + 1:j0 + prime_k])
             checked += 1
     assert checked >= 2
 
@@ -276,7 +281,7 @@ def test_a_chained_window_is_redrawn_until_it_keeps_the_first_windows_look():
     assert _closest_to_anchor(draw, anchor, candidates=1, accept=0.85)[0] == "tokens0" and drawn == [0]
 
 
-def _recording_model(frames: int, ecg_samples: int, sampling, record):
+def _recording_model(frames: int, ecg_samples: int, sampling, record, temporal_patch: int = 2):
     """An untrained 32 px EchoGenerator whose generator passes each call's (ecg, kwargs, out) to
     ``record``; returns (model, generator config)."""
     import torch
@@ -288,9 +293,11 @@ def _recording_model(frames: int, ecg_samples: int, sampling, record):
 
     torch.manual_seed(0)
     clip = ClipConfig(frames=frames, size=32, fps=5.0, ecg_samples=ecg_samples)
-    tokenizer = VideoTokenizer(TokenizerConfig(frames=frames, image_size=32, dim=32, spatial_depth=1,
-                                               temporal_depth=1, heads=2)).eval()
-    cfg = GeneratorConfig(token_grid=(1 + (frames - 1) // 2, 4, 4), dim=32, depth=1, heads=2, fps=5.0,
+    tok_cfg = TokenizerConfig(frames=frames, image_size=32, dim=32, spatial_depth=1, temporal_depth=1,
+                              heads=2, temporal_patch=temporal_patch)
+    tokenizer = VideoTokenizer(tok_cfg).eval()
+    cfg = GeneratorConfig(token_grid=tok_cfg.token_grid, dim=32, depth=1, heads=2, fps=5.0,
+                          temporal_patch=temporal_patch,
                           ecg=ECGEncoderConfig(samples=ecg_samples, dim=32, depth=1, heads=2))
     generator = MaskGIT(cfg).eval()
     plain = generator.generate
