@@ -67,13 +67,12 @@ def demo() -> Recipe:
     """Minutes on 2 CPU cores: what ``make demo`` runs."""
     base = tiny()
     clip = ClipConfig(frames=11, size=64, fps=10.0, ecg_samples=300)
-    # temporal patch 1: a token frame per frame. With pairs (patch 2) at 10 fps the tokenizer
-    # smears each pair, and a beat faster than ~110 bpm (under 2.7 token frames) loses every other
-    # systole: reconstructions of the phantom's own videos read the right rate for 0.53 of 36
-    # studies (0.07 at >= 110 bpm) against 0.94 with patch 1 (the pixels' own ceiling). Costs 1.9x
-    # per generator step (704 tokens instead of 384). BENCHMARKS.md, "Temporal patch".
-    tokenizer = replace(base.tokenizer, frames=11, image_size=64, dim=96, fsq_levels=(8, 5, 5, 5),
-                        temporal_patch=1)
+    # temporal patch 2 (pairs of frames per token frame, 384 tokens per clip). Patch 1 keeps beats
+    # above ~110 bpm that pairs at 10 fps smear (its reconstructions read every phantom study's
+    # rate: 36/36 against 29/36), and its demo48 quickstart video beat at the held-out 124 bpm, but
+    # its chained 8-s videos drifted at slow rates (hr within 5 bpm 0.73 of 22 against 0.91) at 1.9x
+    # the training time: BENCHMARKS.md, "Temporal patch". A recipe JSON can set both to 1.
+    tokenizer = replace(base.tokenizer, frames=11, image_size=64, dim=96, fsq_levels=(8, 5, 5, 5))
     ecg = replace(base.generator.ecg, samples=clip.ecg_samples, dim=96)
     return replace(
         base,
@@ -115,9 +114,9 @@ def paper() -> Recipe:
     base = demo()
     clip = ClipConfig(frames=11, size=128, fps=10.0, ecg_samples=2250)
     # the paper's temporal patch of 2 (6 token frames); at 10 fps it smears beats above ~110 bpm
-    # (see demo; docs/architecture.md, "Temporal patch 1 for the demo recipes")
+    # (see demo; docs/architecture.md, "Temporal patch")
     tokenizer = replace(base.tokenizer, image_size=128, dim=256, spatial_depth=4, temporal_depth=4,
-                        heads=8, fsq_levels=(8, 8, 8, 5, 5, 5), temporal_patch=2)
+                        heads=8, fsq_levels=(8, 8, 8, 5, 5, 5))
     # the released ST-MEM encoder is ViT-B/75 (width 768, depth 12, 12 heads of 64, 2250 samples
     # at 250 Hz in patches of 75): `--ecg-checkpoint encoder.pth` loads it one-to-one
     ecg = ECGEncoderConfig(samples=2250, patch=75, dim=768, depth=12, heads=12)

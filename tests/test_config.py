@@ -34,8 +34,8 @@ def test_paper_size_matches_the_paper():
 
 def test_generator_and_tokenizer_must_share_the_temporal_patch():
     data = to_dict(get_recipe("demo"))
-    data["generator"]["temporal_patch"] = 2
-    with pytest.raises(ValueError, match="temporal_patch 2 differs from the tokenizer's 1"):
+    data["generator"]["temporal_patch"] = 1
+    with pytest.raises(ValueError, match="temporal_patch 1 differs from the tokenizer's 2"):
         from_dict(Recipe, data)
     # a recipe saved before the field existed (patch 2 on both sides) still loads
     old = to_dict(paper())
