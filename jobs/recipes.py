@@ -95,8 +95,9 @@ def demo48() -> Recipe:
 
     48 phantom studies cut every 0.3 s (814 clips), tokenizer 1200 and generator 2500 steps,
     validation every 250 steps (every logged step would cost more than the training). Measured
-    2026-12-04 (BENCHMARKS.md): its 8 s videos beat within 5 bpm of 50-110 bpm phantom ECGs and of
-    pydicom's real 12-lead ECG and a single-lead watch export, not of a 130 bpm one.
+    2026-12-04 (BENCHMARKS.md): its 8 s videos beat within 5 bpm of 50-130 bpm phantom ECGs and of
+    pydicom's real 12-lead ECG and a single-lead watch export, not near 120 bpm (the tokenizer's
+    pairs of frames smear every other systole there).
     """
     base = demo()
     return replace(
