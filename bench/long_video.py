@@ -205,7 +205,10 @@ def main(argv=None) -> int:
     parser.add_argument("--rates", type=int, default=5, help="phantom ECG rates in 50-130 bpm (default: %(default)s)")
     parser.add_argument("--ceiling-studies", type=int, default=8,
                         help="phantom videos read by the same pixel heart rate (0: skip; default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="first sampling seed (default: %(default)s)")
+    parser.add_argument("--seeds", type=int, default=1,
+                        help="videos per ECG, seeds --seed, --seed + 1, ...: one seed's share can swing "
+                             "by a third (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (default: %(default)s; more spin-wait on a shared machine)")
     parser.add_argument("--json", default=None, help="write the results here")
@@ -241,14 +244,16 @@ def main(argv=None) -> int:
             model.sampling = replace(model.sampling, window_candidates=args.window_candidates)
         train_s = time.perf_counter() - started
         rows = []
-        for name, ecg in test_ecgs(args.seconds, rates, work):
-            t = time.perf_counter()
-            video = model.generate(ecg, seconds=args.seconds, seed=args.seed, guidance=args.guidance,
-                                   temperature=args.temperature)
-            row = {"ecg": name, "leads": int(np.sum(ecg.lead_mask)), "seconds": round(time.perf_counter() - t, 1),
-                   **score_video(video, model.clip.fps, float(ecg.heart_rate_bpm), model.clip.frames)}
-            log.info("%s", row)
-            rows.append(row)
+        for seed in range(args.seed, args.seed + args.seeds):
+            for name, ecg in test_ecgs(args.seconds, rates, work):
+                t = time.perf_counter()
+                video = model.generate(ecg, seconds=args.seconds, seed=seed, guidance=args.guidance,
+                                       temperature=args.temperature)
+                row = {"ecg": name, "seed": seed, "leads": int(np.sum(ecg.lead_mask)),
+                       "seconds": round(time.perf_counter() - t, 1),
+                       **score_video(video, model.clip.fps, float(ecg.heart_rate_bpm), model.clip.frames)}
+                log.info("%s", row)
+                rows.append(row)
         top = (ceiling(model.clip, args.seconds, args.ceiling_studies, work, model.tokenizer)
                if args.ceiling_studies else [])
     result = {
@@ -259,7 +264,8 @@ def main(argv=None) -> int:
         "ceiling_reconstructed_hr_within_5bpm": (float(np.mean([r["reconstructed_within_5bpm"] for r in top]))
                                                  if top else None),
         "ceiling_videos": top,
-        "videos": rows, "model": source, "video_seconds": args.seconds, "fps": model.clip.fps,
+        "videos": rows, "seeds": list(range(args.seed, args.seed + args.seeds)), "model": source,
+        "video_seconds": args.seconds, "fps": model.clip.fps,
         "size": model.clip.size,
         "guidance": model.sampling.guidance if args.guidance is None else args.guidance,
         "negative": model.sampling.negative, "window_candidates": model.sampling.window_candidates,
@@ -267,9 +273,9 @@ def main(argv=None) -> int:
         "train_seconds": round(train_s, 1), "total_seconds": round(time.perf_counter() - started, 1),
         "machine": {"cpus": os.cpu_count(), "load_avg": [round(x, 1) for x in os.getloadavg()]},
     }
-    print(f"\n{'ecg':<22}{'leads':>6}{'hr ecg':>8}{'hr video':>10}{'±5':>5}{'leak':>7}{'ssim':>7}")
+    print(f"\n{'ecg':<22}{'seed':>5}{'leads':>6}{'hr ecg':>8}{'hr video':>10}{'±5':>5}{'leak':>7}{'ssim':>7}")
     for r in rows:
-        print(f"{r['ecg']:<22}{r['leads']:>6}{r['hr_ecg']:>8.1f}{r['hr_video']:>10.1f}"
+        print(f"{r['ecg']:<22}{r['seed']:>5}{r['leads']:>6}{r['hr_ecg']:>8.1f}{r['hr_video']:>10.1f}"
               f"{'yes' if r['hr_within_5bpm'] else 'no':>5}{r['background_leak']:>7.2f}{r['last_vs_first_ssim']:>7.3f}")
     if top:
         print(f"ceiling (the phantom's own {args.seconds:g} s videos): hr_within_5bpm "
