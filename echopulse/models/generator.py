@@ -172,8 +172,9 @@ class MaskGIT(nn.Module):
         the config has no ECG frame embedding.
 
         Token frame 0 is video frame 0 (time 0); token frame ``j >= 1`` holds frames
-        ``p(j - 1) + 1 .. pj`` (``p``: ``GeneratorConfig.temporal_patch``). Each token frame sees the ``2 * ECG_FS / fps`` ECG samples centred on its
-        frames (zero-padded past either end of the ECG).
+        ``p(j - 1) + 1 .. pj`` (``p``: ``GeneratorConfig.temporal_patch``). Each token frame sees
+        the ``2 * ECG_FS / fps`` ECG samples centred on its frames (zero-padded past either end of
+        the ECG).
         """
         if self.ecg_frame_embed is None:
             return None
