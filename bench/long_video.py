@@ -161,12 +161,13 @@ def reconstruct(tokenizer, video: np.ndarray, frames: int) -> np.ndarray:
     frame kept as given); a tail shorter than a window is left out."""
     import torch
 
+    device = next(tokenizer.parameters()).device
     out, start = [video[:1]], 0
     while start + frames <= len(video):
-        clip = torch.as_tensor(video[start:start + frames])[None].float() / 255.0
+        clip = torch.as_tensor(video[start:start + frames], device=device)[None].float() / 255.0
         with torch.inference_mode():
             decoded = tokenizer.decode_from_indices(tokenizer.encode(clip))[0]
-        out.append((decoded.clamp(0, 1) * 255).round().to(torch.uint8).numpy()[1:])
+        out.append((decoded.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()[1:])
         start += frames - 1
     return np.concatenate(out)
 
@@ -213,6 +214,8 @@ def main(argv=None) -> int:
                         help="torch threads (default: %(default)s; more spin-wait on a shared machine)")
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args(argv)
+    if args.seeds < 1:
+        parser.error("--seeds must be at least 1")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     import torch
 
