@@ -149,27 +149,21 @@ def ceiling(clip, seconds: float, studies: int, work: Path, tokenizer=None) -> l
             result = {"hr_ecg": ecg_hr, "hr_video": hr, "hr_peak": peak,
                       "hr_within_5bpm": bool(np.isfinite(hr) and abs(hr - ecg_hr) <= 5.0)}
             if tokenizer is not None:
-                recon_hr, _ = pixel_heart_rate(reconstruct(tokenizer, video, clip.frames), clip.fps)
+                recon_hr, _ = pixel_heart_rate(reconstruct_long(tokenizer, video, clip.frames), clip.fps)
                 result.update(hr_reconstructed=recon_hr, reconstructed_within_5bpm=bool(
                     np.isfinite(recon_hr) and abs(recon_hr - ecg_hr) <= 5.0))
             out.append(result)
     return out
 
 
-def reconstruct(tokenizer, video: np.ndarray, frames: int) -> np.ndarray:
+def reconstruct_long(tokenizer, video: np.ndarray, frames: int) -> np.ndarray:
     """``video`` through ``tokenizer`` in windows of ``frames`` that share one frame (the first
     frame kept as given); a tail shorter than a window is left out."""
-    import torch
+    from bench.quality import reconstruct
 
-    device = next(tokenizer.parameters()).device
-    out, start = [video[:1]], 0
-    while start + frames <= len(video):
-        clip = torch.as_tensor(video[start:start + frames], device=device)[None].float() / 255.0
-        with torch.inference_mode():
-            decoded = tokenizer.decode_from_indices(tokenizer.encode(clip))[0]
-        out.append((decoded.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()[1:])
-        start += frames - 1
-    return np.concatenate(out)
+    starts = range(0, len(video) - frames + 1, frames - 1)
+    _, recon = reconstruct(tokenizer, np.stack([video[s:s + frames] for s in starts]))
+    return np.concatenate([video[:1], *(r[1:] for r in recon)])
 
 
 def score_video(video: np.ndarray, fps: float, ecg_bpm: float, window: int) -> dict:
