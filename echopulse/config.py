@@ -69,6 +69,11 @@ class TokenizerConfig:
         vq_commitment_weight: weight of ``||z - sg(code)||^2`` in the tokenizer loss (VQ only).
         vq_restart_after: training steps a VQ code may go unused before it is re-initialised from
             an encoder output of the current batch (0: never).
+        frame_local_encoder: encode every frame on its own (one embedding for all frames, no
+            temporal position or attention in the encoder; the decoder keeps both), so a frame's
+            token ids do not depend on the frames before it or on its place in the clip: the ids
+            a window ends with are the ids the next window would encode from the same frame.
+            Needs ``temporal_patch`` 1.
     """
 
     frames: int = 5
@@ -86,10 +91,13 @@ class TokenizerConfig:
     vq_ema_decay: float = 0.99
     vq_commitment_weight: float = 0.25
     vq_restart_after: int = 20
+    frame_local_encoder: bool = False
 
     def __post_init__(self) -> None:
         if self.quantizer not in ("fsq", "vq"):
             raise ValueError(f"unknown tokenizer quantizer {self.quantizer!r}; known: fsq, vq")
+        if self.frame_local_encoder and self.temporal_patch != 1:
+            raise ValueError(f"frame_local_encoder needs temporal_patch 1, got {self.temporal_patch}")
 
     @property
     def token_grid(self) -> tuple[int, int, int]:

@@ -3,7 +3,9 @@
 The first frame is patchified alone and the rest in temporal patches of ``temporal_patch`` frames,
 so a clip of ``1 + k * temporal_patch`` frames becomes ``1 + k`` token frames and the first frame
 can be tokenized (and primed) on its own. Spatial blocks attend within a token frame, causal temporal
-blocks attend along time at each spatial position; the decoder mirrors the encoder.
+blocks attend along time at each spatial position; the decoder mirrors the encoder. With
+``frame_local_encoder`` (temporal patch 1) the encoder has no temporal part: a frame's ids are a
+function of that frame alone, wherever it sits in a clip.
 
 The quantizer is FSQ by default and VQ with an EMA codebook as an option
 (``TokenizerConfig.quantizer``); both give ids in ``[0, codebook_size)``.
@@ -40,14 +42,15 @@ class VideoTokenizer(nn.Module):
         p, pt, d = cfg.patch_size, cfg.temporal_patch, cfg.dim
         t_tokens, s, _ = cfg.token_grid
 
-        # encoder
-        self.first_frame_embed = nn.Sequential(nn.LayerNorm(p * p), nn.Linear(p * p, d))
+        # encoder (frame-local: one embedding for every frame, nothing temporal)
+        local = cfg.frame_local_encoder
         self.patch_embed = nn.Sequential(nn.LayerNorm(pt * p * p), nn.Linear(pt * p * p, d))
+        self.first_frame_embed = None if local else nn.Sequential(nn.LayerNorm(p * p), nn.Linear(p * p, d))
         self.enc_spatial_pos = nn.Parameter(torch.randn(s * s, d) * 0.02)
-        self.enc_temporal_pos = nn.Parameter(torch.randn(t_tokens, d) * 0.02)
+        self.enc_temporal_pos = None if local else nn.Parameter(torch.randn(t_tokens, d) * 0.02)
         self.enc_spatial = nn.ModuleList(TransformerBlock(d, cfg.heads) for _ in range(cfg.spatial_depth))
         self.enc_temporal = nn.ModuleList(
-            TransformerBlock(d, cfg.heads, causal=True) for _ in range(cfg.temporal_depth)
+            TransformerBlock(d, cfg.heads, causal=True) for _ in range(0 if local else cfg.temporal_depth)
         )
         self.enc_norm = nn.LayerNorm(d)
         self.to_code = nn.Linear(d, cfg.code_dim)
@@ -110,12 +113,16 @@ class VideoTokenizer(nn.Module):
         rest = rearrange(
             video[:, 1:], "b (t pt) (h p1) (w p2) -> b t h w (pt p1 p2)", pt=pt, p1=p, p2=p
         )
-        x = torch.cat([self.first_frame_embed(first), self.patch_embed(rest)], dim=1)  # (b, t', h', w', d)
+        embed_first = self.patch_embed if self.first_frame_embed is None else self.first_frame_embed
+        x = torch.cat([embed_first(first), self.patch_embed(rest)], dim=1)  # (b, t', h', w', d)
         b, t, h, w, _ = x.shape
 
         x = rearrange(x, "b t h w d -> (b t) (h w) d") + self.enc_spatial_pos
         for block in self.enc_spatial:
             x = block(x)
+        if self.enc_temporal_pos is None:  # frame-local: each frame's latents from that frame alone
+            x = rearrange(x, "(b t) (h w) d -> b t h w d", b=b, h=h)
+            return self.to_code(self.enc_norm(x))
         x = rearrange(x, "(b t) (h w) d -> (b h w) t d", b=b, h=h) + self.enc_temporal_pos
         for block in self.enc_temporal:
             x = block(x)

@@ -70,6 +70,10 @@ class Appearance:
             tissue at the high end).
         noise_floor: grey levels of display noise, redrawn every frame (the flicker that keeps a
             dark fan's far corners visibly alive on a real scanner).
+        specular: how much a wall's brightness depends on the angle the beam meets it at (0: the
+            same all round; 1: bright where the beam hits it head-on, as the septum and the AV
+            plane are in an apical view, faint where the beam runs along it, as the lateral walls
+            drop out on real scans).
     """
 
     sector_half_angle_deg: float = SECTOR_HALF_ANGLE_DEG
@@ -89,6 +93,7 @@ class Appearance:
     near_field: float = 0.0
     texture: float = 0.35
     noise_floor: float = 0.0
+    specular: float = 0.0
 
     @classmethod
     def draw(cls, rng: np.random.Generator) -> "Appearance":
@@ -105,7 +110,7 @@ class Appearance:
                    chamber_scale=(u(0.85, 1.2), u(0.85, 1.15)), wall_scale=u(0.8, 1.6),
                    tissue=float(np.exp(rng.uniform(np.log(0.012), np.log(0.1)))),
                    myocardium=u(0.15, 0.6), near_field=u(0.0, 0.25), texture=u(0.25, 0.7),
-                   noise_floor=u(2.5, 5.0))
+                   noise_floor=u(2.5, 5.0), specular=u(0.3, 0.9))
 
 
 @dataclass(frozen=True)
@@ -305,8 +310,13 @@ class _Renderer:
             outer_rho = np.minimum(outer_rho, w_rho)
         # pericardium: a bright thin rim just outside the walls
         rim = np.exp(-((outer_rho - 1.015) / 0.03) ** 2)
+        wall = np.full_like(ref_u, self.look.myocardium)
+        if self.look.specular > 0:
+            incidence = self._incidence(outer_rho)
+            rim = rim * incidence
+            wall = wall * incidence
         refl = np.maximum(refl, _PERICARDIUM * 0.7 * rim)
-        refl = np.where(heart, self.look.myocardium, refl)
+        refl = np.where(heart, wall, refl)
         # fill the crux between chambers (septa / AV junction) with myocardium
         crux = self._crux(ref_u, ref_d)
         refl = np.where(crux & ~cavity, np.maximum(refl, self.look.myocardium), refl)
@@ -316,6 +326,16 @@ class _Renderer:
         # near-field clutter just below the transducer (chest wall)
         refl = refl + 0.5 * np.exp(-np.hypot(ref_u, ref_d) / 0.05)
         return refl
+
+    def _incidence(self, field: np.ndarray) -> np.ndarray:
+        """Specular gain of the surfaces that are level sets of ``field`` (on the pixel grid): 2 cos^2
+        of the angle between the beam (a ray from the apex) and the surface normal, blended with 1
+        by ``specular``; a wall's mean gain stays about 1."""
+        gy, gx = np.gradient(np.where(np.isfinite(field), field, 0.0))
+        norm = np.hypot(gx, gy) + 1e-9
+        ray = np.hypot(self.u, self.d) + 1e-9  # beam direction in pixel axes: (u, d) / |(u, d)|
+        cos = (gx * self.u + gy * self.d) / (norm * ray)
+        return (1 - self.look.specular) + self.look.specular * 2 * cos**2
 
     def _crux(self, ref_u: np.ndarray, ref_d: np.ndarray) -> np.ndarray:
         names = [c.name for c in self.chambers]

@@ -47,6 +47,24 @@ def test_first_token_frame_depends_only_on_first_frame():
     assert torch.equal(tokenizer.encode_first_frame(video[:, 0]), tokenizer.encode(video)[:, 0])
 
 
+def test_frame_local_encoder_gives_a_frame_the_same_ids_wherever_it_sits():
+    """A frame-local encoder (temporal patch 1): the latents of frame j are those of the same
+    frame anywhere in any clip, so the ids a chained window ends with are the ids the next window
+    encodes from that frame; the default encoder's later latents do depend on earlier frames."""
+    torch.manual_seed(0)
+    video = torch.rand(1, 5, 32, 32)
+    shifted = torch.cat([video[:, 3:], torch.rand(1, 3, 32, 32)], dim=1)  # frame 3 now first
+    local = VideoTokenizer(TokenizerConfig(temporal_patch=1, frame_local_encoder=True)).eval()
+    a, b = local.encode_continuous(video), local.encode_continuous(shifted)
+    assert torch.allclose(a[:, 3], b[:, 0], atol=1e-5) and torch.allclose(a[:, 4], b[:, 1], atol=1e-5)
+    assert not any(name.startswith("enc_temporal") for name, _ in local.named_parameters())
+    causal = VideoTokenizer(TokenizerConfig(temporal_patch=1)).eval()
+    a, b = causal.encode_continuous(video), causal.encode_continuous(shifted)
+    assert not torch.allclose(a[:, 3], b[:, 0], atol=1e-3)
+    with pytest.raises(ValueError, match="temporal_patch 1"):
+        TokenizerConfig(frame_local_encoder=True)
+
+
 def test_wrong_shape_names_expected_and_given():
     tokenizer = VideoTokenizer(TokenizerConfig())
     with pytest.raises(ValueError, match=r"\(b, 5, 32, 32\)") as info:

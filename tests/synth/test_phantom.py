@@ -251,3 +251,26 @@ def test_depth_zoom_and_grey_map_change_the_picture_as_named():
     fan = base.frames[0, 20:] > 0
     assert dark.frames[0, 20:][fan].mean() < 0.6 * base.frames[0, 20:][fan].mean()
     assert dark.ef == base.ef
+
+
+def test_specular_walls_are_bright_where_the_beam_meets_them_head_on():
+    """``Appearance.specular``: the LV's apical cap (its wall faces the probe) brightens and its
+    side walls (the beam runs along them) fade, against the same heart drawn with ``specular=0``."""
+    from echopulse.synth.phantom import Appearance, _Renderer
+
+    flat = _Renderer("A2C", 160, 160, seed=5, appearance=Appearance())
+    lv = flat.chambers[0]
+    center, long_axis, lat_axis = flat._geometry(lv.name)
+    cap = flat.pixel_of(center - (lv.axes[1] + lv.wall / 2) * long_axis)
+    sides = [flat.pixel_of(center + s * (lv.axes[0] + lv.wall / 2) * lat_axis) for s in (-1, 1)]
+
+    def gain(specular: float) -> tuple[float, float]:
+        shiny = _Renderer("A2C", 160, 160, seed=5, appearance=Appearance(specular=specular))
+        ratio = shiny.reflectivity(shiny.u, shiny.d, 0.0) / flat.reflectivity(flat.u, flat.d, 0.0)
+        return float(ratio[cap[1], cap[0]]), float(max(ratio[y, x] for x, y in sides))
+
+    full_cap, full_side = gain(1.0)
+    assert full_cap > 1.5 and full_side < 0.5, (full_cap, full_side)
+    half_cap, half_side = gain(0.5)  # a blend of the two, as the attribute says
+    assert half_cap == pytest.approx(0.5 + 0.5 * full_cap, rel=1e-6)
+    assert half_side == pytest.approx(0.5 + 0.5 * full_side, rel=1e-6)
