@@ -9,6 +9,7 @@ as ``bench/quality.py`` cuts it, then measures reconstruction PSNR/SSIM
 
     .venv/bin/python bench/tokenizer_real.py --steps 1200 --json plain.json
     .venv/bin/python bench/tokenizer_real.py --steps 1200 --variety --json variety.json
+    .venv/bin/python bench/tokenizer_real.py --steps 1200 --variety --augment --json augment.json
 
 Goal: real-cine in-sector PSNR >= 22 dB (issue 14) without losing much on held-out phantom clips.
 """
@@ -36,6 +37,9 @@ GOAL_INSECTOR_DB = 22.0
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variety", action="store_true", help="a look of its own per phantom study")
+    parser.add_argument("--augment", action="store_true",
+                        help="augment every training clip (echopulse.transforms.augment: mirror, reverse, "
+                             "zoom, turn, shift, blur, gain; the recipes' TrainConfig.augment)")
     parser.add_argument("--studies", type=int, default=24, help="phantom studies (default: %(default)s)")
     parser.add_argument("--holdout", type=int, default=5, help="studies held out (default: %(default)s)")
     parser.add_argument("--seconds", type=float, default=6.0, help="study length (default: %(default)s)")
@@ -67,6 +71,7 @@ def main(argv=None) -> int:
     from echopulse.models.tokenizer import VideoTokenizer
     from echopulse.real_cine import real_cine_clips, real_cine_fidelity, reconstruction_scores
     from echopulse.training.steps import tokenizer_train_step
+    from echopulse.transforms.augment import augment_clips
     from jobs.recipes import demo
 
     torch.set_num_threads(args.threads)
@@ -98,9 +103,12 @@ def main(argv=None) -> int:
     rng = np.random.default_rng(args.seed)
     n_train = len(train["frames"])
 
+    augment_gen = torch.Generator().manual_seed(args.seed)
+
     def batch(step: int) -> dict:
         idx = rng.choice(n_train, args.batch, replace=False)
-        return {"frames": torch.from_numpy(train["frames"][idx]).to(device)}
+        frames = torch.from_numpy(train["frames"][idx]).to(device)
+        return {"frames": augment_clips(frames, augment_gen) if args.augment else frames}
 
     curve: list[dict] = []
 

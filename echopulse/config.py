@@ -226,6 +226,7 @@ class TrainConfig:
     val_every: int = 0  # steps between validations (0: at every logged step); always at checkpoints
     sample_every: int = 0  # steps between sample GIFs logged to MLflow (0: only at the end)
     bf16: bool = True  # bf16 autocast on GPU (never on CPU)
+    augment: bool = False  # tokenizer only: mirror/reverse/zoom/turn/shift/blur/gain each clip (transforms.augment)
 
     def __post_init__(self) -> None:
         if self.grad_accum < 1:

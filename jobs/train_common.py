@@ -87,6 +87,18 @@ def repeat_batches(shard, batch_size: int, device, seed: int = 0,
             yield {k: v[idx].to(device) for k, v in data.items()}
 
 
+def augmented_batches(batches: Iterator[dict], seed: int = 0) -> Iterator[dict]:
+    """``batches`` with every clip's ``frames`` augmented (:func:`echopulse.transforms.augment.augment_clips`;
+    a fresh draw per clip per step, repeatable from ``seed``); the other columns pass as they are."""
+    import torch
+
+    from echopulse.transforms.augment import augment_clips
+
+    generator = torch.Generator().manual_seed(seed)
+    for batch in batches:
+        yield {**batch, "frames": augment_clips(batch["frames"], generator)}
+
+
 class CachedBatches:
     """Re-iterable batches of a Ray dataset shard (validation): kept in memory when they fit.
 

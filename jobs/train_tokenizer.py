@@ -18,9 +18,9 @@ from echopulse.errors import EchoPulseError
 from echopulse.schema import CLIPS_SCHEMA
 from echopulse.training.loop import gather_mean
 from jobs import preflight
-from jobs.train_common import (CachedBatches, TrainResult, data_config, export_checkpoint, fail_marker,
-                               latest_checkpoint, log_config_artifact, log_outcome, micro_batch_size, repeat_batches,
-                               ray_train_runtime, run_config, run_name, scaling, train_worker_loop)
+from jobs.train_common import (CachedBatches, TrainResult, augmented_batches, data_config, export_checkpoint,
+                               fail_marker, latest_checkpoint, log_config_artifact, log_outcome, micro_batch_size,
+                               repeat_batches, ray_train_runtime, run_config, run_name, scaling, train_worker_loop)
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +62,8 @@ def tokenizer_loop(config: dict[str, Any]) -> None:
     device = runtime.device
     per_worker = micro_batch_size(train, runtime.world)
     batches = repeat_batches(runtime.dataset("train"), per_worker, device, seed=train.seed + runtime.rank)
+    if train.augment:
+        batches = augmented_batches(batches, seed=train.seed + runtime.rank)
     val_batches = CachedBatches(runtime.dataset("val"), per_worker, device)
 
     def validate(step: int) -> dict[str, float]:
