@@ -67,11 +67,10 @@ def demo() -> Recipe:
     """Minutes on 2 CPU cores: what ``make demo`` runs."""
     base = tiny()
     clip = ClipConfig(frames=11, size=64, fps=10.0, ecg_samples=300)
-    # temporal patch 2 (pairs of frames per token frame, 384 tokens per clip). Patch 1 keeps beats
-    # above ~110 bpm that pairs at 10 fps smear (its reconstructions read every phantom study's
-    # rate: 36/36 against 29/36), and its demo48 quickstart video beat at the held-out 124 bpm, but
-    # its chained 8-s videos drifted at slow rates (hr within 5 bpm 0.73 of 22 against 0.91) at 1.9x
-    # the training time: BENCHMARKS.md, "Temporal patch". A recipe JSON can set both to 1.
+    # temporal patch 2 (pairs of frames per token frame, 384 tokens per clip): minutes to train.
+    # Pairs at 10 fps smear beats above ~110 bpm; demo48 uses one frame per token frame with a
+    # frame-local encoder (704 tokens, ~1.9x the generator's time), which beats at 50-130 bpm
+    # (BENCHMARKS.md, "A frame-local tokenizer").
     tokenizer = replace(base.tokenizer, frames=11, image_size=64, dim=96, fsq_levels=(8, 5, 5, 5))
     ecg = replace(base.generator.ecg, samples=clip.ecg_samples, dim=96)
     return replace(
@@ -91,19 +90,25 @@ def demo() -> Recipe:
 
 
 def demo48() -> Recipe:
-    """``demo`` trained long enough to beat with its ECG: ~21 minutes on 2 CPU cores.
+    """``demo`` trained long enough to beat with its ECG: ~45 minutes on 2 CPU cores.
 
     48 phantom studies cut every 0.3 s (814 clips), tokenizer 1200 and generator 2500 steps,
-    validation every 250 steps (every logged step would cost more than the training). Measured
-    2026-12-04 (BENCHMARKS.md): its 8 s videos beat within 5 bpm of 50-130 bpm phantom ECGs and of
-    pydicom's real 12-lead ECG and a single-lead watch export, not near 120 bpm (the tokenizer's
-    pairs of frames smear every other systole there).
+    validation every 250 steps (every logged step would cost more than the training). One frame
+    per token frame, encoded frame by frame (``frame_local_encoder``): pairs of frames at 10 fps
+    smear every other systole above ~110 bpm, and a causal per-frame encoder gives ids that depend
+    on their window, so chained windows drifted. Measured 2026-12-05 (BENCHMARKS.md, "A
+    frame-local tokenizer"): its 8 s videos beat within 5 bpm of every held-out phantom ECG at
+    50-130 bpm, of pydicom's real 12-lead ECG and of a single-lead watch export (33 of 33 over
+    three seeds), and the quickstart's held-out 124-bpm video reads 122 bpm.
     """
     base = demo()
+    tokenizer = replace(base.tokenizer, temporal_patch=1, frame_local_encoder=True)
     return replace(
         base,
         name="demo48",
         clip=replace(base.clip, stride_s=0.3),
+        tokenizer=tokenizer,
+        generator=replace(base.generator, token_grid=tokenizer.token_grid, temporal_patch=1),
         tokenizer_train=replace(base.tokenizer_train, steps=1200, val_every=250),
         generator_train=replace(base.generator_train, steps=2500, warmup_steps=20, val_every=250),
         synth_studies=48,
