@@ -10,9 +10,12 @@ from echopulse.models.generator import MaskGIT
 from echopulse.models.tokenizer import VideoTokenizer
 
 
-def test_tokenizer_round_trip(tmp_path):
+@pytest.mark.parametrize("frame_local", [False, True])
+def test_tokenizer_round_trip(tmp_path, frame_local):
     torch.manual_seed(0)
     cfg = replace(TokenizerConfig(), fsq_levels=(8, 5, 5))
+    if frame_local:  # no first-frame embedding, no temporal encoder weights
+        cfg = replace(cfg, temporal_patch=1, frame_local_encoder=True)
     model = VideoTokenizer(cfg).eval()
     model_id = save_checkpoint(model, cfg, tmp_path / "tok", "tokenizer", extra={"step": 7})
     assert len(model_id) == 16
