@@ -44,8 +44,9 @@ class VideoTokenizer(nn.Module):
 
         # encoder (frame-local: one embedding for every frame, nothing temporal)
         local = cfg.frame_local_encoder
-        self.patch_embed = nn.Sequential(nn.LayerNorm(pt * p * p), nn.Linear(pt * p * p, d))
+        # (built in this order so a default tokenizer's seeded initialisation is unchanged)
         self.first_frame_embed = None if local else nn.Sequential(nn.LayerNorm(p * p), nn.Linear(p * p, d))
+        self.patch_embed = nn.Sequential(nn.LayerNorm(pt * p * p), nn.Linear(pt * p * p, d))
         self.enc_spatial_pos = nn.Parameter(torch.randn(s * s, d) * 0.02)
         self.enc_temporal_pos = None if local else nn.Parameter(torch.randn(t_tokens, d) * 0.02)
         self.enc_spatial = nn.ModuleList(TransformerBlock(d, cfg.heads) for _ in range(cfg.spatial_depth))
