@@ -223,7 +223,7 @@ def reconstruct(tokenizer, frames: np.ndarray, batch: int = 8) -> tuple[np.ndarr
 
 def generate(generator, tokenizer, ecg: np.ndarray, prime, steps: int, guidance: float,
              temperature: float, seed: int, batch: int = 16, negative: str = "null",
-             heart_rate_bpm: np.ndarray | None = None) -> np.ndarray:
+             heart_rate_bpm: np.ndarray | None = None, guidance_schedule: str = "constant") -> np.ndarray:
     """uint8 clips sampled for each ECG (primed with ``prime`` token frames when given); guidance
     against the null condition or (``negative="shifted"``) the same ECG half a beat later."""
     import torch
@@ -238,7 +238,7 @@ def generate(generator, tokenizer, ecg: np.ndarray, prime, steps: int, guidance:
     with torch.inference_mode():
         for k in range(0, len(ecg), batch):
             ids = sample(generator, torch.from_numpy(ecg[k:k + batch]), steps=steps, guidance=guidance,
-                         temperature=temperature, seed=seed + k,
+                         temperature=temperature, seed=seed + k, guidance_schedule=guidance_schedule,
                          prime_tokens=None if prime is None else prime[k:k + batch],
                          negative_ecg=None if shifted is None else torch.from_numpy(shifted[k:k + batch]))
             out.append(to_uint8(tokenizer.decode_from_indices(ids.to(device))))
@@ -322,6 +322,8 @@ def main(argv=None) -> int:
     parser.add_argument("--temperature", type=float, default=None, help="(default: the recipe's)")
     parser.add_argument("--negative", default=None, choices=("null", "shifted"),
                         help="what guidance pushes away from (default: the recipe's)")
+    parser.add_argument("--guidance-schedule", default="constant", choices=("constant", "falling", "rising"),
+                        help="guidance weight over the decoding steps (default: %(default)s)")
     parser.add_argument("--no-prime", action="store_true", help="generate without the real first frame")
     parser.add_argument("--budget-min", type=float, default=None,
                         help="stop training early so the whole run ends in about this many minutes "
@@ -468,9 +470,10 @@ def main(argv=None) -> int:
     own_hr, fps = held["heart_rate_bpm"], np.asarray(held["fps"])
     negative = args.negative or sampling.negative
     matched = generate(generator, tokenizer, own_ecg, prime, s_steps, guidance, temperature, args.seed,
-                       negative=negative, heart_rate_bpm=own_hr)
+                       negative=negative, heart_rate_bpm=own_hr, guidance_schedule=args.guidance_schedule)
     swapped = generate(generator, tokenizer, other_ecg, prime, s_steps, guidance, temperature, args.seed,
-                       negative=negative, heart_rate_bpm=own_hr[partner])
+                       negative=negative, heart_rate_bpm=own_hr[partner],
+                       guidance_schedule=args.guidance_schedule)
     control = ecg_control(matched, own_ecg, partner, fps, own_hr, swapped=swapped, real=held["frames"],
                           reconstructed=recon)
     scores = {f"ecg_sync_{k}": v for k, v in control.items()}
@@ -502,6 +505,7 @@ def main(argv=None) -> int:
                   "studies": args.studies, "heldout_studies": args.holdout,
                   "frames": recipe.clip.frames, "size": recipe.clip.size, "fps": recipe.clip.fps},
         "sampling": {"steps": s_steps, "guidance": guidance, "temperature": temperature, "negative": negative,
+                     "guidance_schedule": args.guidance_schedule,
                      "primed_with_first_frame": not args.no_prime},
         "settings": {k: v for k, v in vars(args).items() if k not in ("json", "workdir")},
         "seconds": {k: round(v, 1) for k, v in seconds.items()},

@@ -40,6 +40,9 @@ def main(argv=None) -> int:
     parser.add_argument("--augment", action="store_true",
                         help="augment every training clip (echopulse.transforms.augment: mirror, reverse, "
                              "zoom, turn, shift, blur, gain; the recipes' TrainConfig.augment)")
+    parser.add_argument("--lines", type=float, default=0.0,
+                        help="with --augment: probability of thin bright curves per clip (ClipAugment.lines; "
+                             "default: %(default)s)")
     parser.add_argument("--studies", type=int, default=24, help="phantom studies (default: %(default)s)")
     parser.add_argument("--holdout", type=int, default=5, help="studies held out (default: %(default)s)")
     parser.add_argument("--seconds", type=float, default=6.0, help="study length (default: %(default)s)")
@@ -71,7 +74,7 @@ def main(argv=None) -> int:
     from echopulse.models.tokenizer import VideoTokenizer
     from echopulse.real_cine import real_cine_clips, real_cine_fidelity, reconstruction_scores
     from echopulse.training.steps import tokenizer_train_step
-    from echopulse.transforms.augment import augment_clips
+    from echopulse.transforms.augment import ClipAugment, augment_clips
     from jobs.recipes import demo
 
     torch.set_num_threads(args.threads)
@@ -104,11 +107,12 @@ def main(argv=None) -> int:
     n_train = len(train["frames"])
 
     augment_gen = torch.Generator().manual_seed(args.seed)
+    augment_cfg = ClipAugment(lines=args.lines)
 
     def batch(step: int) -> dict:
         idx = rng.choice(n_train, args.batch, replace=False)
         frames = torch.from_numpy(train["frames"][idx]).to(device)
-        return {"frames": augment_clips(frames, augment_gen) if args.augment else frames}
+        return {"frames": augment_clips(frames, augment_gen, augment_cfg) if args.augment else frames}
 
     curve: list[dict] = []
 

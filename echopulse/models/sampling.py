@@ -58,6 +58,7 @@ class Decodable(Protocol):
 
 
 PRECISIONS = ("fp32", "bf16")
+GUIDANCE_SCHEDULES = ("constant", "falling", "rising")
 
 # logits rows materialised at once (1 GiB in fp32): bounds memory at large batch x vocabulary
 _MAX_LOGIT_ELEMENTS = 1 << 28
@@ -109,6 +110,7 @@ def sample(
     compile_mode: str | None = None,
     compile_backend: str = "inductor",
     negative_ecg: torch.Tensor | None = None,
+    guidance_schedule: str = "constant",
 ) -> torch.Tensor:
     """Generate token ids for each ECG.
 
@@ -142,6 +144,11 @@ def sample(
             instead of the null condition (``guided = cond(ecg) + g * (cond(ecg) -
             cond(negative_ecg))``), e.g. :func:`~echopulse.transforms.ecg.shifted_ecg` (the same
             ECG half a beat later): what is amplified is then what depends on the beat's timing.
+        guidance_schedule: how the weight changes over the steps (:data:`GUIDANCE_SCHEDULES`):
+            ``"constant"`` (``guidance`` at every step), ``"falling"`` (``guidance`` at the first
+            step, linearly down to ``guidance / steps`` at the last: guide the early steps, which
+            lay out the video's motion) or ``"rising"`` (from 0 at the first step up to
+            ``guidance`` at the last).
 
     Returns:
         ``(b, t', h', w')`` long ids in ``[0, vocab_size)``.
@@ -152,6 +159,8 @@ def sample(
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     schedule_fn = get_schedule(schedule)
     check_order(order)
+    if guidance_schedule not in GUIDANCE_SCHEDULES:
+        raise ValueError(f"unknown guidance schedule {guidance_schedule!r}; known: {', '.join(GUIDANCE_SCHEDULES)}")
     if precision not in PRECISIONS:
         raise ValueError(f"unknown sampling precision {precision!r}; known: {', '.join(PRECISIONS)}")
     was_training = model.training
@@ -163,14 +172,15 @@ def sample(
     try:
         with torch.inference_mode(), autocast:
             ids = _decode(model, ecg, steps, guidance, temperature, schedule_fn, seed, prime_tokens,
-                          view, ef, cached, lead_mask, order, hidden_fn, negative_ecg)
+                          view, ef, cached, lead_mask, order, hidden_fn, negative_ecg, guidance_schedule)
     finally:
         model.train(was_training)
     return ids.clone()  # an ordinary tensor: inference tensors cannot enter autograd later
 
 
 def _decode(model, ecg, steps, guidance, temperature, schedule_fn, seed, prime_tokens, view, ef, cached,
-            lead_mask=None, order="confidence", hidden_fn=None, negative_ecg=None):
+            lead_mask=None, order="confidence", hidden_fn=None, negative_ecg=None,
+            guidance_schedule="constant"):
     grid = tuple(model.cfg.token_grid)
     device = next(model.parameters()).device
     ecg = ecg.to(device)
@@ -181,11 +191,22 @@ def _decode(model, ecg, steps, guidance, temperature, schedule_fn, seed, prime_t
         raise ValueError(f"negative_ecg must be shaped like the ECG {tuple(ecg.shape)}, got {tuple(negative_ecg.shape)}")
     negative = negative_ecg.to(device) if negative_ecg is not None else None
     step_logits = _guided_logits_fn(model, ecg, guidance, view, ef, cached, lead_mask, hidden_fn, negative)
+    weights = guidance_weights(guidance, steps, guidance_schedule)
     if order == "halton":
-        _decode_halton(ids, step_logits, grid, num_known, steps, temperature, schedule_fn, rng)
+        _decode_halton(ids, step_logits, grid, num_known, weights, temperature, schedule_fn, rng)
     else:
-        _decode_confidence(ids, step_logits, model.mask_id, num_known, steps, temperature, schedule_fn, rng)
+        _decode_confidence(ids, step_logits, model.mask_id, num_known, weights, temperature, schedule_fn, rng)
     return rearrange(ids, "b (t h w) -> b t h w", t=grid[0], h=grid[1], w=grid[2])
+
+
+def guidance_weights(guidance: float, steps: int, schedule: str = "constant") -> list[float]:
+    """The guidance weight at each of ``steps`` decoding steps under ``schedule``
+    (see :func:`sample`)."""
+    if schedule == "falling":
+        return [guidance * (steps - step) / steps for step in range(steps)]
+    if schedule == "rising":
+        return [guidance * step / max(1, steps - 1) for step in range(steps)]
+    return [guidance] * steps
 
 
 def _initial_ids(model, prime_tokens, grid: tuple[int, int, int], b: int,
@@ -210,10 +231,12 @@ def _initial_ids(model, prime_tokens, grid: tuple[int, int, int], b: int,
 
 
 def _guided_logits_fn(model, ecg, guidance, view, ef, cached, lead_mask, hidden_fn, negative_ecg=None):
-    """Encode the condition once and return ``step_logits(ids, select)``.
+    """Encode the condition once and return ``step_logits``.
 
-    ``step_logits`` gives the guided logits at the positions ``select`` picks from a
-    ``(b, n, ...)`` tensor, in chunks of rows: ``(r, vocab)`` each.
+    ``step_logits(ids, select, weight)`` gives the logits guided with ``weight`` (the step's share
+    of ``guidance``; nonzero ``guidance`` decides whether the other branch is computed at all) at
+    the positions ``select`` picks from a ``(b, n, ...)`` tensor, in chunks of rows: ``(r, vocab)``
+    each.
     """
     b = ecg.shape[0]
     guided = guidance != 0
@@ -234,19 +257,19 @@ def _guided_logits_fn(model, ecg, guidance, view, ef, cached, lead_mask, hidden_
         if frames is not None:
             frames = torch.cat([frames, negative[1] if negative else torch.zeros_like(frames)])
 
-    def step_logits(ids, select):
+    def step_logits(ids, select, weight):
         if cached:
             if hidden_fn is not None:
                 torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs are read already
             hidden = (hidden_fn or model.sampling_hidden)(ids, cache)  # (b or 2b, n, d)
             rows = select(hidden[:b]).float()  # (r, d): a copy
-            if guided:
-                rows = rows.mul_(1 + guidance).sub_(select(hidden[b:]).float(), alpha=guidance)
+            if guided and weight:
+                rows = rows.mul_(1 + weight).sub_(select(hidden[b:]).float(), alpha=weight)
             weight, bias = model.to_logits.weight, model.to_logits.bias
             return (F.linear(chunk, weight, bias) for chunk in rows.split(_chunk_rows(weight.shape[0])))
         if guided:
             cond, uncond = model.logits(torch.cat([ids, ids]), context, frames=frames).float().chunk(2)
-            logits = cond + guidance * (cond - uncond)  # (b, n, vocab)
+            logits = cond + weight * (cond - uncond)  # (b, n, vocab)
         else:
             logits = model.logits(ids, context, frames=frames).float()
         return select(logits).split(_chunk_rows(logits.shape[-1]))
@@ -254,7 +277,7 @@ def _guided_logits_fn(model, ecg, guidance, view, ef, cached, lead_mask, hidden_
     return step_logits
 
 
-def _decode_halton(ids, step_logits, grid, num_known, steps, temperature, schedule_fn, rng) -> None:
+def _decode_halton(ids, step_logits, grid, num_known, weights, temperature, schedule_fn, rng) -> None:
     """Fill the unknown positions of ``ids`` in place, in Halton order, a scheduled number per step."""
     b, n = ids.shape
     num_unknown = n - num_known
@@ -262,6 +285,7 @@ def _decode_halton(ids, step_logits, grid, num_known, steps, temperature, schedu
     positions = halton_order(grid).to(ids.device)
     positions = positions[positions >= num_known]  # (num_unknown,)
     decoded = 0
+    steps = len(weights)
     for step in range(steps):
         if decoded == num_unknown:
             break
@@ -269,18 +293,19 @@ def _decode_halton(ids, step_logits, grid, num_known, steps, temperature, schedu
         remaining = int(math.floor(float(schedule_fn(progress)) * num_unknown))
         remaining = min(remaining, num_unknown - decoded - 1)  # at least one new token per step
         now = positions[decoded:num_unknown - remaining]  # (k,): this step's positions
-        chunks = step_logits(ids, lambda t: t[:, now].flatten(0, 1))  # rows (b * k, ...), batch-major
+        chunks = step_logits(ids, lambda t: t[:, now].flatten(0, 1), weights[step])  # rows (b * k, ...), batch-major
         sample_temperature = temperature * (1 - step / steps)
         sampled = torch.cat([_draw(chunk.float(), sample_temperature, rng)[0] for chunk in chunks])
         ids[:, now] = sampled.view(b, -1)
         decoded += now.numel()
 
 
-def _decode_confidence(ids, step_logits, mask_id, num_known, steps, temperature, schedule_fn, rng) -> None:
+def _decode_confidence(ids, step_logits, mask_id, num_known, weights, temperature, schedule_fn, rng) -> None:
     """Fill ``ids`` in place MaskGIT-style: sample every masked position, re-mask the least confident."""
     b, n = ids.shape
     device = ids.device
     num_unknown = n - num_known
+    steps = len(weights)
     for step in range(steps):
         if num_unknown == 0:
             break
@@ -289,7 +314,7 @@ def _decode_confidence(ids, step_logits, mask_id, num_known, steps, temperature,
         sample_temperature = temperature * (1 - step / steps)
 
         # guided logits at the masked positions
-        chunks = step_logits(ids, lambda t: t[is_masked])
+        chunks = step_logits(ids, lambda t: t[is_masked], weights[step])
         drawn = [_draw(chunk.float(), sample_temperature, rng) for chunk in chunks]
         sampled = torch.cat([d[0] for d in drawn])  # (r,)
         confidence = torch.full((b, n), math.inf, device=device)  # decoded tokens stay

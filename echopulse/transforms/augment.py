@@ -32,6 +32,10 @@ class ClipAugment:
         blur_px: (min, max) blur sigma in pixels of a 64-pixel frame (scaled with the size).
         gain: (min, max) factor on the grey level (clipped at white).
         gamma: (min, max) exponent of the grey map.
+        lines: probability of drawing thin bright curves inside the picture (valve leaflets,
+            septum and pericardium edges, which real echo shows and the phantom draws thick):
+            1 to ``max_lines`` quadratic curves, each swaying a few pixels over the clip.
+        max_lines: most curves per clip.
     """
 
     flip: float = 0.5
@@ -43,6 +47,8 @@ class ClipAugment:
     blur_px: tuple[float, float] = (0.3, 1.5)
     gain: tuple[float, float] = (0.4, 1.3)
     gamma: tuple[float, float] = (0.7, 1.6)
+    lines: float = 0.0
+    max_lines: int = 4
 
 
 def _uniform(n: int, lo: float, hi: float, gen: torch.Generator) -> torch.Tensor:
@@ -59,6 +65,37 @@ def _gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     frames = F.conv2d(F.pad(frames, (radius, radius, 0, 0), mode="replicate"), kernel.view(1, 1, 1, -1))
     frames = F.conv2d(F.pad(frames, (0, 0, radius, radius), mode="replicate"), kernel.view(1, 1, -1, 1))
     return frames[:, 0]
+
+
+def _bright_curves(x: torch.Tensor, count: int, gen: torch.Generator) -> torch.Tensor:
+    """``count`` thin bright curves over one clip ``(t, h, w)`` in [0, 1], about as bright as the
+    clip's brightest tissue, drawn only where the clip shows anything (never on the black
+    background around the sector)."""
+    t, h, w = x.shape
+    scale = w / 64.0
+    ys, xs = torch.meshgrid(torch.arange(h, dtype=x.dtype), torch.arange(w, dtype=x.dtype), indexing="ij")
+    pixels = torch.stack([xs.flatten(), ys.flatten()], -1).to(x.device)  # (h*w, 2)
+    size = torch.tensor([w, h], dtype=x.dtype)
+    s = torch.linspace(0, 1, 96, dtype=x.dtype)[:, None]  # (96, 1) along the curve
+    frame = torch.arange(t, dtype=x.dtype)[:, None, None]  # (t, 1, 1)
+    out = x.clone()
+    inside = (x.amax(0) > 2 / 255).flatten()  # (h*w,)
+    shown = x.flatten(1)[:, inside]
+    level = max(0.2, float(torch.quantile(shown.flatten()[:100_000], 0.995))) if shown.numel() else 0.5
+    for _ in range(count):
+        p0, p1, p2 = (_uniform(2, 0.15, 0.85, gen) * size for _ in range(3))
+        curve = (1 - s) ** 2 * p0 + 2 * s * (1 - s) * p1 + s ** 2 * p2  # (96, 2)
+        width = float(_uniform(1, 0.5, 1.5, gen)) * scale
+        bright = min(1.0, float(_uniform(1, 0.7, 1.4, gen)) * level)  # about the clip's brightest tissue
+        amp, period, phase = (float(_uniform(1, 0.0, 3.0, gen)) * scale, float(_uniform(1, 5.0, 12.0, gen)),
+                              float(_uniform(1, 0.0, 2 * math.pi, gen)))
+        direction = F.normalize(torch.randn(2, generator=gen, dtype=x.dtype), dim=0)
+        moved = curve + amp * torch.sin(2 * math.pi * frame / period + phase) * direction  # (t, 96, 2)
+        dist2 = torch.cdist(pixels[None].expand(t, -1, -1), moved.to(x.device)).amin(-1) ** 2  # (t, h*w)
+        grain = 0.6 + 0.4 * torch.rand(h * w, generator=gen, dtype=x.dtype).to(x.device)  # speckled, not flat
+        line = bright * torch.exp(-dist2 / (2 * width ** 2)) * grain * inside
+        out = torch.maximum(out, line.view(t, h, w))
+    return out
 
 
 def augment_clips(frames: torch.Tensor, gen: torch.Generator, cfg: ClipAugment = ClipAugment()) -> torch.Tensor:
@@ -90,6 +127,10 @@ def augment_clips(frames: torch.Tensor, gen: torch.Generator, cfg: ClipAugment =
     theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], -1), torch.stack([sin, cos, shift[:, 1]], -1)], 1)
     grid = F.affine_grid(theta.to(x), list(x.shape), align_corners=False)
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)  # frames as channels
+    if cfg.lines > 0:
+        drawn = torch.rand(b, generator=gen) < cfg.lines
+        counts = torch.randint(1, cfg.max_lines + 1, (b,), generator=gen)
+        x = torch.stack([_bright_curves(clip, int(k), gen) if on else clip for clip, on, k in zip(x, drawn, counts)])
     x = torch.stack([_gaussian_blur(clip, float(s)) if on else clip for clip, on, s in zip(x, blur, sigma)])
     g = gain.to(x)[:, None, None, None]
     x = (x * g).clamp(0, 1) ** gamma.to(x)[:, None, None, None]

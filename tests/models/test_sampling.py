@@ -3,7 +3,7 @@ import torch
 
 from echopulse.config import GeneratorConfig
 from echopulse.models.generator import MaskGIT
-from echopulse.models.sampling import _draw, sample
+from echopulse.models.sampling import _draw, guidance_weights, sample
 from echopulse.models.schedules import halton_order
 
 
@@ -257,3 +257,26 @@ def test_shifted_ecg_moves_each_beat_by_half_its_interval():
             # every moved beat sits about half an interval from the nearest original beat
             gaps = np.abs(inner[:, None] - before[None, :]).min(axis=1)
             assert np.all(np.abs(gaps - half) <= 0.1 * half), (bpm, gaps, half)  # the simulation has HRV
+
+
+def test_guidance_schedules_weight_each_step():
+    assert guidance_weights(2.0, 4, "constant") == [2.0] * 4
+    assert guidance_weights(2.0, 4, "falling") == [2.0, 1.5, 1.0, 0.5]
+    assert guidance_weights(3.0, 4, "rising") == [0.0, 1.0, 2.0, 3.0]
+
+
+@pytest.mark.parametrize("cached", [True, False])
+def test_guidance_schedule_reaches_every_step(trained_generator, cached):
+    model, batch = trained_generator
+    kwargs = {"steps": 6, "guidance": 3.0, "seed": 1, "cached": cached}
+    constant = sample(model, batch["ecg"], **kwargs)
+    falling = sample(model, batch["ecg"], guidance_schedule="falling", **kwargs)
+    assert not torch.equal(falling, constant)
+    # fast and plain paths agree under a schedule too
+    assert torch.equal(falling, sample(model, batch["ecg"], guidance_schedule="falling",
+                                       **{**kwargs, "cached": not cached}))
+    # one rising step has weight 0: the plain conditional model's tokens
+    assert torch.equal(sample(model, batch["ecg"], guidance_schedule="rising", **{**kwargs, "steps": 1}),
+                       sample(model, batch["ecg"], **{**kwargs, "steps": 1, "guidance": 0.0}))
+    with pytest.raises(ValueError, match="guidance schedule"):
+        sample(model, batch["ecg"], guidance_schedule="cosine")

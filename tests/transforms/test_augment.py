@@ -56,3 +56,24 @@ def test_training_batches_get_augmented_frames_and_keep_other_columns():
     assert not torch.equal(out["frames"], batch["frames"])
     with pytest.raises(ValueError, match="uint8"):
         augment_clips(batch["frames"].float(), torch.Generator())
+
+
+def test_bright_curves_stay_inside_the_picture_thin_and_swaying():
+    """A disc on black with a bright rim: curves about as bright as the rim brighten pixels inside
+    the disc, never the black around it, cover a small share of it (thin lines, not a fill), and
+    move from frame to frame."""
+    from dataclasses import replace
+
+    size, t = 64, 6
+    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    disc = ((yy - 32) ** 2 + (xx - 32) ** 2) < 26 ** 2
+    rim = disc & (((yy - 32) ** 2 + (xx - 32) ** 2) > 24 ** 2)
+    x = (disc * 40 + rim * 100).to(torch.uint8).expand(3, t, -1, -1).contiguous()
+    out = augment_clips(x, torch.Generator().manual_seed(1), replace(NONE, lines=1.0))
+    assert torch.equal(out[..., ~disc], x[..., ~disc])  # the background stays black
+    brighter = out.int() > x.int() + 40
+    share = brighter[..., disc].float().mean()
+    assert 0.01 < float(share) < 0.35, float(share)
+    assert brighter.any(dim=(1, 2, 3)).all()  # every clip got curves
+    assert not torch.equal(out[:, 0], out[:, t // 2])  # they sway
+    assert torch.equal(augment_clips(x, torch.Generator().manual_seed(1), replace(NONE, lines=0.0)), x)
