@@ -99,12 +99,15 @@ def finished_child_metrics(tracking_uri: str, parent_run_id: str, run_name: str,
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         return None
-    quoted = run_name.replace("'", "")
+    # the name is matched here rather than in the filter string, so any character in it matches
+    # exactly (the filter's quoting would need escaping rules of its own); a sweep has few trials
     runs = client.search_runs([exp.experiment_id],
-                              f"tags.mlflow.parentRunId = '{parent_run_id}' and "
-                              f"tags.mlflow.runName = '{quoted}' and attributes.status = 'FINISHED'",
-                              max_results=1)
-    return dict(runs[0].data.metrics) if runs else None
+                              f"tags.mlflow.parentRunId = '{parent_run_id}' and attributes.status = 'FINISHED'",
+                              order_by=["attributes.start_time DESC"], max_results=10_000)
+    for run in runs:
+        if run.data.tags.get("mlflow.runName") == run_name:
+            return dict(run.data.metrics)
+    return None
 
 
 class RunLogger:

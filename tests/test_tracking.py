@@ -129,3 +129,9 @@ def test_a_finished_trial_is_found_by_parent_and_name_and_a_running_one_is_not(t
     assert finished_child_metrics(uri, parent, "trial-cosine-a1") == {"val_ce": 2.5, "gen_ssim": 0.6}
     assert finished_child_metrics(uri, parent, "trial-linear-b2") is None
     assert finished_child_metrics(uri, parent, "trial-sqrt-c3") is None  # another sweep's trial
+    # a name with quotes is matched as it is, not with its quotes stripped
+    quoted = create_run(uri, "trial-'cos'-d4", parent_run_id=parent)
+    RunLogger(uri, quoted).log_metrics({"val_ce": 1.5}, step=15)
+    RunLogger(uri, quoted).finish()
+    assert finished_child_metrics(uri, parent, "trial-'cos'-d4") == {"val_ce": 1.5}
+    assert finished_child_metrics(uri, parent, "trial-cos-d4") is None
