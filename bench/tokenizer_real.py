@@ -1,6 +1,6 @@
 """Does a tokenizer trained on the phantom alone reconstruct a real echo? Tokenizer only, no generator.
 
-Trains the ``demo`` recipe's tokenizer on a phantom corpus (plain, or ``--variety``: a look of its
+Trains the ``demo`` (or ``--recipe``) recipe's tokenizer on a phantom corpus (plain, or ``--variety``: a look of its
 own per study, ``echopulse.synth.phantom.Appearance``), cut by the ingest stage's function exactly
 as ``bench/quality.py`` cuts it, then measures reconstruction PSNR/SSIM
 
@@ -43,6 +43,9 @@ def main(argv=None) -> int:
     parser.add_argument("--lines", type=float, default=0.0,
                         help="with --augment: probability of thin bright curves per clip (ClipAugment.lines; "
                              "default: %(default)s)")
+    parser.add_argument("--recipe", default="demo",
+                        help="whose tokenizer and clip geometry: demo (pairs of frames per token frame) or "
+                             "demo48 (one frame per token frame, frame-local encoder); default: %(default)s")
     parser.add_argument("--studies", type=int, default=24, help="phantom studies (default: %(default)s)")
     parser.add_argument("--holdout", type=int, default=5, help="studies held out (default: %(default)s)")
     parser.add_argument("--seconds", type=float, default=6.0, help="study length (default: %(default)s)")
@@ -75,7 +78,7 @@ def main(argv=None) -> int:
     from echopulse.real_cine import real_cine_clips, real_cine_fidelity, reconstruction_scores
     from echopulse.training.steps import tokenizer_train_step
     from echopulse.transforms.augment import ClipAugment, augment_clips
-    from jobs.recipes import demo
+    from jobs.recipes import get_recipe
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -84,7 +87,7 @@ def main(argv=None) -> int:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     load_start = machine()["load_avg"]
-    recipe = demo()
+    recipe = get_recipe(args.recipe)
     t = time.perf_counter()
     if args.clips and Path(args.clips).exists():
         data = load_clips(Path(args.clips))
