@@ -1,5 +1,7 @@
 # EchoPulse: two commands from a fresh clone (only python3 needed).
 #   make demo   - create .venv, install, run the whole chain on embedded defaults into demo/
+#                 (the demo48 recipe, ~35 min on 2 cores, trained until its video beats with its ECG;
+#                  make demo RECIPE=demo: ~12 min, does not beat; RECIPE=tiny: seconds)
 #   make test   - create .venv, install with test extras, run the test suite
 #
 # torch: a CPU machine gets the CPU build of torch 2.13.0. A GPU user switches with one variable:
@@ -11,7 +13,7 @@ PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0+cpu
 TORCH_INDEX ?=
-RECIPE ?= demo
+RECIPE ?= demo48
 WORKDIR ?= demo
 PYTEST_ARGS ?=
 
