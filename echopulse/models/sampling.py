@@ -233,7 +233,7 @@ def _initial_ids(model, prime_tokens, grid: tuple[int, int, int], b: int,
 def _guided_logits_fn(model, ecg, guidance, view, ef, cached, lead_mask, hidden_fn, negative_ecg=None):
     """Encode the condition once and return ``step_logits``.
 
-    ``step_logits(ids, select, weight)`` gives the logits guided with ``weight`` (the step's share
+    ``step_logits(ids, select, step_guidance)`` gives the logits guided with ``step_guidance`` (the step's share
     of ``guidance``; nonzero ``guidance`` decides whether the other branch is computed at all) at
     the positions ``select`` picks from a ``(b, n, ...)`` tensor, in chunks of rows: ``(r, vocab)``
     each.
@@ -257,19 +257,19 @@ def _guided_logits_fn(model, ecg, guidance, view, ef, cached, lead_mask, hidden_
         if frames is not None:
             frames = torch.cat([frames, negative[1] if negative else torch.zeros_like(frames)])
 
-    def step_logits(ids, select, weight):
+    def step_logits(ids, select, step_guidance):
         if cached:
             if hidden_fn is not None:
                 torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs are read already
             hidden = (hidden_fn or model.sampling_hidden)(ids, cache)  # (b or 2b, n, d)
             rows = select(hidden[:b]).float()  # (r, d): a copy
-            if guided and weight:
-                rows = rows.mul_(1 + weight).sub_(select(hidden[b:]).float(), alpha=weight)
+            if guided and step_guidance:
+                rows = rows.mul_(1 + step_guidance).sub_(select(hidden[b:]).float(), alpha=step_guidance)
             weight, bias = model.to_logits.weight, model.to_logits.bias
             return (F.linear(chunk, weight, bias) for chunk in rows.split(_chunk_rows(weight.shape[0])))
         if guided:
             cond, uncond = model.logits(torch.cat([ids, ids]), context, frames=frames).float().chunk(2)
-            logits = cond + weight * (cond - uncond)  # (b, n, vocab)
+            logits = cond + step_guidance * (cond - uncond)  # (b, n, vocab)
         else:
             logits = model.logits(ids, context, frames=frames).float()
         return select(logits).split(_chunk_rows(logits.shape[-1]))
