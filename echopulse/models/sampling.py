@@ -153,16 +153,8 @@ def sample(
     Returns:
         ``(b, t', h', w')`` long ids in ``[0, vocab_size)``.
     """
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    _check_options(steps, temperature, order, guidance_schedule, precision)
     schedule_fn = get_schedule(schedule)
-    check_order(order)
-    if guidance_schedule not in GUIDANCE_SCHEDULES:
-        raise ValueError(f"unknown guidance schedule {guidance_schedule!r}; known: {', '.join(GUIDANCE_SCHEDULES)}")
-    if precision not in PRECISIONS:
-        raise ValueError(f"unknown sampling precision {precision!r}; known: {', '.join(PRECISIONS)}")
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -176,6 +168,19 @@ def sample(
     finally:
         model.train(was_training)
     return ids.clone()  # an ordinary tensor: inference tensors cannot enter autograd later
+
+
+def _check_options(steps: int, temperature: float, order: str, guidance_schedule: str, precision: str) -> None:
+    """Raise ``ValueError`` for a sampling option out of range."""
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    check_order(order)
+    if guidance_schedule not in GUIDANCE_SCHEDULES:
+        raise ValueError(f"unknown guidance schedule {guidance_schedule!r}; known: {', '.join(GUIDANCE_SCHEDULES)}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown sampling precision {precision!r}; known: {', '.join(PRECISIONS)}")
 
 
 def _decode(model, ecg, steps, guidance, temperature, schedule_fn, seed, prime_tokens, view, ef, cached,
