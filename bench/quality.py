@@ -304,6 +304,8 @@ def print_table(result: dict) -> None:
 
 
 def main(argv=None) -> int:
+    from echopulse.models.sampling import GUIDANCE_SCHEDULES
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--studies", type=int, default=48, help="phantom studies (default: %(default)s)")
     parser.add_argument("--holdout", type=int, default=8, help="studies held out (default: %(default)s)")
@@ -322,7 +324,7 @@ def main(argv=None) -> int:
     parser.add_argument("--temperature", type=float, default=None, help="(default: the recipe's)")
     parser.add_argument("--negative", default=None, choices=("null", "shifted"),
                         help="what guidance pushes away from (default: the recipe's)")
-    parser.add_argument("--guidance-schedule", default="constant", choices=("constant", "falling", "rising"),
+    parser.add_argument("--guidance-schedule", default="constant", choices=GUIDANCE_SCHEDULES,
                         help="guidance weight over the decoding steps (default: %(default)s)")
     parser.add_argument("--no-prime", action="store_true", help="generate without the real first frame")
     parser.add_argument("--budget-min", type=float, default=None,
