@@ -1,20 +1,22 @@
-"""One streaming pass: a manifest of echo + ECG pairs -> ``tokens/v1`` shards (Ray Data).
+"""One streaming pass: a manifest of echo + ECG pairs -> ``tokens/v1`` shards (Ray Data + encoder actors).
 
-CPU tasks read, decode and cut each group of inputs (:func:`pipelines.ingest.make_input_fn`) and
-emit one row per **chunk** (the group's clips up to about ``decode_chunk_mb``, as Arrow IPC bytes,
-with the chunk's per-input outcomes); a pool of tokenizer actors (a GPU each when the cluster has
-them) encodes each chunk with :class:`echopulse.tokenize.PartTokenizer` and writes its token shard
-and outcome file (:mod:`pipelines.shards`). Ray Data's streaming executor bounds the chunks in
-flight between the two operators, so decoders cannot run ahead of the encoders by more than the
-object-store budget. A chunk travels as one row so Ray never splits it across blocks; a token shard
-therefore holds one decoded chunk (tokens are ~50x smaller than frames at the paper's size).
+Ray Data runs the plan and one CPU task per group of inputs
+(:func:`pipelines.ingest.make_input_fn` reads, decodes and cuts each input). A task hands its
+clips, a **chunk** of about ``chunk_mb`` at a time (as Arrow IPC bytes), to a pool of
+tokenizer actors (:class:`Encoder`, a GPU each when the cluster has them; chunk ``k`` of group
+``g`` goes to actor ``(g + k) mod N``), keeps at most ``IN_FLIGHT`` chunks waiting on them
+(backpressure: a decoder cannot run ahead of the encoders by more than that), and writes the
+tokens it gets back into its group's own token shards and outcome files
+(:class:`pipelines.shards.ChunkWriter`, the same sized, deterministically named files as clips).
+So the chunk, which bounds memory and the object store, is independent of the shard, which is
+sized by ``--shard-mb`` of tokens (tokens are ~50x smaller than frames at the paper's size).
 
 ``keep_clips`` also writes the ``clips/v1`` shards (and their own outcome log) to a second dataset.
 
 Layout of OUT::
 
-    tokens/shard-<index>.parquet    tokens/v1 rows (plus ecg_source, ecg_leads, source_uri)
-    outcomes/shard-<index>.parquet  per-input outcomes (clips cut, tokens written)
+    tokens/shard-<group>-<rank>.parquet    tokens/v1 rows (plus ecg_source, ecg_leads, source_uri)
+    outcomes/shard-<group>-<rank>.parquet  per-input outcomes (clips cut, tokens written)
     quarantine/quarantine.parquet, summary.json, dataset.json
 """
 
@@ -24,6 +26,7 @@ import io
 import json
 import logging
 import tempfile
+from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,14 +40,16 @@ from echopulse.ingest import IngestOptions
 from echopulse.schema import TOKENS_SCHEMA, write_dataset_info
 from pipelines.isolate import isolated_inputs
 from pipelines.plan import PlanCounts, manifest_format, plan_counts
-from pipelines.shards import MB, ChunkWriter, ShardConfig, write_outcomes
+from pipelines.shards import GROUP_STRIDE, MB, ChunkWriter, ShardConfig
 
 log = logging.getLogger(__name__)
 
 ENCODER_CPUS = 2.0
 SMALL_ENCODER_CPUS, SMALL_DECODE_CPUS = 0.5, 0.75  # clusters of fewer than 4 CPUs
-DECODE_CHUNK_MB = 64.0  # clip bytes per chunk handed to the encoders (below Ray's block target)
+DECODE_CHUNK_MB = 8.0  # clip bytes per encode call (and at least batch_size clips)
+IN_FLIGHT = 2  # chunks a decode task keeps waiting on the encoders
 TOKEN_EXTRA = ("ecg_source", "ecg_leads", "source_uri")
+POS = "_pos"  # a token row's position in its chunk's clip table
 
 
 def _ipc(table: pa.Table) -> bytes:
@@ -58,116 +63,173 @@ def _from_ipc(data: bytes) -> pa.Table:
     return pa.ipc.open_stream(pa.BufferReader(data)).read_all()
 
 
-def make_decode_task_fn(clip: ClipConfig, base_dir: str, out: str, salt: str | None,
-                        options: IngestOptions | None, shards: ShardConfig,
-                        clips_out: str | None = None, chunk_mb: float = DECODE_CHUNK_MB,
-                        credentials: storage.Credentials | None = None):
-    """One plan row (a group of inputs) -> chunk rows ``{"index", "clips" (IPC), "outcomes" (JSON)}``.
+class Encoder:
+    """A tokenizer actor (wrapped with ``ray.remote`` by :func:`start_encoders`): clips in, tokens out.
 
-    A chunk without clips (every input quarantined) is finished here: its outcome file is written
-    and no clips go to the encoders. The group's first row carries the plan's counts (a group with
-    no chunk for the encoders sends one empty row for them).
+    It holds no state between calls, so any actor can encode any chunk and a restarted one (a
+    lost node, an out-of-memory GPU) can take the retried call.
     """
 
-    from pipelines.ingest import make_input_fn
-
-    def emit(index: int, tables: list[pa.Table], outcomes: list[dict[str, Any]]):
-        if not tables:
-            write_outcomes(out, index, [{**o, "tokens": 0} for o in outcomes])
-            return []
-        return [{"index": index, "clips": _ipc(pa.concat_tables(tables)), "outcomes": json.dumps(outcomes)}]
-
-    def chunks(rows: list[dict[str, Any]]):
-        keep = ChunkWriter(clips_out, "clips", shards) if clips_out else None
-        index, tables, outcomes, size = None, [], [], 0
-        with isolated_inputs(lambda: make_input_fn(clip, base_dir, salt, options), options) as process:
-            for row in rows:
-                outcome, table = process(row)
-                i = int(row["_index"])
-                if keep is not None:
-                    keep.add(i, outcome, table)
-                index = i if index is None else index
-                outcomes.append({**outcome, "index": i})
-                if table is not None:
-                    tables.append(table)
-                    size += table.nbytes
-                if size >= min(chunk_mb, shards.shard_mb) * MB:
-                    yield from emit(index, tables, outcomes)
-                    index, tables, outcomes, size = None, [], [], 0
-        if index is not None:
-            yield from emit(index, tables, outcomes)
-        if keep is not None:
-            keep.close_chunk()
-
-    def run(group: dict[str, Any]):
-        storage.apply_credentials(credentials)
-        counts = plan_counts(group)
-        for chunk in chunks(json.loads(group["rows"])):
-            yield {**chunk, **counts}
-            counts = dict.fromkeys(counts, 0)
-        if any(counts.values()):
-            yield {"index": -1, "clips": b"", "outcomes": "[]", **counts}
-
-    return run
-
-
-class EncodeChunks:
-    """Ray Data callable class: a tokenizer per actor; encodes chunk rows and writes their shards."""
-
-    def __init__(self, tokenizer_uri: str, out: str, shards: ShardConfig, batch_size: int = 16,
-                 use_gpu: bool = False, ecg_samples: int = 0,
-                 credentials: storage.Credentials | None = None) -> None:
+    def __init__(self, tokenizer_uri: str, batch_size: int = 16, use_gpu: bool = False,
+                 ecg_samples: int = 0, credentials: storage.Credentials | None = None) -> None:
         import torch
 
         from echopulse.models.checkpoint import load_checkpoint
         from echopulse.tokenize import PartTokenizer
 
         storage.apply_credentials(credentials)
-        self._tmp = tempfile.TemporaryDirectory()
-        local = storage.local_copy(tokenizer_uri, self._tmp.name)
-        model, _, info = load_checkpoint(local, expected_kind="tokenizer")
+        with tempfile.TemporaryDirectory() as tmp:
+            model, _, info = load_checkpoint(storage.local_copy(tokenizer_uri, tmp), expected_kind="tokenizer")
         device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
         model.to(device).eval()
         if device == "cpu":
             from pipelines.common import match_torch_threads_to_actor
 
             match_torch_threads_to_actor()
-        self.out, self.shards, self.batch_size = out, shards, batch_size
+        self.batch_size = batch_size
         self.tokenizer = PartTokenizer(model, info["model_id"], batch_size, ecg_samples, device)
 
-    def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
+    def ready(self) -> bool:
+        return True
+
+    def encode(self, clips_ipc: bytes) -> dict[str, Any]:
+        """A chunk's clip table (IPC) -> ``{"tokens": IPC of the good rows' tokens/v1 table with their
+        position in the chunk (``_pos``), "errors": {position: reason}}``."""
         from echopulse.tokenize import ERROR, STAGE
 
-        counts = {k: v for k, v in row.items() if k.startswith("plan_")}
-        if not row["clips"]:  # a group's counts without clips
-            return {"inputs": 0, "tokens": 0, **counts}
-        clips = _from_ipc(row["clips"])
-        outcomes = json.loads(row["outcomes"])
-        # the chunk's clips are its inputs' clips in order: the input each clip row came from
-        owner = np.repeat(np.arange(len(outcomes)), [o["clips"] for o in outcomes])
-        good = np.zeros(len(outcomes), dtype=np.int64)
-        errors: dict[int, list[str]] = {}
-        writer = ChunkWriter(self.out, "tokens", self.shards)
-        start = 0
+        clips = _from_ipc(clips_ipc)
+        tables, errors, start = [], {}, 0
         for batch in clips.to_batches(max_chunksize=self.batch_size):
             table = pa.Table.from_batches([batch])
             enc = self.tokenizer.encode_table(table)
             ok = np.asarray([not e for e in enc[ERROR]], dtype=bool)
             for i in np.flatnonzero(~ok):
-                errors.setdefault(int(owner[start + i]), []).append(
-                    f"{enc['clip_id'][i]}: {enc[STAGE][i]}: {enc[ERROR][i]}")
-            np.add.at(good, owner[start:start + len(ok)][ok], 1)
+                errors[start + int(i)] = f"{enc['clip_id'][i]}: {enc[STAGE][i]}: {enc[ERROR][i]}"
             if ok.any():
-                writer.add_rows(int(row["index"]), token_table(enc, table, ok))
+                good = token_table(enc, table, ok)
+                tables.append(good.append_column(POS, pa.array(start + np.flatnonzero(ok), pa.int64())))
             start += len(ok)
-        for j, o in enumerate(outcomes):  # one outcome per input, with the tokens it got
-            o["tokens"] = int(good[j])
-            if o["clips"] and o["tokens"] < o["clips"]:
-                o.update(stage="encode", error=f"{o['clips'] - o['tokens']} clip(s) not tokenized",
-                         detail="; ".join(errors.get(j, []))[:2000])
-        writer.index, writer.outcomes = int(row["index"]), outcomes
-        writer.close_chunk()
-        return {"inputs": len(outcomes), "tokens": int(good.sum()), **counts}
+        return {"tokens": _ipc(pa.concat_tables(tables)) if tables else b"", "errors": errors}
+
+
+class GroupTokens:
+    """One decode task's side of the encoders: sends its chunks round the pool, at most ``in_flight``
+    waiting, and writes what comes back (in order) into the group's token shards and outcome files."""
+
+    def __init__(self, out: str, shards: ShardConfig, encoders: list, first: int,
+                 in_flight: int = IN_FLIGHT) -> None:
+        self.writer = ChunkWriter(out, "tokens", shards)
+        self.encoders, self.turn, self.in_flight = encoders, first, in_flight
+        self.pending: deque = deque()
+        self.inputs = self.tokens = 0
+
+    def submit(self, items: list[tuple[int, dict[str, Any], pa.Table | None]]) -> None:
+        """One chunk: its inputs in order, each ``(index, outcome, clip table or None)``."""
+        tables = [t for _, _, t in items if t is not None]
+        ref = None
+        if tables:
+            encoder = self.encoders[self.turn % len(self.encoders)]
+            ref = encoder.encode.remote(_ipc(pa.concat_tables(tables)))
+            self.turn += 1
+        self.pending.append((items, ref))
+        while len(self.pending) > self.in_flight:
+            self._write(*self.pending.popleft())
+
+    def finish(self) -> dict[str, int]:
+        """Wait for the rest, close the last shard; the task's counts."""
+        while self.pending:
+            self._write(*self.pending.popleft())
+        self.writer.close_chunk()
+        return {"inputs": self.inputs, "tokens": self.tokens}
+
+    def _write(self, items: list[tuple[int, dict[str, Any], pa.Table | None]], ref) -> None:
+        clips = [t.num_rows if t is not None else 0 for _, _, t in items]
+        tokens, errors = _encoded(ref, sum(clips))
+        owner = np.repeat(np.arange(len(items)), clips)  # the input each clip position came from
+        rows_of = np.searchsorted(owner[tokens.column(POS).to_numpy()] if tokens.num_rows else
+                                  np.zeros(0, np.int64), np.arange(len(items) + 1))
+        tokens = tokens.drop_columns([POS]) if tokens.num_rows else tokens
+        for j, (index, outcome, _) in enumerate(items):
+            got = int(rows_of[j + 1] - rows_of[j])
+            outcome = {**outcome, "tokens": got}
+            if clips[j] and got < clips[j]:
+                start = int(np.searchsorted(owner, j))
+                reasons = [errors[p] for p in range(start, start + clips[j]) if p in errors]
+                outcome.update(stage="encode", error=f"{clips[j] - got} clip(s) not tokenized",
+                               detail="; ".join(reasons)[:2000])
+            self.writer.add(index, outcome, tokens.slice(rows_of[j], got) if got else None)
+            self.inputs, self.tokens = self.inputs + 1, self.tokens + got
+
+
+def _encoded(ref, n_clips: int) -> tuple[pa.Table, dict[int, str]]:
+    """An encode call's tokens and errors; a call that failed after Ray's retries (its actor died,
+    the GPU ran out of memory) makes every clip of the chunk an error, never a stopped run."""
+    import ray
+
+    if ref is None:
+        return pa.table({POS: pa.array([], pa.int64())}), {}
+    try:
+        result = ray.get(ref)
+    except Exception as exc:
+        log.warning("an encode call failed: %s", exc)
+        reason = f"encoder failed: {type(exc).__name__}: {str(exc).strip().splitlines()[-1][:300] if str(exc).strip() else ''}"
+        return pa.table({POS: pa.array([], pa.int64())}), dict.fromkeys(range(n_clips), reason)
+    tokens = _from_ipc(result["tokens"]) if result["tokens"] else pa.table({POS: pa.array([], pa.int64())})
+    return tokens, result["errors"]
+
+
+def make_decode_task_fn(clip: ClipConfig, base_dir: str, out: str, salt: str | None,
+                        options: IngestOptions | None, shards: ShardConfig, encoders: list,
+                        clips_out: str | None = None, chunk_mb: float = DECODE_CHUNK_MB,
+                        batch_size: int = 16, credentials: storage.Credentials | None = None):
+    """One plan row (a group of inputs) -> one counts row ``{"inputs", "tokens", "plan_*"}``, after
+    the group's inputs are decoded, encoded by ``encoders`` (actor handles) and written."""
+
+    from pipelines.ingest import make_input_fn
+
+    def run(group: dict[str, Any]):
+        storage.apply_credentials(credentials)
+        counts = plan_counts(group)
+        rows = json.loads(group["rows"])
+        if not rows:
+            yield {"inputs": 0, "tokens": 0, **counts}
+            return
+        keep = ChunkWriter(clips_out, "clips", shards) if clips_out else None
+        sink = GroupTokens(out, shards, encoders, int(rows[0]["_index"]) // GROUP_STRIDE)
+        items, size, n_clips = [], 0, 0
+        with isolated_inputs(lambda: make_input_fn(clip, base_dir, salt, options), options) as process:
+            for row in rows:
+                outcome, table = process(row)
+                i = int(row["_index"])
+                if keep is not None:
+                    keep.add(i, outcome, table)
+                items.append((i, outcome, table))
+                if table is not None:
+                    size, n_clips = size + table.nbytes, n_clips + table.num_rows
+                if size >= chunk_mb * MB and n_clips >= batch_size:
+                    sink.submit(items)
+                    items, size, n_clips = [], 0, 0
+        if items:
+            sink.submit(items)
+        if keep is not None:
+            keep.close_chunk()
+        yield {**sink.finish(), **counts}
+
+    return run
+
+
+def start_encoders(tokenizer: str, actors: int, batch_size: int, use_gpu: bool, ecg_samples: int,
+                   encoder_cpus: float, credentials: storage.Credentials | None,
+                   remote_args: dict[str, Any]) -> list:
+    """``actors`` tokenizer actors, each loaded and ready (a tokenizer that cannot load fails here,
+    before any input is decoded); a lost actor restarts and its calls are retried once."""
+    import ray
+
+    cls = ray.remote(Encoder).options(num_cpus=encoder_cpus, num_gpus=1 if use_gpu else 0,
+                                      max_restarts=1, max_task_retries=1, **remote_args)
+    encoders = [cls.remote(tokenizer, batch_size, use_gpu, ecg_samples, credentials) for _ in range(actors)]
+    ray.get([e.ready.remote() for e in encoders])
+    return encoders
 
 
 def token_table(enc: dict[str, Any], clips: pa.Table, ok: np.ndarray) -> pa.Table:
@@ -211,7 +273,7 @@ def run_ingest_tokens(manifest: str, out: str, clip: ClipConfig, tokenizer: str,
                       resume: bool = False, options: IngestOptions | None = None,
                       shards: ShardConfig | None = None, keep_clips: str | None = None, actors: int = 1,
                       batch_size: int = 16, use_gpu: bool | None = None,
-                      encoder_cpus: float | None = None) -> FusedSummary:
+                      encoder_cpus: float | None = None, chunk_mb: float = DECODE_CHUNK_MB) -> FusedSummary:
     """Ingest and tokenize in one Ray Data pass: ``manifest`` -> ``out`` (a ``tokens/v1`` dataset).
 
     Args:
@@ -225,9 +287,9 @@ def run_ingest_tokens(manifest: str, out: str, clip: ClipConfig, tokenizer: str,
             (``None``: when the cluster has GPUs).
         encoder_cpus: CPUs each tokenizer actor reserves (torch's threads on a CPU encoder;
             default 2, or 0.5 on a cluster of fewer than 4 CPUs, where decode tasks take 0.75 so
-            that two fit beside it). It differs from the decode tasks' CPUs on purpose: Ray Data
-            fuses a task map into the next actor map when their resources match, which would put
-            decoding on the encoders.
+            that two fit beside it).
+        chunk_mb: clip bytes a decode task sends per encode call (at least ``batch_size`` clips);
+            with ``IN_FLIGHT`` it bounds what each decoder keeps in the object store.
 
     Raises:
         EchoPulseError: a tokenizer of another clip geometry, or not one input tokenized.
@@ -235,8 +297,8 @@ def run_ingest_tokens(manifest: str, out: str, clip: ClipConfig, tokenizer: str,
     from pipelines.ingest import prepare_out
 
     shards = shards or ShardConfig()
-    if batch_size < 1 or actors < 1:
-        raise EchoPulseError("--batch-size and --actors must be at least 1")
+    if batch_size < 1 or actors < 1 or chunk_mb <= 0:
+        raise EchoPulseError("--batch-size and --actors must be at least 1, the chunk size positive")
     tok_cfg, tok_info = _matching_tokenizer(tokenizer, clip)
     manifest_format(manifest)  # a bad manifest fails before Ray starts
     storage.makedirs(out)
@@ -245,7 +307,7 @@ def run_ingest_tokens(manifest: str, out: str, clip: ClipConfig, tokenizer: str,
         storage.makedirs(keep_clips)
         prepare_out(keep_clips, "clips", resume)
     counts = _run_fused_pass(manifest, out, clip, tokenizer, salt, resume, options, shards, keep_clips,
-                             actors, batch_size, use_gpu, encoder_cpus, listing)
+                             actors, batch_size, use_gpu, encoder_cpus, chunk_mb, listing)
     fused = _write_summaries(out, counts, clip, tokenizer, tok_cfg, tok_info, shards, batch_size, keep_clips)
     if fused.tokens == 0:
         raise EchoPulseError(f"no input could be tokenized; reasons in {storage.join(out, 'quarantine')}")
@@ -271,11 +333,12 @@ def _matching_tokenizer(tokenizer: str, clip: ClipConfig) -> tuple[Any, dict[str
 def _run_fused_pass(manifest: str, out: str, clip: ClipConfig, tokenizer: str, salt: str | None,
                     resume: bool, options: IngestOptions | None, shards: ShardConfig,
                     keep_clips: str | None, actors: int, batch_size: int, use_gpu: bool | None,
-                    encoder_cpus: float | None, listing: dict[str, list[str]] | None = None) -> PlanCounts:
-    """The Ray Data pass: the plan, decode tasks, then a tokenizer actor pool; the plan's counts
-    (``listing``: ``out`` as :func:`pipelines.ingest.prepare_out` listed it, resuming)."""
+                    encoder_cpus: float | None, chunk_mb: float,
+                    listing: dict[str, list[str]] | None = None) -> PlanCounts:
+    """The pass: the encoder actors, then the plan and the decode tasks (Ray Data); the plan's
+    counts (``listing``: ``out`` as :func:`pipelines.ingest.prepare_out` listed it, resuming)."""
     import ray
-    from ray.data import ActorPoolStrategy
+    from ray.data import TaskPoolStrategy
 
     from echopulse.runtime import init_ray
     from pipelines.common import ray_remote_args, worker_credentials
@@ -291,18 +354,36 @@ def _run_fused_pass(manifest: str, out: str, clip: ClipConfig, tokenizer: str, s
     # on a small cluster two decoders still fit beside the encoder (which waits for them most of
     # the time); 1 CPU each would leave a core's worth idle
     decode_cpus = SMALL_DECODE_CPUS if small else 1.0
+    decoders = decoder_count(ray.cluster_resources().get("CPU", 1), actors, encoder_cpus, decode_cpus)
     remote_args = ray_remote_args(manifest, out, tokenizer, keep_clips)
     credentials = worker_credentials(manifest, out, tokenizer, keep_clips)
-    decode = make_decode_task_fn(clip, storage.parent(manifest), out, salt, options, shards, keep_clips,
-                                 credentials=credentials)
-    ds = plan_dataset(manifest, out, shards, resume, remote_args, listing)
-    ds = ds.flat_map(decode, num_cpus=decode_cpus, **remote_args)
-    ds = ds.map(EncodeChunks, fn_constructor_kwargs={
-        "tokenizer_uri": tokenizer, "out": out, "shards": shards, "batch_size": batch_size,
-        "use_gpu": bool(use_gpu), "ecg_samples": clip.ecg_samples, "credentials": credentials},
-        compute=ActorPoolStrategy(size=actors),
-        num_gpus=1 if use_gpu else 0, num_cpus=encoder_cpus, **remote_args)
-    return collect_counts(out, ds)  # streams: one small counts row per chunk
+    encoders = start_encoders(tokenizer, actors, batch_size, bool(use_gpu), clip.ecg_samples, encoder_cpus,
+                              credentials, remote_args)
+    try:
+        decode = make_decode_task_fn(clip, storage.parent(manifest), out, salt, options, shards, encoders,
+                                     keep_clips, chunk_mb, batch_size, credentials)
+        ds = plan_dataset(manifest, out, shards, resume, remote_args, listing)
+        # as many decoders as the CPUs beside the encoders hold: a decoder waiting on an encoder
+        # lends Ray its CPU, and more decoders would only hold more chunks in the object store
+        ds = ds.flat_map(decode, num_cpus=decode_cpus, compute=TaskPoolStrategy(size=decoders), **remote_args)
+        return collect_counts(out, ds)  # streams: one small counts row per group
+    finally:
+        for encoder in encoders:
+            ray.kill(encoder)
+
+
+def decoder_count(cpus: float, actors: int, encoder_cpus: float, decode_cpus: float) -> int:
+    """Decode tasks that fit beside ``actors`` encoders of ``encoder_cpus`` on ``cpus``.
+
+    Raises:
+        EchoPulseError: the encoders leave no room for one decoder (the run would wait forever).
+    """
+    free = cpus - actors * encoder_cpus
+    if free < decode_cpus - 1e-9:
+        raise EchoPulseError(f"{actors} tokenizer actor(s) of {encoder_cpus:g} CPUs leave {max(free, 0):g} of the "
+                             f"cluster's {cpus:g} CPUs, and a decode task needs {decode_cpus:g}: "
+                             "use fewer --actors or a larger cluster")
+    return max(1, int(free / decode_cpus + 1e-9))
 
 
 def _write_summaries(out: str, plan: PlanCounts, clip: ClipConfig, tokenizer: str,

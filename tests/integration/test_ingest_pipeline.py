@@ -18,7 +18,7 @@ from echopulse.schema import QUARANTINE_COLUMNS
 from echopulse.synth.phantom import HEADER_TEXT, write_corpus
 from jobs.recipes import tiny
 from pipelines.ingest import run_ingest
-from pipelines.shards import ShardConfig
+from pipelines.shards import ShardConfig, shard_group
 
 pytestmark = pytest.mark.integration
 
@@ -200,6 +200,99 @@ def test_one_pass_writes_the_tokens_of_the_clips(corpus, tmp_path, ray_session):
     assert set(got) == set(expected)
     for cid, toks in got.items():
         np.testing.assert_array_equal(toks, expected[cid])
+
+
+def _tokens_by_clip(out):
+    t = pq.read_table(out / "tokens")
+    return dict(zip(t.column("clip_id").to_pylist(), t.column("tokens").combine_chunks().to_numpy_ndarray()))
+
+
+def test_one_pass_chunks_are_not_shards(corpus, tmp_path, ray_session):
+    """One clip per encode call, round two encoder actors, over several groups: the same tokens as
+    one call per group, in shards sized by their tokens; a rerun writes the same files and a resume
+    after a lost shard and a lost half ends with the same totals and tokens."""
+    from bench._common import write_random_tokens
+    from pipelines.fused import run_ingest_tokens
+
+    manifest, good, bad, _ = corpus
+    recipe = tiny()
+    tokenizer = write_random_tokens(str(tmp_path / "unused"), recipe, n=2)
+    whole = run_ingest_tokens(str(manifest), str(tmp_path / "whole"), recipe.clip, tokenizer, batch_size=4)
+    expected = _tokens_by_clip(tmp_path / "whole")
+
+    out, shards = tmp_path / "chunked", ShardConfig(inputs_per_task=4, shard_mb=1e-6)  # a token shard per input
+    kwargs = {"shards": shards, "actors": 2, "encoder_cpus": 0.5, "batch_size": 1, "chunk_mb": 1e-6}
+    chunked = run_ingest_tokens(str(manifest), str(out), recipe.clip, tokenizer, **kwargs)
+    assert chunked.as_dict() == whole.as_dict()
+    got = _tokens_by_clip(out)
+    assert set(got) == set(expected) and len(got) == chunked.tokens
+    for cid, toks in got.items():
+        np.testing.assert_array_equal(toks, expected[cid])
+    names = sorted(p.name for p in (out / "tokens").glob("*.parquet"))
+    assert len(names) == chunked.inputs_with_tokens == len(good)
+    assert len({shard_group(n) for n in names}) > 1  # several groups, each its own shards
+
+    run_ingest_tokens(str(manifest), str(out), recipe.clip, tokenizer, **kwargs)
+    assert sorted(p.name for p in (out / "tokens").glob("*.parquet")) == names
+
+    outcomes = sorted((out / "outcomes").glob("*.parquet"))
+    lost = [outcomes[0], *outcomes[len(outcomes) // 2:]]
+    for p in lost:
+        p.unlink()
+    resumed = run_ingest_tokens(str(manifest), str(out), recipe.clip, tokenizer, resume=True, **kwargs)
+    assert resumed.as_dict() == whole.as_dict()
+    assert set(_tokens_by_clip(out)) == set(expected)
+
+
+def test_encoders_that_leave_no_cpu_for_a_decoder_are_refused():
+    from echopulse.errors import EchoPulseError
+    from pipelines.fused import decoder_count
+
+    assert decoder_count(2, 1, 0.5, 0.75) == 2  # the 2-core default: two decoders beside one encoder
+    assert decoder_count(16, 2, 2.0, 1.0) == 12
+    with pytest.raises(EchoPulseError, match="use fewer --actors"):
+        decoder_count(4, 2, 2.0, 1.0)  # two 2-CPU encoders on 4 CPUs: the run would wait forever
+
+
+class _DyingEncoder:
+    """An encoder actor whose process dies in every call (as when a GPU runs out of memory)."""
+
+    def ready(self):
+        return True
+
+    def encode(self, clips_ipc):
+        import os
+
+        os._exit(1)
+
+
+def test_a_dying_encoder_quarantines_its_chunk_and_the_group_goes_on(corpus, tmp_path, ray_session):
+    from bench._common import write_random_tokens
+    from pipelines.fused import Encoder, GroupTokens
+    from pipelines.shards import read_outcomes
+
+    manifest, good, _, _ = corpus
+    recipe = tiny()
+    clips_out = tmp_path / "clips"
+    run_ingest(str(manifest), str(clips_out), recipe.clip)
+    clips = pq.read_table(clips_out / "clips")
+    halves = [clips.slice(0, 2), clips.slice(2, 2)]
+    items = [(i, {"_key": f"input{i}", "echo": f"e{i}.dcm", "ecg": f"e{i}.hea", "clips": 2,
+                  "clips_without_ecg": 0, "clips_ecg_synchronized": 0}, t) for i, t in enumerate(halves)]
+    tokenizer = write_random_tokens(str(tmp_path / "unused"), recipe, n=2)
+    dying = ray_session.remote(_DyingEncoder).options(max_restarts=1, max_task_retries=1).remote()
+    working = ray_session.remote(Encoder).remote(tokenizer, 4, False, recipe.clip.ecg_samples)
+    out = tmp_path / "tokens"
+    sink = GroupTokens(str(out), ShardConfig(), [dying, working], first=0)  # chunk 0 to the dying one
+    for item in items:
+        sink.submit([item])
+    assert sink.finish() == {"inputs": 2, "tokens": 2}
+    log = {o["_key"]: o for o in read_outcomes(str(out)).to_pylist()}
+    assert log["input0"]["tokens"] == 0 and log["input0"]["stage"] == "encode"
+    assert "encoder failed" in log["input0"]["detail"] and "2 clip(s) not tokenized" in log["input0"]["error"]
+    assert log["input1"]["tokens"] == 2 and not log["input1"]["stage"]
+    written = pq.read_table(out / "tokens").column("clip_id").to_pylist()
+    assert written == halves[1].column("clip_id").to_pylist()
 
 
 def test_storage_refusing_writes_stops_with_one_error_and_resume_continues(corpus, tmp_path, ray_session):
