@@ -89,9 +89,6 @@ class Encoder:
         self.batch_size = batch_size
         self.tokenizer = PartTokenizer(model, info["model_id"], batch_size, ecg_samples, device)
 
-    def ready(self) -> bool:
-        return True
-
     def encode(self, clips_ipc: bytes) -> dict[str, Any]:
         """A chunk's clip table (IPC) -> ``{"tokens": IPC of the good rows' tokens/v1 table with their
         position in the chunk (``_pos``), "errors": {position: reason}}``."""
@@ -163,19 +160,32 @@ class GroupTokens:
 
 def _encoded(ref, n_clips: int) -> tuple[pa.Table, dict[int, str]]:
     """An encode call's tokens and errors; a call that failed after Ray's retries (its actor died,
-    the GPU ran out of memory) makes every clip of the chunk an error, never a stopped run."""
+    the GPU ran out of memory) makes every clip of the chunk an error, never a stopped run.
+
+    Raises:
+        EchoPulseError: the actor could not start (its tokenizer did not load on that worker).
+    """
     import ray
 
     if ref is None:
         return pa.table({POS: pa.array([], pa.int64())}), {}
     try:
         result = ray.get(ref)
+    except ray.exceptions.RayActorError as exc:
+        if exc.actor_init_failed:  # the tokenizer cannot load on a worker: every chunk would fail
+            raise EchoPulseError(f"a tokenizer actor could not start: {exc}") from None
+        return _failed(exc, n_clips)
     except Exception as exc:
-        log.warning("an encode call failed: %s", exc)
-        reason = f"encoder failed: {type(exc).__name__}: {str(exc).strip().splitlines()[-1][:300] if str(exc).strip() else ''}"
-        return pa.table({POS: pa.array([], pa.int64())}), dict.fromkeys(range(n_clips), reason)
+        return _failed(exc, n_clips)
     tokens = _from_ipc(result["tokens"]) if result["tokens"] else pa.table({POS: pa.array([], pa.int64())})
     return tokens, result["errors"]
+
+
+def _failed(exc: Exception, n_clips: int) -> tuple[pa.Table, dict[int, str]]:
+    log.warning("an encode call failed: %s", exc)
+    last = str(exc).strip().splitlines()[-1][:300] if str(exc).strip() else ""
+    reason = f"encoder failed: {type(exc).__name__}: {last}"
+    return pa.table({POS: pa.array([], pa.int64())}), dict.fromkeys(range(n_clips), reason)
 
 
 def make_decode_task_fn(clip: ClipConfig, base_dir: str, out: str, salt: str | None,
@@ -221,15 +231,14 @@ def make_decode_task_fn(clip: ClipConfig, base_dir: str, out: str, salt: str | N
 def start_encoders(tokenizer: str, actors: int, batch_size: int, use_gpu: bool, ecg_samples: int,
                    encoder_cpus: float, credentials: storage.Credentials | None,
                    remote_args: dict[str, Any]) -> list:
-    """``actors`` tokenizer actors, each loaded and ready (a tokenizer that cannot load fails here,
-    before any input is decoded); a lost actor restarts and its calls are retried once."""
+    """``actors`` tokenizer actors, started without waiting (they load while the plan runs; the
+    driver has already loaded the checkpoint, and an actor that cannot start stops the run at the
+    first chunk sent to it); a lost actor restarts and its calls are retried once."""
     import ray
 
     cls = ray.remote(Encoder).options(num_cpus=encoder_cpus, num_gpus=1 if use_gpu else 0,
                                       max_restarts=1, max_task_retries=1, **remote_args)
-    encoders = [cls.remote(tokenizer, batch_size, use_gpu, ecg_samples, credentials) for _ in range(actors)]
-    ray.get([e.ready.remote() for e in encoders])
-    return encoders
+    return [cls.remote(tokenizer, batch_size, use_gpu, ecg_samples, credentials) for _ in range(actors)]
 
 
 def token_table(enc: dict[str, Any], clips: pa.Table, ok: np.ndarray) -> pa.Table:

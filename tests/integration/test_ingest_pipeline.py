@@ -257,9 +257,6 @@ def test_encoders_that_leave_no_cpu_for_a_decoder_are_refused():
 class _DyingEncoder:
     """An encoder actor whose process dies in every call (as when a GPU runs out of memory)."""
 
-    def ready(self):
-        return True
-
     def encode(self, clips_ipc):
         import os
 
@@ -293,6 +290,15 @@ def test_a_dying_encoder_quarantines_its_chunk_and_the_group_goes_on(corpus, tmp
     assert log["input1"]["tokens"] == 2 and not log["input1"]["stage"]
     written = pq.read_table(out / "tokens").column("clip_id").to_pylist()
     assert written == halves[1].column("clip_id").to_pylist()
+
+    # an encoder that cannot start (a tokenizer its worker cannot read) stops the run at once
+    from echopulse.errors import EchoPulseError
+
+    broken = ray_session.remote(Encoder).remote(str(tmp_path / "no" / "tokenizer"), 4, False, 0)
+    sink = GroupTokens(str(tmp_path / "stopped"), ShardConfig(), [broken], first=0)
+    with pytest.raises(EchoPulseError, match="a tokenizer actor could not start"):
+        sink.submit([items[0]])
+        sink.finish()
 
 
 def test_storage_refusing_writes_stops_with_one_error_and_resume_continues(corpus, tmp_path, ray_session):
