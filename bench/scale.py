@@ -74,6 +74,7 @@ class Peaks:
 
         self.proc, self.period = psutil.Process(), period
         self.rss = self.store = 0
+        self.samples: list[int] = []  # the object store's bytes at each sample
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -84,7 +85,9 @@ class Peaks:
             try:
                 if stats is None:
                     stats = plasma_bytes_used()
-                self.store = max(self.store, stats())
+                used = stats()
+                self.samples.append(used)
+                self.store = max(self.store, used)
             except Exception:  # Ray not up yet
                 pass
             self._stop.wait(self.period)
@@ -164,6 +167,8 @@ def main(argv=None) -> int:
                         help="only measure tokenize clips/s at 1 and 2 actors over INPUTS inputs "
                              "(clips in ~1 MiB shards so both actors get parts)")
     parser.add_argument("--actors", type=int, default=1, help="encoder actors in the one pass")
+    parser.add_argument("--chunk-mb", type=float, default=None,
+                        help="clip MiB per encode call (default: pipelines.fused.DECODE_CHUNK_MB)")
     parser.add_argument("--json", default=None, help="write the figures here")
     parser.add_argument("--workdir", default=None)
     args = parser.parse_args(argv)
@@ -174,7 +179,9 @@ def main(argv=None) -> int:
 
     from bench._common import write_random_tokens
     from jobs.recipes import tiny
-    from pipelines.fused import run_ingest_tokens
+    from pipelines.fused import DECODE_CHUNK_MB, run_ingest_tokens
+
+    args.chunk_mb = args.chunk_mb or DECODE_CHUNK_MB
     from pipelines.ingest import run_ingest
     from pipelines.tokenize import run_tokenize
 
@@ -194,15 +201,19 @@ def main(argv=None) -> int:
     shards = ShardConfig(inputs_per_task=args.inputs_per_task)
     results: dict[str, dict] = {}
 
+    import numpy as np
+
     def fused(name: str, manifest: Path, out: str) -> dict:
         with Peaks() as peaks:
             t0 = time.perf_counter()
             summary = run_ingest_tokens(str(manifest), out, recipe.clip, tokenizer, shards=shards,
-                                        actors=args.actors)
+                                        actors=args.actors, chunk_mb=args.chunk_mb)
             wall = time.perf_counter() - t0
         r = {"inputs": summary.inputs, "tokens": summary.tokens, "wall_s": round(wall, 2),
              "inputs_per_s": round(summary.inputs / wall, 2), "driver_rss_mb": round(peaks.rss / 2**20, 1),
-             "object_store_peak_mb": round(peaks.store / 2**20, 1), "files": count_files(out)}
+             "object_store_peak_mb": round(peaks.store / 2**20, 1),
+             "object_store_p90_mb": round(float(np.percentile(peaks.samples, 90)) / 2**20, 1) if peaks.samples else None,
+             "files": count_files(out)}
         results[name] = r
         log.info("%s: %s", name, r)
         return r
@@ -269,7 +280,7 @@ def main(argv=None) -> int:
         "fused_speedup": (round(a["inputs_per_s"] / results["two_stage"]["inputs_per_s"], 2)
                           if "two_stage" in results else None),
         "sizes": [small, large], "ray_cpus": cores, "ray_gpus": args.gpus,
-        "inputs_per_task": args.inputs_per_task, "actors": args.actors,
+        "inputs_per_task": args.inputs_per_task, "actors": args.actors, "chunk_mb": args.chunk_mb,
         "runs": results,
         "load_avg": os.getloadavg(),
     }

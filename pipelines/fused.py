@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 
 ENCODER_CPUS = 2.0
 SMALL_ENCODER_CPUS, SMALL_DECODE_CPUS = 0.5, 0.75  # clusters of fewer than 4 CPUs
-DECODE_CHUNK_MB = 8.0  # clip bytes per encode call (and at least batch_size clips)
+DECODE_CHUNK_MB = 2.0  # clip MiB per encode call (and at least batch_size clips)
 IN_FLIGHT = 2  # chunks a decode task keeps waiting on the encoders
 TOKEN_EXTRA = ("ecg_source", "ecg_leads", "source_uri")
 POS = "_pos"  # a token row's position in its chunk's clip table
