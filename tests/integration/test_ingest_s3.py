@@ -98,6 +98,29 @@ def test_ingest_from_and_to_s3(s3_server, s3_moto, s3_corpus, ray_session):
     assert sum(kind == "list" for _, kind, _ in resumed) == 2, resumed  # resume's listing + the final log read
 
 
+def test_one_pass_from_and_to_s3_with_the_tokenizer_on_s3(s3_server, s3_moto, s3_corpus, ray_session, tmp_path):
+    """`ingest --tokenizer s3://...`: the encoder actors read the tokenizer with the run's keys and
+    the decode tasks write the token shard and the outcome log to the bucket."""
+    from pathlib import Path
+
+    from bench._common import write_random_tokens
+    from pipelines.fused import run_ingest_tokens
+
+    manifest, rows = s3_corpus
+    local = Path(write_random_tokens(str(tmp_path / "unused"), tiny(), n=2))
+    for path in local.rglob("*"):
+        if path.is_file():
+            s3_server.upload_file(str(path), BUCKET, f"models/tok/{path.relative_to(local).as_posix()}")
+    out = f"s3://{BUCKET}/tokens"
+    summary = run_ingest_tokens(manifest, out, tiny().clip, f"s3://{BUCKET}/models/tok")
+    assert (summary.inputs, summary.inputs_with_tokens, summary.quarantined) == (3, 2, 1)
+    keys = {o["Key"] for o in s3_server.list_objects_v2(Bucket=BUCKET, Prefix="tokens/")["Contents"]}
+    shards = [k for k in keys if k.startswith("tokens/tokens/shard-")]
+    assert len(shards) == 1 and sum(k.startswith("tokens/outcomes/") for k in keys) == 1
+    table = pq.read_table(io.BytesIO(s3_server.get_object(Bucket=BUCKET, Key=shards[0])["Body"].read()))
+    assert table.num_rows == summary.tokens == summary.clips > 0
+
+
 def test_a_shard_above_the_part_size_is_a_multipart_upload(s3_server, s3_moto, bucket):
     """A shard larger than ``part_mb`` goes up in parts while it is written (S3 keeps a multipart
     object's ETag as ``<md5>-<parts>``); a small one is one PUT; neither asks for a HEAD or a listing."""
