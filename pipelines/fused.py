@@ -111,11 +111,18 @@ class Encoder:
 
 class GroupTokens:
     """One decode task's side of the encoders: sends its chunks round the pool, at most ``in_flight``
-    waiting, and writes what comes back (in order) into the group's token shards and outcome files."""
+    waiting, and writes what comes back (in order) into the group's token shards and outcome files.
+
+    With ``clips_out`` the clips go into that dataset's shards at the same time, and a clips shard
+    and a token shard always close together (when either reaches ``shard_mb``, clips first): both
+    logs then cover the same inputs, so ``--resume`` (which redoes the inputs missing from the
+    tokens log) rewrites a clips shard under its own name instead of adding a second copy.
+    """
 
     def __init__(self, out: str, shards: ShardConfig, encoders: list, first: int,
-                 in_flight: int = IN_FLIGHT) -> None:
+                 in_flight: int = IN_FLIGHT, clips_out: str | None = None) -> None:
         self.writer = ChunkWriter(out, "tokens", shards)
+        self.clips = ChunkWriter(clips_out, "clips", shards) if clips_out else None
         self.encoders, self.turn, self.in_flight = encoders, first, in_flight
         self.pending: deque = deque()
         self.inputs = self.tokens = 0
@@ -136,8 +143,13 @@ class GroupTokens:
         """Wait for the rest, close the last shard; the task's counts."""
         while self.pending:
             self._write(*self.pending.popleft())
-        self.writer.close_chunk()
+        self._close()
         return {"inputs": self.inputs, "tokens": self.tokens}
+
+    def _close(self) -> None:
+        if self.clips is not None:
+            self.clips.close_chunk()
+        self.writer.close_chunk()
 
     def _write(self, items: list[tuple[int, dict[str, Any], pa.Table | None]], ref) -> None:
         clips = [t.num_rows if t is not None else 0 for _, _, t in items]
@@ -146,7 +158,9 @@ class GroupTokens:
         rows_of = np.searchsorted(owner[tokens.column(POS).to_numpy()] if tokens.num_rows else
                                   np.zeros(0, np.int64), np.arange(len(items) + 1))
         tokens = tokens.drop_columns([POS]) if tokens.num_rows else tokens
-        for j, (index, outcome, _) in enumerate(items):
+        for j, (index, outcome, table) in enumerate(items):
+            if self.clips is not None:
+                self.clips.add(index, outcome, table, close=False)
             got = int(rows_of[j + 1] - rows_of[j])
             outcome = {**outcome, "tokens": got}
             if clips[j] and got < clips[j]:
@@ -154,8 +168,10 @@ class GroupTokens:
                 reasons = [errors[p] for p in range(start, start + clips[j]) if p in errors]
                 outcome.update(stage="encode", error=f"{clips[j] - got} clip(s) not tokenized",
                                detail="; ".join(reasons)[:2000])
-            self.writer.add(index, outcome, tokens.slice(rows_of[j], got) if got else None)
+            self.writer.add(index, outcome, tokens.slice(rows_of[j], got) if got else None, close=False)
             self.inputs, self.tokens = self.inputs + 1, self.tokens + got
+            if self.writer.full or (self.clips is not None and self.clips.full):
+                self._close()
 
 
 def _encoded(ref, n_clips: int) -> tuple[pa.Table, dict[int, str]]:
@@ -204,16 +220,12 @@ def make_decode_task_fn(clip: ClipConfig, base_dir: str, out: str, salt: str | N
         if not rows:
             yield {"inputs": 0, "tokens": 0, **counts}
             return
-        keep = ChunkWriter(clips_out, "clips", shards) if clips_out else None
-        sink = GroupTokens(out, shards, encoders, int(rows[0]["_index"]) // GROUP_STRIDE)
+        sink = GroupTokens(out, shards, encoders, int(rows[0]["_index"]) // GROUP_STRIDE, clips_out=clips_out)
         items, size, n_clips = [], 0, 0
         with isolated_inputs(lambda: make_input_fn(clip, base_dir, salt, options), options) as process:
             for row in rows:
                 outcome, table = process(row)
-                i = int(row["_index"])
-                if keep is not None:
-                    keep.add(i, outcome, table)
-                items.append((i, outcome, table))
+                items.append((int(row["_index"]), outcome, table))
                 if table is not None:
                     size, n_clips = size + table.nbytes, n_clips + table.num_rows
                 if size >= chunk_mb * MB and n_clips >= batch_size:
@@ -221,8 +233,6 @@ def make_decode_task_fn(clip: ClipConfig, base_dir: str, out: str, salt: str | N
                     items, size, n_clips = [], 0, 0
         if items:
             sink.submit(items)
-        if keep is not None:
-            keep.close_chunk()
         yield {**sink.finish(), **counts}
 
     return run

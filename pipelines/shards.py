@@ -111,12 +111,18 @@ class ChunkWriter:
             if self._buffered >= self.cfg.row_group_mb * MB:
                 self._flush()
 
-    def add(self, index: int, outcome: dict[str, Any], table: pa.Table | None) -> None:
-        """One input: its rows (or ``None``) and its outcome; closes the chunk at ``shard_mb``."""
+    def add(self, index: int, outcome: dict[str, Any], table: pa.Table | None, close: bool = True) -> None:
+        """One input: its rows (or ``None``) and its outcome; closes the chunk at ``shard_mb``
+        (``close=False``: the caller closes it, see :attr:`full`)."""
         self.add_rows(index, table)
         self.outcomes.append({**outcome, "index": index})
-        if self._written + self._buffered >= self.cfg.shard_mb * MB:
+        if close and self.full:
             self.close_chunk()
+
+    @property
+    def full(self) -> bool:
+        """The open chunk has reached ``shard_mb``."""
+        return self._written + self._buffered >= self.cfg.shard_mb * MB
 
     @contextlib.contextmanager
     def _writing(self) -> Iterator[None]:

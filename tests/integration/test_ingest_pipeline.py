@@ -254,6 +254,34 @@ def test_encoders_that_leave_no_cpu_for_a_decoder_are_refused():
         decoder_count(4, 2, 2.0, 1.0)  # two 2-CPU encoders on 4 CPUs: the run would wait forever
 
 
+def test_kept_clips_and_tokens_close_together_so_resume_adds_no_copies(tmp_path, ray_session):
+    """`--keep-clips` with `--resume`: clips shards and token shards cover the same inputs, so a
+    run that lost its last token shard redoes those inputs without a second copy of their clips."""
+    from bench._common import write_random_tokens
+    from pipelines.fused import run_ingest_tokens
+    from pipelines.shards import read_outcomes
+
+    manifest = write_corpus(tmp_path / "archive", studies=8, seed=3, duration_s=2.5)
+    recipe = tiny()
+    tokenizer = write_random_tokens(str(tmp_path / "unused"), recipe, n=2)
+    out, kept = tmp_path / "tokens", tmp_path / "clips"
+    # tiny clips are ~41 KB an input and their tokens ~30 KB: 0.1 MiB closes clips shards every
+    # third input and token shards every fourth unless they close together
+    kwargs = {"shards": ShardConfig(shard_mb=0.1), "keep_clips": str(kept), "batch_size": 2, "chunk_mb": 0.05}
+    first = run_ingest_tokens(str(manifest), str(out), recipe.clip, tokenizer, **kwargs)
+    token_files = sorted(p.name for p in (out / "tokens").glob("*.parquet"))
+    assert len(token_files) > 1
+    assert sorted(p.name for p in (kept / "clips").glob("*.parquet")) == token_files
+
+    (out / "outcomes" / token_files[-1]).unlink()  # the last token shard was not finished
+    again = run_ingest_tokens(str(manifest), str(out), recipe.clip, tokenizer, resume=True, **kwargs)
+    assert again.as_dict() == first.as_dict()
+    ids = pq.read_table(kept / "clips").column("clip_id").to_pylist()
+    assert len(ids) == len(set(ids)) == first.clips
+    keys = read_outcomes(str(kept)).column("_key").to_pylist()
+    assert len(keys) == len(set(keys)) == first.inputs
+
+
 class _DyingEncoder:
     """An encoder actor whose process dies in every call (as when a GPU runs out of memory)."""
 
