@@ -5,7 +5,7 @@
 #   2. bench/scale.py                 the one pass at 1,000 and 4,000 inputs and ingest-then-tokenize
 #                                     at 1,000, all cores, CPU encoders (no S3 server: moto is not
 #                                     needed on such a machine)
-#   3. the one pass again at the CLI's default of 512 inputs per task (fewer, larger chunks)
+#   3. the one pass again at the CLI's default of 512 inputs per task (fewer, larger groups)
 #
 #   bench/cores.sh OUT_DIR
 #
