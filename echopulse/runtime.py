@@ -6,6 +6,14 @@ import logging
 import os
 
 log = logging.getLogger(__name__)
+_joined: list[str] = []  # the address init_ray connected to, if any
+
+
+def joined_cluster() -> bool:
+    """Whether this process runs on a cluster started elsewhere (an address given to
+    :func:`init_ray`, or ``RAY_ADDRESS``, which Ray sets for submitted jobs): one that may grow
+    (an autoscaler) and other work may share, unlike the local cluster this process started."""
+    return bool(_joined or os.environ.get("RAY_ADDRESS"))
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None,
@@ -31,6 +39,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None,
     if address:
         log.info("connecting to Ray at %s", address)
         ray.init(address=address, log_to_driver=worker_logs)
+        _joined.append(address)
         return
     cpus = num_cpus or max(os.cpu_count() or 1, 4)
     log.info("starting a local Ray cluster (%d logical CPUs)", cpus)

@@ -359,7 +359,7 @@ def _run_fused_pass(manifest: str, out: str, clip: ClipConfig, tokenizer: str, s
     import ray
     from ray.data import TaskPoolStrategy
 
-    from echopulse.runtime import init_ray
+    from echopulse.runtime import init_ray, joined_cluster
     from pipelines.common import ray_remote_args, worker_credentials
     from pipelines.ingest import collect_counts
     from pipelines.plan import plan_dataset
@@ -373,7 +373,8 @@ def _run_fused_pass(manifest: str, out: str, clip: ClipConfig, tokenizer: str, s
     # on a small cluster two decoders still fit beside the encoder (which waits for them most of
     # the time); 1 CPU each would leave a core's worth idle
     decode_cpus = SMALL_DECODE_CPUS if small else 1.0
-    decoders = decoder_count(ray.cluster_resources().get("CPU", 1), actors, encoder_cpus, decode_cpus)
+    decoders = decoder_count(ray.cluster_resources().get("CPU", 1), actors, encoder_cpus, decode_cpus,
+                             fixed=not joined_cluster())
     remote_args = ray_remote_args(manifest, out, tokenizer, keep_clips)
     credentials = worker_credentials(manifest, out, tokenizer, keep_clips)
     encoders = start_encoders(tokenizer, actors, batch_size, bool(use_gpu), clip.ecg_samples, encoder_cpus,
@@ -382,8 +383,8 @@ def _run_fused_pass(manifest: str, out: str, clip: ClipConfig, tokenizer: str, s
         decode = make_decode_task_fn(clip, storage.parent(manifest), out, salt, options, shards, encoders,
                                      keep_clips, chunk_mb, batch_size, credentials)
         ds = plan_dataset(manifest, out, shards, resume, remote_args, listing)
-        # as many decoders as the CPUs beside the encoders hold: a decoder waiting on an encoder
-        # lends Ray its CPU, and more decoders would only hold more chunks in the object store
+        # on the local cluster, as many decoders as the CPUs beside the encoders hold: a decoder
+        # waiting on an encoder lends Ray its CPU, and more would only hold more chunks in the store
         ds = ds.flat_map(decode, num_cpus=decode_cpus, compute=TaskPoolStrategy(size=decoders), **remote_args)
         return collect_counts(out, ds)  # streams: one small counts row per group
     finally:
@@ -391,13 +392,21 @@ def _run_fused_pass(manifest: str, out: str, clip: ClipConfig, tokenizer: str, s
             ray.kill(encoder)
 
 
-def decoder_count(cpus: float, actors: int, encoder_cpus: float, decode_cpus: float) -> int:
-    """Decode tasks that fit beside ``actors`` encoders of ``encoder_cpus`` on ``cpus``.
+def decoder_count(cpus: float, actors: int, encoder_cpus: float, decode_cpus: float,
+                  fixed: bool = True) -> int | None:
+    """Decode tasks that fit beside ``actors`` encoders of ``encoder_cpus`` on ``cpus`` (a cluster of
+    ``fixed`` size, the local one); ``None`` on a joined cluster, which may grow (Ray Data decides).
 
     Raises:
-        EchoPulseError: the encoders leave no room for one decoder (the run would wait forever).
+        EchoPulseError: on a fixed cluster, the encoders leave no room for one decoder (the run
+            would wait forever).
     """
     free = cpus - actors * encoder_cpus
+    if not fixed:
+        if free < decode_cpus - 1e-9:
+            log.warning("%d tokenizer actor(s) of %g CPUs leave no CPU of the cluster's %g for decoding: "
+                        "the run waits for the cluster to grow", actors, encoder_cpus, cpus)
+        return None
     if free < decode_cpus - 1e-9:
         raise EchoPulseError(f"{actors} tokenizer actor(s) of {encoder_cpus:g} CPUs leave {max(free, 0):g} of the "
                              f"cluster's {cpus:g} CPUs, and a decode task needs {decode_cpus:g}: "
