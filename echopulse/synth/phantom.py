@@ -74,6 +74,16 @@ class Appearance:
             same all round; 1: bright where the beam hits it head-on, as the septum and the AV
             plane are in an apical view, faint where the beam runs along it, as the lateral walls
             drop out on real scans).
+        septum: reflectivity of the interventricular septum (where the LV and RV walls meet),
+            drawn over the walls and spared by ``specular``: the thin bright line down the middle
+            of a real apical four-chamber view (0: a wall like the others).
+        annulus: reflectivity of the fibrous AV rings at each valve's hinges (the bright knots
+            of the AV plane; 0: none).
+        av_floor: reflectivity of a band across the heart just behind the AV plane (atrial floor,
+            AV groove and the pericardium behind them: the brightest structure at the bottom of
+            many apical views; 0: none).
+        valve_width: half-width of a valve leaflet in reference units (thicker leaflets survive
+            a small clip as the bright lines real valves are).
     """
 
     sector_half_angle_deg: float = SECTOR_HALF_ANGLE_DEG
@@ -94,23 +104,33 @@ class Appearance:
     texture: float = 0.35
     noise_floor: float = 0.0
     specular: float = 0.0
+    septum: float = 0.0
+    annulus: float = 0.0
+    av_floor: float = 0.0
+    valve_width: float = 0.012
 
     @classmethod
     def draw(cls, rng: np.random.Generator) -> "Appearance":
         """A random appearance, from the plain phantom's crisp bright look to soft, dark scans like
-        a SonoSite's: see the ranges below (each drawn uniformly and independently)."""
+        a SonoSite's: see the ranges below (each drawn uniformly and independently). The ranges
+        cover the real SonoSite cine's in-sector statistics (``bench/tokenizer_real.py``): dark
+        tissue round a heart that may fill the fan's depth (ventricles only, the atria cut off), a
+        wide fan, crisp speckle, thin bright septum, AV rings and valves, and a bright band
+        behind the AV plane."""
         def u(lo: float, hi: float) -> float:
             return float(rng.uniform(lo, hi))
 
         grain, elong = u(0.7, 1.8), u(1.0, 2.2)
-        return cls(sector_half_angle_deg=u(30, 48), fan_overflow=u(1.0, 1.15), depth_zoom=u(0.7, 1.05),
-                   attenuation=u(0.3, 2.0), gain_db=u(-12, 4), dynamic_range_db=u(40, 60),
-                   gamma=u(1.3, 2.8), edge_fade=(u(0.3, 0.95), u(1.5, 4.0)), blur_px=u(0, 3.0),
+        return cls(sector_half_angle_deg=u(32, 52), fan_overflow=u(1.0, 1.3), depth_zoom=u(0.75, 1.4),
+                   attenuation=u(0.3, 1.6), gain_db=u(-14, 2), dynamic_range_db=u(40, 60),
+                   gamma=u(1.6, 3.2), edge_fade=(u(0.3, 0.95), u(1.5, 4.0)), blur_px=u(0, 1.5),
                    speckle_psf=(0.9 * grain, 0.9 * grain * elong),
-                   chamber_scale=(u(0.85, 1.2), u(0.85, 1.15)), wall_scale=u(0.8, 1.6),
-                   tissue=float(np.exp(rng.uniform(np.log(0.012), np.log(0.1)))),
-                   myocardium=u(0.15, 0.6), near_field=u(0.0, 0.25), texture=u(0.25, 0.7),
-                   noise_floor=u(2.5, 5.0), specular=u(0.3, 0.9))
+                   chamber_scale=(u(0.75, 1.15), u(0.9, 1.3)), wall_scale=u(0.8, 1.8),
+                   tissue=float(np.exp(rng.uniform(np.log(0.004), np.log(0.04)))),
+                   myocardium=u(0.2, 0.6), near_field=u(0.0, 0.35), texture=u(0.3, 0.9),
+                   noise_floor=u(1.0, 4.0), specular=u(0.3, 0.9),
+                   septum=u(0.2, 1.2), annulus=u(0.2, 1.2), valve_width=u(0.012, 0.03),
+                   av_floor=u(0.0, 0.6))
 
 
 @dataclass(frozen=True)
@@ -207,7 +227,9 @@ class _Renderer:
         self.view = view
         self.look = look = appearance or Appearance()
         sx, sy = look.chamber_scale
-        self.chambers = tuple(replace(c, axes=(c.axes[0] * sx, c.axes[1] * sy), wall=c.wall * look.wall_scale)
+        # the lateral scale moves the chambers' centres too, so the LV and RV walls still meet in one septum
+        self.chambers = tuple(replace(c, center=(c.center[0] * sx, c.center[1]),
+                                      axes=(c.axes[0] * sx, c.axes[1] * sy), wall=c.wall * look.wall_scale)
                               for c in _LAYOUTS[view])
         rng = np.random.default_rng(seed)
         self.rows, self.cols = rows, cols
@@ -298,6 +320,7 @@ class _Renderer:
         heart = np.zeros_like(ref_u, dtype=bool)
         cavity = np.zeros_like(ref_u, dtype=bool)
         outer_rho = np.full_like(ref_u, np.inf)
+        walls = {}
         for ch in self.chambers:
             p, q = self._local(ch.name, ref_u, ref_d)
             rho = np.hypot(p, q)
@@ -307,6 +330,7 @@ class _Renderer:
             wq = q * ch.axes[1] / (ch.axes[1] + ch.wall)
             w_rho = np.hypot(wp, wq)
             heart |= w_rho < 1
+            walls[ch.name] = w_rho < 1
             outer_rho = np.minimum(outer_rho, w_rho)
         # pericardium: a bright thin rim just outside the walls
         rim = np.exp(-((outer_rho - 1.015) / 0.03) ** 2)
@@ -317,12 +341,18 @@ class _Renderer:
             wall = wall * incidence
         refl = np.maximum(refl, _PERICARDIUM * 0.7 * rim)
         refl = np.where(heart, wall, refl)
+        if self.look.septum > 0 and "RV" in walls:  # both ventricles' walls: the septum
+            refl = np.where(walls["LV"] & walls["RV"], np.maximum(refl, self.look.septum), refl)
         # fill the crux between chambers (septa / AV junction) with myocardium
         crux = self._crux(ref_u, ref_d)
         refl = np.where(crux & ~cavity, np.maximum(refl, self.look.myocardium), refl)
         cavity |= self._inflow(ref_u, ref_d)
         refl = np.where(cavity, _BLOOD, refl)
         refl = np.maximum(refl, _VALVE * self._valves(ref_u, ref_d, valves_open))
+        if self.look.annulus > 0:
+            refl = np.maximum(refl, self.look.annulus * self._hinges(ref_u, ref_d))
+        if self.look.av_floor > 0:
+            refl = np.maximum(refl, self.look.av_floor * self._av_floor(ref_u, ref_d))
         # near-field clutter just below the transducer (chest wall)
         refl = refl + 0.5 * np.exp(-np.hypot(ref_u, ref_d) / 0.05)
         return refl
@@ -372,8 +402,36 @@ class _Renderer:
                 du, dd = ref_u - hinge[0], ref_d - hinge[1]
                 along = np.clip(du * direction[0] + dd * direction[1], 0, length)
                 dist = np.hypot(du - along * direction[0], dd - along * direction[1])
-                out = np.maximum(out, np.exp(-((dist / 0.012) ** 2)))
+                out = np.maximum(out, np.exp(-((dist / self.look.valve_width) ** 2)))
         return out
+
+    def _hinges(self, ref_u: np.ndarray, ref_d: np.ndarray) -> np.ndarray:
+        """Bright knots (0-1) at every AV valve's two hinges: the fibrous rings of the AV plane."""
+        out = np.zeros_like(ref_u)
+        for name in _VALVES[self.view]:
+            ch = next(c for c in self.chambers if c.name == name)
+            center, long_axis, lat_axis = self._geometry(name)
+            for side in (-1.0, 1.0):
+                hinge = center + ch.axes[1] * long_axis + side * ch.axes[0] * 0.8 * lat_axis
+                out = np.maximum(out, np.exp(-(np.hypot(ref_u - hinge[0], ref_d - hinge[1]) / 0.035) ** 2))
+        return out
+
+    def _av_floor(self, ref_u: np.ndarray, ref_d: np.ndarray) -> np.ndarray:
+        """A band (0-1) from the outermost AV hinge on one side to the other, a quarter longer at
+        each end and 0.09 deeper than the annulus (behind the valves, not across their opening)."""
+        hinges, axes = [], []
+        for name in _VALVES[self.view]:
+            ch = next(c for c in self.chambers if c.name == name)
+            center, long_axis, lat_axis = self._geometry(name)
+            axes.append(long_axis)
+            hinges += [center + ch.axes[1] * long_axis + side * ch.axes[0] * 0.8 * lat_axis for side in (-1.0, 1.0)]
+        left, right = min(hinges, key=lambda h: h[0]), max(hinges, key=lambda h: h[0])
+        shift = 0.09 * np.mean(axes, axis=0)
+        a, b = left + shift - 0.25 * (right - left), right + shift + 0.25 * (right - left)
+        seg = b - a
+        t = np.clip(((ref_u - a[0]) * seg[0] + (ref_d - a[1]) * seg[1]) / float(seg @ seg), 0, 1)
+        dist = np.hypot(ref_u - a[0] - t * seg[0], ref_d - a[1] - t * seg[1])
+        return np.exp(-(dist / 0.035) ** 2)
 
     def speckle_at(self, ref_u: np.ndarray, ref_d: np.ndarray) -> np.ndarray:
         """Speckle amplitude (Rayleigh-like) sampled at reference points (bilinear on a fixed field)."""

@@ -274,3 +274,26 @@ def test_specular_walls_are_bright_where_the_beam_meets_them_head_on():
     half_cap, half_side = gain(0.5)  # a blend of the two, as the attribute says
     assert half_cap == pytest.approx(0.5 + 0.5 * full_cap, rel=1e-6)
     assert half_side == pytest.approx(0.5 + 0.5 * full_side, rel=1e-6)
+
+
+def test_septum_and_av_floor_brighten_only_where_named():
+    """``Appearance.septum`` brightens the A4C's midline between the ventricles (nothing in an A2C,
+    which has no RV); ``Appearance.av_floor`` a band deeper than the AV valves."""
+    from echopulse.synth.phantom import Appearance, _Renderer
+
+    def brighter(view: str, **look) -> tuple[np.ndarray, _Renderer]:
+        flat = _Renderer(view, 160, 160, seed=5, appearance=Appearance())
+        shiny = _Renderer(view, 160, 160, seed=5, appearance=Appearance(**look))
+        ratio = shiny.reflectivity(shiny.u, shiny.d, 0.0) / flat.reflectivity(flat.u, flat.d, 0.0)
+        assert ratio.min() >= 1 - 1e-9  # they only add
+        return ratio > 1.3, flat
+
+    septum, r = brighter("A4C", septum=1.0)
+    assert septum.sum() > 20 and np.abs(r.u[septum]).max() < 0.1  # a line down the middle
+    assert r.d[septum].min() > 0.15 and r.d[septum].max() < 0.75  # between apex and AV plane
+    assert not brighter("A2C", septum=1.0)[0].any()
+    floor, r = brighter("A4C", av_floor=1.0)
+    lv = r.chambers[0]
+    base_d = r._geometry("LV")[0][1] + lv.axes[1] * r._geometry("LV")[1][1]
+    assert floor.sum() > 50 and np.median(r.d[floor]) > base_d  # behind the LV's base
+    assert np.ptp(r.u[floor]) > 2 * lv.axes[0]  # across more than the LV
