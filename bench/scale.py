@@ -180,10 +180,10 @@ def main(argv=None) -> int:
     from bench._common import write_random_tokens
     from jobs.recipes import tiny
     from pipelines.fused import DECODE_CHUNK_MB, run_ingest_tokens
-
-    args.chunk_mb = args.chunk_mb or DECODE_CHUNK_MB
     from pipelines.ingest import run_ingest
     from pipelines.tokenize import run_tokenize
+
+    args.chunk_mb = args.chunk_mb or DECODE_CHUNK_MB
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_scale_"))
     work.mkdir(parents=True, exist_ok=True)

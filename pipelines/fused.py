@@ -86,7 +86,6 @@ class Encoder:
             from pipelines.common import match_torch_threads_to_actor
 
             match_torch_threads_to_actor()
-        self.batch_size = batch_size
         self.tokenizer = PartTokenizer(model, info["model_id"], batch_size, ecg_samples, device)
 
     def encode(self, clips_ipc: bytes) -> dict[str, Any]:
@@ -96,7 +95,7 @@ class Encoder:
 
         clips = _from_ipc(clips_ipc)
         tables, errors, start = [], {}, 0
-        for batch in clips.to_batches(max_chunksize=self.batch_size):
+        for batch in clips.to_batches(max_chunksize=self.tokenizer.batch_size):
             table = pa.Table.from_batches([batch])
             enc = self.tokenizer.encode_table(table)
             ok = np.asarray([not e for e in enc[ERROR]], dtype=bool)
@@ -174,6 +173,10 @@ class GroupTokens:
                 self._close()
 
 
+def _no_tokens() -> pa.Table:
+    return pa.table({POS: pa.array([], pa.int64())})
+
+
 def _encoded(ref, n_clips: int) -> tuple[pa.Table, dict[int, str]]:
     """An encode call's tokens and errors; a call that failed after Ray's retries (its actor died,
     the GPU ran out of memory) makes every clip of the chunk an error, never a stopped run.
@@ -184,7 +187,7 @@ def _encoded(ref, n_clips: int) -> tuple[pa.Table, dict[int, str]]:
     import ray
 
     if ref is None:
-        return pa.table({POS: pa.array([], pa.int64())}), {}
+        return _no_tokens(), {}
     try:
         result = ray.get(ref)
     except ray.exceptions.RayActorError as exc:
@@ -193,7 +196,7 @@ def _encoded(ref, n_clips: int) -> tuple[pa.Table, dict[int, str]]:
         return _failed(exc, n_clips)
     except Exception as exc:
         return _failed(exc, n_clips)
-    tokens = _from_ipc(result["tokens"]) if result["tokens"] else pa.table({POS: pa.array([], pa.int64())})
+    tokens = _from_ipc(result["tokens"]) if result["tokens"] else _no_tokens()
     return tokens, result["errors"]
 
 
@@ -201,7 +204,7 @@ def _failed(exc: Exception, n_clips: int) -> tuple[pa.Table, dict[int, str]]:
     log.warning("an encode call failed: %s", exc)
     last = str(exc).strip().splitlines()[-1][:300] if str(exc).strip() else ""
     reason = f"encoder failed: {type(exc).__name__}: {last}"
-    return pa.table({POS: pa.array([], pa.int64())}), dict.fromkeys(range(n_clips), reason)
+    return _no_tokens(), dict.fromkeys(range(n_clips), reason)
 
 
 def make_decode_task_fn(clip: ClipConfig, base_dir: str, out: str, salt: str | None,
