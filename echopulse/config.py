@@ -55,6 +55,9 @@ class ClipConfig:
             raise ValueError(f"clip frames must be 1 + 2k, got {self.frames}")
 
 
+PATCH_INPUTS = ("pixels", "normed", "normed+stats")
+
+
 @dataclass(frozen=True)
 class TokenizerConfig:
     """C-ViViT-style video tokenizer (first frame alone, then temporal patches of 2).
@@ -74,6 +77,14 @@ class TokenizerConfig:
             token ids do not depend on the frames before it or on its place in the clip: the ids
             a window ends with are the ids the next window would encode from the same frame.
             Needs ``temporal_patch`` 1.
+        patch_input: what a patch's embedding sees. ``"normed+stats"`` (default): its pixels
+            layer-normalised, with their mean and standard deviation appended. ``"normed"``: the
+            normalised pixels alone (C-ViViT's patch embedding, the only choice before 2026-12-05),
+            which takes away each patch's brightness and contrast, so the encoder must guess them
+            from the patches round it (what the phantom taught it, not what a real echo shows).
+            ``"pixels"``: the pixels as they are (FSQ then uses few codes). A checkpoint saved
+            without the field was built ``"normed"`` and loads so (docs/architecture.md,
+            "Tokenizer patch embedding").
     """
 
     frames: int = 5
@@ -92,8 +103,11 @@ class TokenizerConfig:
     vq_commitment_weight: float = 0.25
     vq_restart_after: int = 20
     frame_local_encoder: bool = False
+    patch_input: str = "normed+stats"
 
     def __post_init__(self) -> None:
+        if self.patch_input not in PATCH_INPUTS:
+            raise ValueError(f"unknown tokenizer patch_input {self.patch_input!r}; known: {', '.join(PATCH_INPUTS)}")
         if self.quantizer not in ("fsq", "vq"):
             raise ValueError(f"unknown tokenizer quantizer {self.quantizer!r}; known: fsq, vq")
         if self.frame_local_encoder and self.temporal_patch != 1:

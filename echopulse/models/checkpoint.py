@@ -158,7 +158,7 @@ def load_checkpoint(
             raise ValueError(f"checkpoint weights sha256 {actual} does not match model_id {model_id}: {weights}")
 
     cfg_cls, model_cls = KINDS[kind]
-    cfg = from_dict(cfg_cls, meta["config"])
+    cfg = from_dict(cfg_cls, _upgrade_config(kind, meta["config"]))
     model = model_cls(cfg)
     state = load_file(str(weights), device=str(map_location))
     _check_state(model.state_dict(), state, kind)
@@ -172,6 +172,17 @@ def load_checkpoint(
         "path": str(directory),
     }
     return model, cfg, info
+
+
+def _upgrade_config(kind: str, config: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's config with the values older versions built with but did not write.
+
+    Tokenizers saved before ``TokenizerConfig.patch_input`` existed normalised their pixel patches
+    (today's default does not), so a tokenizer config without the field loads as ``"normed"``.
+    """
+    if kind == "tokenizer" and "patch_input" not in config:
+        return {**config, "patch_input": "normed"}
+    return config
 
 
 def _check_state(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor], kind: str) -> None:

@@ -25,6 +25,30 @@ from echopulse.models.layers import TransformerBlock, init_weights
 from echopulse.models.quantizer import build_quantizer, codebook_stats
 
 
+class NormWithStats(nn.Module):
+    """A patch layer-normalised, with the mean and standard deviation the norm took away appended."""
+
+    def __init__(self, n: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(n)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mean, std = x.mean(-1, keepdim=True), x.std(-1, unbiased=False, keepdim=True)
+        return torch.cat([self.norm(x), mean, std], dim=-1)
+
+
+def patch_embedding(n: int, dim: int, patch_input: str) -> nn.Sequential:
+    """Flattened pixel patches ``(..., n)`` -> ``(..., dim)`` as ``TokenizerConfig.patch_input`` says.
+
+    The Linear is always item 1, so ``"normed"`` checkpoints (item 0 the LayerNorm) keep their keys.
+    """
+    if patch_input == "normed":
+        return nn.Sequential(nn.LayerNorm(n), nn.Linear(n, dim))
+    if patch_input == "normed+stats":
+        return nn.Sequential(NormWithStats(n), nn.Linear(n + 2, dim))
+    return nn.Sequential(nn.Identity(), nn.Linear(n, dim))
+
+
 class VideoTokenizer(nn.Module):
     """Grayscale video ``(b, t, h, w)`` in [0, 1] <-> token ids ``(b, t', h', w')``."""
 
@@ -45,8 +69,8 @@ class VideoTokenizer(nn.Module):
         # encoder (frame-local: one embedding for every frame, nothing temporal)
         local = cfg.frame_local_encoder
         # (built in this order so a default tokenizer's seeded initialisation is unchanged)
-        self.first_frame_embed = None if local else nn.Sequential(nn.LayerNorm(p * p), nn.Linear(p * p, d))
-        self.patch_embed = nn.Sequential(nn.LayerNorm(pt * p * p), nn.Linear(pt * p * p, d))
+        self.first_frame_embed = None if local else patch_embedding(p * p, d, cfg.patch_input)
+        self.patch_embed = patch_embedding(pt * p * p, d, cfg.patch_input)
         self.enc_spatial_pos = nn.Parameter(torch.randn(s * s, d) * 0.02)
         self.enc_temporal_pos = None if local else nn.Parameter(torch.randn(t_tokens, d) * 0.02)
         self.enc_spatial = nn.ModuleList(TransformerBlock(d, cfg.heads) for _ in range(cfg.spatial_depth))

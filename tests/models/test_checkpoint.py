@@ -34,6 +34,24 @@ def test_tokenizer_round_trip(tmp_path, frame_local):
         assert save_checkpoint(loaded, loaded_cfg, tmp_path / f"again{i}", "tokenizer") == model_id
 
 
+def test_tokenizer_saved_before_patch_input_loads_normed(tmp_path):
+    """Tokenizers saved before ``patch_input`` existed normalised their patches and did not write
+    the field: such a checkpoint loads as built (with the norm), not as today's default."""
+    torch.manual_seed(0)
+    cfg = replace(TokenizerConfig(), patch_input="normed")
+    model = VideoTokenizer(cfg).eval()
+    save_checkpoint(model, cfg, tmp_path / "old", "tokenizer")
+    meta_path = tmp_path / "old" / "config.json"
+    meta = json.loads(meta_path.read_text())
+    del meta["config"]["patch_input"]  # what an older version wrote
+    meta_path.write_text(json.dumps(meta))
+
+    loaded, loaded_cfg, _ = load_checkpoint(tmp_path / "old", expected_kind="tokenizer")
+    assert loaded_cfg.patch_input == "normed" != TokenizerConfig().patch_input
+    video = torch.rand(2, cfg.frames, cfg.image_size, cfg.image_size)
+    assert torch.equal(loaded.encode(video), model.encode(video))
+
+
 def test_generator_round_trip(tmp_path):
     torch.manual_seed(0)
     cfg = GeneratorConfig()

@@ -47,6 +47,21 @@ def test_first_token_frame_depends_only_on_first_frame():
     assert torch.equal(tokenizer.encode_first_frame(video[:, 0]), tokenizer.encode(video)[:, 0])
 
 
+@pytest.mark.parametrize("patch_input", ["normed", "pixels", "normed+stats"])
+def test_a_patch_brightness_reaches_its_latents_unless_normed_away(patch_input):
+    """Layer-normalising a patch's pixels erases its mean grey: two uniform clips of different
+    brightness encode to the same latents (the decoder cannot tell them apart), which is how a
+    phantom-trained tokenizer came to redraw a real echo's bright tissue dark. With the patch's mean
+    and spread beside the norm (the default), or without the norm, the brightness reaches the codes."""
+    torch.manual_seed(0)
+    tokenizer = VideoTokenizer(TokenizerConfig(patch_input=patch_input)).eval()
+    cfg = tokenizer.cfg
+    dim = torch.full((1, cfg.frames, cfg.image_size, cfg.image_size), 0.2)
+    bright = torch.full_like(dim, 0.8)
+    a, b = tokenizer.encode_continuous(dim), tokenizer.encode_continuous(bright)
+    assert torch.allclose(a, b, atol=1e-5) == (patch_input == "normed")
+
+
 def test_frame_local_encoder_gives_a_frame_the_same_ids_wherever_it_sits():
     """A frame-local encoder (temporal patch 1): the latents of frame j are those of the same
     frame anywhere in any clip, so the ids a chained window ends with are the ids the next window
