@@ -108,6 +108,8 @@ def test_single_lead_ecg_reaches_the_model_with_its_lead_mask(model):
     ecg[0] = rng.standard_normal(model.clip.ecg_samples)
     one = PreparedECG(ecg=ecg, lead_mask=np.eye(12, dtype=bool)[0], r_peaks=np.array([], dtype=int), heart_rate_bpm=60.0)
     claimed = PreparedECG(ecg=ecg, lead_mask=np.ones(12, dtype=bool), r_peaks=np.array([], dtype=int), heart_rate_bpm=60.0)
-    a = model.generate(one, seed=3, temperature=0.0)
-    assert np.array_equal(a, model.generate(ecg, seed=3, temperature=0.0))  # mask read off the zeros
-    assert not np.array_equal(a, model.generate(claimed, seed=3, temperature=0.0))  # the mask is an input
+    # sampled (temperature 1, one seed): any change of the logits moves some draw, where argmax
+    # decoding of a 40-step model can ignore a small change
+    a = model.generate(one, seed=3, temperature=1.0)
+    assert np.array_equal(a, model.generate(ecg, seed=3, temperature=1.0))  # mask read off the zeros
+    assert not np.array_equal(a, model.generate(claimed, seed=3, temperature=1.0))  # the mask is an input

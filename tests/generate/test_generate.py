@@ -225,13 +225,29 @@ def test_chained_windows_start_from_the_models_own_tokens(patch, prime_k):
     assert checked >= 2
 
 
-def test_long_video_keeps_the_first_windows_black_background(model, ecg_file):
+def test_long_video_keeps_the_first_windows_black_background(model, ecg_file, monkeypatch):
+    """Pixels black throughout the first window stay at its level in every later window, even where
+    a later window's decoder draws them grey. The decoder is wrapped so the first window has a black
+    corner and later windows a bright one (a 40-step tiny model draws no pure black of its own)."""
+    plain = model.tokenizer.decode_from_indices
+    calls = []
+
+    def decode(tokens):
+        frames = plain(tokens).clone()
+        frames[..., :8, :8] = 0.0 if not calls else 0.6
+        calls.append(1)
+        return frames
+
+    monkeypatch.setattr(model.tokenizer, "decode_from_indices", decode)
     video = model.generate(ecg_file, seconds=3.0, seed=1)  # 4 windows
     first = video[: model.clip.frames]
     black = first.max(axis=0) <= 4
-    assert black.any()
+    assert black[:8, :8].all() and len(calls) >= 4
     anchor = np.round(first.mean(axis=0)[black])
     assert (video[model.clip.frames:, black] == anchor).all()
+    calls.clear()
+    drawn = model.generate(ecg_file, seconds=3.0, seed=1, anchor_background=False)  # what it would be
+    assert (drawn[model.clip.frames:, :8, :8] > 100).all()
 
 
 def test_shifted_negative_guides_each_window_against_its_ecg_half_a_beat_later():
