@@ -29,6 +29,9 @@ from echopulse.errors import ConfigError
 # a validation split for a given dataset. Re-measured 2026-12-04 on a demo pair trained 2500 generator
 # steps (held-out ECG control 0.859 at g=0): 0.824/0.794/0.768/0.738 at g=0.25/0.5/1/2 against the
 # null condition and 0.851/0.845/0.794/0.703 against the half-beat-shifted ECG (negative="shifted").
+# Stop 30: on a pair 1200 generator steps in (0.777 at g=0, far below its tokenizer's 0.959), g=1
+# raised it by 0.023 in each of 4 sampling seeds: whether guidance helps depends on the model, so the
+# default stays 0 until a weight is picked per model on validation (BENCHMARKS.md).
 #
 # Steps: at demo size 8 steps match 18 on held-out clips (in-sector SSIM 0.667 vs 0.662, ECG control
 # 0.838 vs 0.819 in confidence order; Halton order at 8 steps 0.674 / 0.827), so no recipe pays for
