@@ -8,7 +8,9 @@ blocks attend along time at each spatial position; the decoder mirrors the encod
 function of that frame alone, wherever it sits in a clip.
 
 The quantizer is FSQ by default and VQ with an EMA codebook as an option
-(``TokenizerConfig.quantizer``); both give ids in ``[0, codebook_size)``.
+(``TokenizerConfig.quantizer``); both give ids in ``[0, codebook_size)``. A patch's embedding sees
+its layer-normalised pixels and, by default, the mean and spread the norm removed
+(``TokenizerConfig.patch_input``): without them a patch's brightness is lost.
 """
 
 from __future__ import annotations
@@ -68,7 +70,7 @@ class VideoTokenizer(nn.Module):
 
         # encoder (frame-local: one embedding for every frame, nothing temporal)
         local = cfg.frame_local_encoder
-        # (built in this order so a default tokenizer's seeded initialisation is unchanged)
+        # (built in this order so a "normed" tokenizer's seeded initialisation is as it was)
         self.first_frame_embed = None if local else patch_embedding(p * p, d, cfg.patch_input)
         self.patch_embed = patch_embedding(pt * p * p, d, cfg.patch_input)
         self.enc_spatial_pos = nn.Parameter(torch.randn(s * s, d) * 0.02)
