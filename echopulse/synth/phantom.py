@@ -405,14 +405,17 @@ class _Renderer:
                 out = np.maximum(out, np.exp(-((dist / self.look.valve_width) ** 2)))
         return out
 
+    def _annulus(self, name: str) -> tuple[list[np.ndarray], np.ndarray]:
+        """An AV valve's two hinge points (reference units) and its chamber's long axis."""
+        ch = next(c for c in self.chambers if c.name == name)
+        center, long_axis, lat_axis = self._geometry(name)
+        return [center + ch.axes[1] * long_axis + side * ch.axes[0] * 0.8 * lat_axis for side in (-1.0, 1.0)], long_axis
+
     def _hinges(self, ref_u: np.ndarray, ref_d: np.ndarray) -> np.ndarray:
         """Bright knots (0-1) at every AV valve's two hinges: the fibrous rings of the AV plane."""
         out = np.zeros_like(ref_u)
         for name in _VALVES[self.view]:
-            ch = next(c for c in self.chambers if c.name == name)
-            center, long_axis, lat_axis = self._geometry(name)
-            for side in (-1.0, 1.0):
-                hinge = center + ch.axes[1] * long_axis + side * ch.axes[0] * 0.8 * lat_axis
+            for hinge in self._annulus(name)[0]:
                 out = np.maximum(out, np.exp(-(np.hypot(ref_u - hinge[0], ref_d - hinge[1]) / 0.035) ** 2))
         return out
 
@@ -421,10 +424,9 @@ class _Renderer:
         each end and 0.09 deeper than the annulus (behind the valves, not across their opening)."""
         hinges, axes = [], []
         for name in _VALVES[self.view]:
-            ch = next(c for c in self.chambers if c.name == name)
-            center, long_axis, lat_axis = self._geometry(name)
+            points, long_axis = self._annulus(name)
+            hinges += points
             axes.append(long_axis)
-            hinges += [center + ch.axes[1] * long_axis + side * ch.axes[0] * 0.8 * lat_axis for side in (-1.0, 1.0)]
         left, right = min(hinges, key=lambda h: h[0]), max(hinges, key=lambda h: h[0])
         shift = 0.09 * np.mean(axes, axis=0)
         a, b = left + shift - 0.25 * (right - left), right + shift + 0.25 * (right - left)
