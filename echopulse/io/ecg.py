@@ -119,13 +119,16 @@ def _read_wfdb(record: str) -> tuple[np.ndarray, dict[str, Any]]:
     import wfdb
 
     from echopulse import storage
+    from echopulse.io.wfdb_fast import read_format16
 
     header = record + ".hea"
     try:
         # on S3: one GET for the header, one per signal file it names
         with storage.local_path(header, companions=_wfdb_signal_files) as local:
             try:
-                rec = wfdb.rdrecord(str(local.with_suffix("")), physical=True)
+                # the common single-file format-16 record without wfdb's slow header parser
+                rec = read_format16(local.with_suffix("")) or wfdb.rdrecord(str(local.with_suffix("")),
+                                                                           physical=True)
             except Exception as exc:
                 raise ECGReadError(f"{header}: unreadable WFDB record ({type(exc).__name__}: {exc})") from None
     except storage.NotFound:
