@@ -395,7 +395,8 @@ def sampling_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
     p.add_argument("--steps", type=int, default=None, help="decoding steps (default: checkpoint's)")
     p.add_argument("--guidance", type=float, default=None,
-                   help=GUIDANCE_HELP + " (default: checkpoint's)")
+                   help=GUIDANCE_HELP + " (default: the checkpoint's, picked on its validation clips "
+                        "when training ended)")
 
 
 def video_flags(p: argparse.ArgumentParser) -> None:

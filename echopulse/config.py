@@ -262,6 +262,12 @@ class SamplingConfig:
     amplified). ``window_candidates``: a chained window of a long video is drawn up to this many
     times until its mean frame has SSIM >= ``window_accept_ssim`` to the first window's (else the
     closest draw is kept): the view and look stay the first window's.
+
+    ``guidance_candidates``: the weights tried on the validation split when generator training
+    ends (:mod:`echopulse.calibration`); the one that makes the generated motion follow the real
+    clips' measurably better than g=0 becomes this checkpoint's ``guidance`` (0 when none does).
+    Empty: no calibration, ``guidance`` is kept. ``calibration_clips`` validation clips are drawn
+    with ``calibration_seeds`` seeds per weight.
     """
 
     steps: int = 8
@@ -274,8 +280,14 @@ class SamplingConfig:
     negative: str = "null"
     window_candidates: int = 3
     window_accept_ssim: float = 0.85
+    guidance_candidates: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0)
+    calibration_clips: int = 32
+    calibration_seeds: int = 2
 
     def __post_init__(self) -> None:
+        if self.guidance_candidates and (self.calibration_clips < 2 or self.calibration_seeds < 1):
+            raise ValueError("guidance calibration needs calibration_clips >= 2 and calibration_seeds >= 1, got "
+                             f"{self.calibration_clips} and {self.calibration_seeds}")
         if self.steps < 1:
             raise ValueError(f"sampling steps must be >= 1, got {self.steps}")
         if self.order not in ("confidence", "halton"):

@@ -373,3 +373,35 @@ def pixel_ecg_control(video: np.ndarray, fps: float, ecg: np.ndarray, fs: int = 
     locking = beat_phase_locking(video, fps, peaks)
     return {"hr_video": hr_video, "hr_ecg": hr_ecg, "hr_match": match, "phase_locking": locking,
             "score": match * (0.0 if not np.isfinite(locking) else locking)}
+
+
+def motion_agreement(generated: np.ndarray, reference: np.ndarray, first: int = 0) -> float:
+    """How closely a generated clip's motion follows a reference clip's, in [-1, 1], from pixels.
+
+    The reference's motion direction is its leading principal component over time (the pixels
+    inside its sector, minus its mean frame, as in :func:`motion_component`); both clips are
+    projected on that one spatial pattern (each minus its own mean frame, so a brightness offset
+    does not count) and the score is the Pearson correlation of the two curves from frame
+    ``first`` on (frames before it were given, e.g. a primed first frame). A generated clip that
+    contracts and relaxes when the reference does scores near 1, one that moves to another beat
+    near 0, a still one 0. Nothing about hearts or phantoms is assumed: the reference is any clip
+    recorded with the ECG the generated one was drawn from.
+    """
+    from scipy import ndimage
+
+    _check_pair(np.asarray(generated), np.asarray(reference))
+    g, r = _as_unit(generated), _as_unit(reference)
+    sector = ndimage.binary_fill_holes(r.max(axis=0) > 0.08)
+    if not sector.any() or len(r) - first < 3:
+        return float("nan")
+    x = r[:, sector]
+    x = x - x.mean(axis=0)
+    _, _, vt = np.linalg.svd(x, full_matrices=False)
+    ref_curve = (x @ vt[0])[first:]
+    y = g[:, sector]
+    gen_curve = ((y - y.mean(axis=0)) @ vt[0])[first:]
+    if ref_curve.std() < 1e-9:
+        return float("nan")
+    if gen_curve.std() < 1e-9:
+        return 0.0
+    return float(np.corrcoef(ref_curve, gen_curve)[0, 1])

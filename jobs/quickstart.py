@@ -192,7 +192,8 @@ def _chain(work: Path, recipe: Recipe, seed: int, uri: str, parent: str, parent_
                           uri, parent_run_id=parent)
     outputs["generator"] = gen.checkpoint
     done(t, f"masked acc {gen.metrics.get('masked_acc', float('nan')):.3f}, "
-            f"val ce {gen.metrics.get('val_ce', float('nan')):.3f} -> {gen.checkpoint}")
+            f"val ce {gen.metrics.get('val_ce', float('nan')):.3f}, "
+            f"guidance {gen.metrics.get('guidance_picked', recipe.sampling.guidance):g} -> {gen.checkpoint}")
 
     t = stage(6, f"{recipe.tune.trials} trials over masking schedules (Ray Tune)")
     tuned = tune_masking(str(work / "tokens"), tok.checkpoint, str(work / "tune"), recipe, uri,

@@ -23,15 +23,13 @@ from echopulse.config import (
 from echopulse.errors import ConfigError
 
 
-# Default guidance comes from measurement, not from the paper: on a trained demo pair the ECG-control
-# score fell as guidance rose (BENCHMARKS.md, "Guidance": 0.797 at g=0, 0.715 at g=2, 0.643 at g=3),
-# so every recipe samples the plain conditional model; `echopulse tune --guidance ...` sweeps it on
-# a validation split for a given dataset. Re-measured 2026-12-04 on a demo pair trained 2500 generator
-# steps (held-out ECG control 0.859 at g=0): 0.824/0.794/0.768/0.738 at g=0.25/0.5/1/2 against the
-# null condition and 0.851/0.845/0.794/0.703 against the half-beat-shifted ECG (negative="shifted").
-# Stop 30: on a pair 1200 generator steps in (0.777 at g=0, far below its tokenizer's 0.959), g=1
-# raised it by 0.023 in each of 4 sampling seeds: whether guidance helps depends on the model, so the
-# default stays 0 until a weight is picked per model on validation (BENCHMARKS.md).
+# Guidance comes from measurement, not from the paper. Whether it helps depends on the model
+# (BENCHMARKS.md: on the old tokenizer the ECG-control score fell as guidance rose, 0.797 at g=0 to
+# 0.643 at g=3; with the stop-30 patch embedding g=1 gained +0.02 and +0.10 on two demo pairs and
+# lost 0.12 motion agreement on the `make demo` model), so every recipe samples at g=0 and tries
+# `SamplingConfig.guidance_candidates` on the validation split when generator training ends
+# (echopulse.calibration): a weight replaces 0 in the checkpoint only when it beats g=0 there by
+# more than two standard errors.
 #
 # Steps: at demo size 8 steps match 18 on held-out clips (in-sector SSIM 0.667 vs 0.662, ECG control
 # 0.838 vs 0.819 in confidence order; Halton order at 8 steps 0.674 / 0.827), so no recipe pays for

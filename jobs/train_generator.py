@@ -217,6 +217,83 @@ def bundle_tokenizer(tokenizer: str):
     return add
 
 
+def _measure_files(files: dict[str, bytes], batch: dict[str, Any]) -> dict[str, Any] | None:
+    """Ray task body: write the checkpoint ``files`` to a temporary directory and measure its
+    guidance calibration there (on this worker's GPU when it has one)."""
+    from echopulse.calibration import measure_checkpoint
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for rel, data in files.items():
+            os.makedirs(os.path.dirname(os.path.join(tmp, rel)), exist_ok=True)
+            with open(os.path.join(tmp, rel), "wb") as f:
+                f.write(data)
+        result = measure_checkpoint(tmp, batch)
+    return None if result is None else result.to_dict()
+
+
+def calibrate_remotely(checkpoint_dir: str, batch: dict[str, Any], use_gpu: bool | None = None):
+    """The guidance calibration of a local checkpoint directory, measured in a Ray task (one GPU
+    when ``use_gpu``, default: when the cluster has GPUs), so a CPU-only head node does not sample
+    a paper-size model; written into the directory here. ``None`` without candidates."""
+    import ray
+
+    from echopulse.calibration import GuidanceCalibration, write_calibration
+    from jobs.train_common import use_gpu_default
+
+    files = {}
+    for root, _, names in os.walk(checkpoint_dir):
+        for name in names:
+            path = os.path.join(root, name)
+            with open(path, "rb") as f:
+                files[os.path.relpath(path, checkpoint_dir)] = f.read()
+    gpu = use_gpu_default() if use_gpu is None else use_gpu
+    task = ray.remote(_measure_files).options(num_cpus=1, num_gpus=1 if gpu else 0)
+    found = ray.get(task.remote(files, batch))
+    if found is None:
+        return None
+    result = GuidanceCalibration.from_dict(found)
+    write_calibration(checkpoint_dir, result)
+    return result
+
+
+def finish_checkpoint(tokenizer: str, val, recipe: Recipe, found: dict[str, Any], use_gpu: bool | None = None):
+    """What the exported checkpoint gets before upload: the tokenizer bundled, then the guidance
+    weight picked on up to ``recipe.sampling.calibration_clips`` rows of the ``val`` dataset
+    (:func:`calibrate_remotely`; the result is put in ``found["calibration"]``). A calibration
+    that fails (too few moving clips, a crashed task) keeps the recipe's weight, with a warning and
+    the reason in ``found["calibration_error"]``."""
+    bundle = bundle_tokenizer(tokenizer)
+
+    def add(checkpoint_dir: str) -> None:
+        bundle(checkpoint_dir)
+        if not recipe.sampling.guidance_candidates:
+            return
+        batch = val.take_batch(recipe.sampling.calibration_clips, batch_format="numpy")
+        try:
+            found["calibration"] = calibrate_remotely(checkpoint_dir, batch, use_gpu)
+        except Exception as exc:  # the trained model is kept either way, at the recipe's weight
+            found["calibration_error"] = str(exc).strip().splitlines()[-1][:200]
+            log.warning("guidance not calibrated, the recipe's %g is kept: %s", recipe.sampling.guidance,
+                        found["calibration_error"])
+
+    return add
+
+
+def log_calibration(logger, calibration, error: str | None = None) -> None:
+    """The guidance calibration in the MLflow run: the picked weight and each weight's score (or
+    why there is none)."""
+    if error:
+        logger.set_tag("guidance_calibrated", f"failed: {error}")
+    if calibration is None:
+        return
+    logger.set_tag("guidance_calibrated", f"{calibration.picked:g}")
+    metrics = {"guidance_picked": calibration.picked}
+    for weight, score, gain in zip(calibration.candidates, calibration.scores, calibration.gains):
+        metrics[f"calibration_agreement_g{weight:g}"] = score
+        metrics[f"calibration_gain_g{weight:g}"] = gain
+    logger.log_metrics(metrics, step=0)
+
+
 def train_generator(tokens: str, tokenizer: str, out: str, recipe: Recipe, tracking_uri: str,
                     workers: int | None = None, use_gpu: bool | None = None,
                     parent_run_id: str | None = None, register: str | None = None,
@@ -261,14 +338,20 @@ def train_generator(tokens: str, tokenizer: str, out: str, recipe: Recipe, track
                                       name, out, workers, use_gpu, resume_from=resume_from,
                                       tokenizer_path=tokenizer)
     log_dataset_inputs(tracking_uri, run_id, tokens)  # lineage: tokens -> clips -> manifest
+    found: dict[str, Any] = {}  # the guidance calibration, once the checkpoint is exported
+    finish = finish_checkpoint(tokenizer, datasets["val"], recipe, found, use_gpu)
     try:
         with system_metrics(tracking_uri, run_id):
             result = trainer.fit()
-        checkpoint = export_checkpoint(result, out, add=bundle_tokenizer(tokenizer))
+        checkpoint = export_checkpoint(result, out, add=finish)
     except BaseException:
         logger.finish("FAILED")
         raise
     log_outcome(logger, checkpoint, result, SCORE)
+    log_calibration(logger, found.get("calibration"), found.get("calibration_error"))
     publish_training_run(tracking_uri, run_id, result, checkpoint, register=register)
     logger.finish()
-    return TrainResult(checkpoint=checkpoint, metrics=dict(result.metrics or {}), run_id=run_id)
+    metrics = dict(result.metrics or {})
+    if found.get("calibration") is not None:
+        metrics["guidance_picked"] = found["calibration"].picked
+    return TrainResult(checkpoint=checkpoint, metrics=metrics, run_id=run_id)

@@ -100,6 +100,19 @@ def save_checkpoint(
     return model_id
 
 
+def update_extra(path: str | os.PathLike, updates: dict[str, Any]) -> dict[str, Any]:
+    """Merge ``updates`` into a checkpoint directory's ``extra`` metadata (atomically: a reader
+    sees the old ``config.json`` or the new one); the weights and ``model_id`` are untouched.
+    Returns the new ``extra``."""
+    directory = Path(path)
+    meta = read_checkpoint_info(directory)
+    meta["extra"] = {**meta.get("extra", {}), **updates}
+    tmp_cfg = directory / (CONFIG_FILE + ".tmp")
+    tmp_cfg.write_text(json.dumps(meta, indent=2, sort_keys=True))
+    os.replace(tmp_cfg, directory / CONFIG_FILE)
+    return meta["extra"]
+
+
 def read_checkpoint_info(path: str | os.PathLike) -> dict[str, Any]:
     """``config.json`` of a checkpoint directory, validated (no weights loaded)."""
     directory = Path(path)

@@ -79,6 +79,27 @@ def test_generator_checkpoint_reloads_and_generates(chain):
     np.testing.assert_array_equal(a, b)
 
 
+def test_generator_guidance_was_picked_on_validation_clips(chain):
+    """The exported checkpoint's guidance is the weight its calibration picked, measured on the
+    validation split for every candidate; the MLflow run records the same pick."""
+    from mlflow import MlflowClient
+
+    _, out = chain
+    extra = json.loads((Path(out["generator"]) / "config.json").read_text())["extra"]
+    calibration = extra["guidance_calibration"]
+    candidates = tiny().sampling.guidance_candidates
+    assert calibration["candidates"] == sorted({0.0, *candidates})
+    assert len(calibration["scores"]) == len(calibration["candidates"]) and calibration["clips"] >= 2
+    assert calibration["picked"] in calibration["candidates"]
+    assert extra["sampling"]["guidance"] == calibration["picked"]
+    client = MlflowClient(tracking_uri=out["tracking_uri"])
+    exp = client.get_experiment_by_name("echopulse")
+    run, = [r for r in client.search_runs([exp.experiment_id], max_results=100)
+            if r.data.tags.get("echopulse.stage") == "train_generator"]
+    assert run.data.metrics["guidance_picked"] == calibration["picked"]
+    assert run.data.metrics["calibration_agreement_g0"] == calibration["scores"][0]
+
+
 def test_videos_decode(chain):
     import imageio.v3 as iio
     from PIL import Image
