@@ -139,12 +139,13 @@ def calibrate_guidance(generator, tokenizer, tokens: np.ndarray, ecg: np.ndarray
                                int(moving.sum()), seeds)
 
 
-def measure_checkpoint(directory: str, batch: dict[str, Any], device: str | None = None
-                       ) -> GuidanceCalibration | None:
+def measure_checkpoint(directory: str, batch: dict[str, Any], device: str | None = None,
+                       overrides: dict[str, Any] | None = None) -> GuidanceCalibration | None:
     """:func:`calibrate_guidance` for the generator checkpoint in local ``directory`` (tokenizer
     bundled in ``tokenizer/``) on up to ``calibration_clips`` rows of ``batch`` (``tokens``, ``ecg``
     and the conditions it has: validation rows). ``None`` when its sampling has no candidates.
-    ``device``: where to sample (default: CUDA when this process has it)."""
+    ``device``: where to sample (default: CUDA when this process has it); ``overrides``: sampling
+    fields to use instead of the checkpoint's (``guidance_candidates``, ``calibration_clips``, ...)."""
     import torch
 
     from echopulse.config import from_dict
@@ -153,7 +154,7 @@ def measure_checkpoint(directory: str, batch: dict[str, Any], device: str | None
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     generator, _, info = load_checkpoint(directory, expected_kind="generator", map_location=dev)
-    sampling = from_dict(SamplingConfig, info["extra"]["sampling"])
+    sampling = from_dict(SamplingConfig, {**info["extra"]["sampling"], **(overrides or {})})
     if not sampling.guidance_candidates:
         return None
     tokenizer, _, _ = load_checkpoint(os.path.join(directory, "tokenizer"), expected_kind="tokenizer",

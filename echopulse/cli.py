@@ -30,6 +30,7 @@ The chain, each stage reading the previous one's output:
   echopulse tokenize   --clips clips --tokenizer tokenizer/checkpoint --out tokens
   echopulse train generator --tokens tokens --tokenizer tokenizer/checkpoint --out generator --recipe tiny
   echopulse tune       --tokens tokens --tokenizer tokenizer/checkpoint --trials 2 --recipe tiny
+  echopulse calibrate  --checkpoint generator/checkpoint --tokens tokens   (re-pick its guidance)
   echopulse generate   --checkpoint generator/checkpoint --ecg synth/ecg/study_0000.hea --out echo.gif
   echopulse evaluate   --checkpoint generator/checkpoint --clips clips --n 16 --out evaluation
   echopulse generate-batch --manifest ecgs.csv --checkpoint generator/checkpoint --out generated
@@ -180,6 +181,26 @@ def cmd_generate(args: argparse.Namespace) -> int:
                                  steps=args.steps, guidance=args.guidance,
                                  first_frame=args.first_frame, seconds=args.seconds, fps=args.fps,
                                  panel=args.panel, view=args.view, ef=args.ef))
+    return EXIT_OK
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from jobs.calibrate import calibrate
+
+    overrides: dict[str, Any] = {}
+    if args.candidates is not None:
+        overrides["guidance_candidates"] = tuple(args.candidates)
+    if args.clips is not None:
+        overrides["calibration_clips"] = args.clips
+    if args.seeds is not None:
+        overrides["calibration_seeds"] = args.seeds
+    result = calibrate(args.checkpoint, args.tokens, overrides, device=args.device, write=not args.dry_run,
+                       allow_unsynchronized=args.allow_unsynchronized)
+    print(f"motion agreement on {result.clips} validation clips x {result.seeds} seeds:")
+    for weight, score, gain, se in zip(result.candidates, result.scores, result.gains, result.gain_se):
+        mark = "  <- picked" if weight == result.picked else ""
+        print(f"  g={weight:<4g} {score:.3f}  gain {gain:+.3f} +- {se:.3f}{mark}")
+    print(("would write" if args.dry_run else "wrote") + f" guidance {result.picked:g} to {args.checkpoint}")
     return EXIT_OK
 
 
@@ -629,6 +650,23 @@ def add_generate_parser(sub, common: argparse.ArgumentParser) -> None:
     sampling_flags(p)
 
 
+def add_calibrate_parser(sub, common: argparse.ArgumentParser) -> None:
+    p = _command(sub, common, "calibrate", cmd_calibrate,
+                 "Pick a generator checkpoint's guidance weight on a tokens/v1 dataset's validation "
+                 "clips and write it into the checkpoint (train generator does this when it ends).")
+    p.add_argument("--checkpoint", required=True, help="generator checkpoint directory or URI")
+    p.add_argument("--tokens", required=True,
+                   help="tokens/v1 dataset made by the checkpoint's tokenizer (its val split is used)")
+    p.add_argument("--candidates", type=float, nargs="+", default=None,
+                   help="guidance weights to try (0 is always tried; default: the checkpoint's)")
+    p.add_argument("--clips", type=int, default=None, help="validation clips (default: the checkpoint's, 32)")
+    p.add_argument("--seeds", type=int, default=None, help="sampling seeds per weight (default: the checkpoint's, 2)")
+    p.add_argument("--allow-unsynchronized", action="store_true",
+                   help="also use clips whose ECG was not recorded with the echo")
+    p.add_argument("--dry-run", action="store_true", help="measure and print, write nothing")
+    p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+
+
 def add_evaluate_parser(sub, common: argparse.ArgumentParser) -> None:
     p = _command(sub, common, "evaluate", cmd_evaluate,
                  "Evaluate a generator on clips/v1, per view: in-sector and full-frame fidelity, ECG "
@@ -806,8 +844,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"echopulse {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add_parser in (add_synth_parser, add_manifest_parser, add_ingest_parser, add_train_parser,
-                       add_tokenize_parser, add_tune_parser, add_generate_parser, add_evaluate_parser,
-                       add_generate_batch_parser, add_register_parser, add_alias_parser,
+                       add_tokenize_parser, add_tune_parser, add_calibrate_parser, add_generate_parser,
+                       add_evaluate_parser, add_generate_batch_parser, add_register_parser, add_alias_parser,
                        add_serve_parser, add_quickstart_parser, add_submit_parser, add_jobs_parser):
         add_parser(sub, common)
     return parser

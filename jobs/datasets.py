@@ -186,3 +186,39 @@ def tokens_datasets(tokens: str, recipe: Recipe, counts: dict[str, dict[str, int
         log.warning("%s: no val clips with an ECG; validating on train rows", tokens)
         val = train
     return {"train": train, "val": val}, info
+
+
+def validation_rows(tokens: str, n: int, allow_unsynchronized: bool = False) -> dict[str, Any]:
+    """Up to ``n`` rows of a ``tokens/v1`` dataset's val split that train the generator (an ECG,
+    recorded with the echo unless ``allow_unsynchronized``), as numpy columns ``tokens``, ``ecg``
+    and ``view``/``ef`` when the dataset has them; read in this process, no Ray. Rows of the train
+    split stand in (with a warning) when the val split has none.
+
+    Raises:
+        EchoPulseError: no usable row in either split.
+    """
+    import numpy as np
+    import pyarrow.compute as pc
+
+    from pipelines.common import parquet_dataset
+
+    dataset = parquet_dataset(storage.join(tokens, "tokens"))
+    if dataset is None:
+        raise EchoPulseError(f"{tokens}: no token rows")
+    names = dataset.schema.names
+    columns = ["tokens", "ecg", "split", *[c for c in ("view", "ef") if c in names],
+               *[c for c in _flag_columns(names) if c != "ecg"], *_sync_column(names)]
+    for split in ("val", "train"):
+        out: dict[str, list] = {}
+        for batch in dataset.to_batches(columns=columns, filter=pc.field("split") == split):
+            rows = _with_ecg(_numpy_batch(batch), allow_unsynchronized)
+            for key in ("tokens", "ecg", "view", "ef"):
+                if key in rows:
+                    out.setdefault(key, []).extend(rows[key])
+            if len(out.get("tokens", [])) >= n:
+                break
+        if out.get("tokens"):
+            if split == "train":
+                log.warning("%s: no usable val rows; calibrating on train rows", tokens)
+            return {k: np.stack(v[:n]) if k in ("tokens", "ecg") else np.asarray(v[:n]) for k, v in out.items()}
+    raise EchoPulseError(f"{tokens}: no row with an ECG recorded with its echo to calibrate on")

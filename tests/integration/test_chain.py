@@ -100,6 +100,31 @@ def test_generator_guidance_was_picked_on_validation_clips(chain):
     assert run.data.metrics["calibration_agreement_g0"] == calibration["scores"][0]
 
 
+def test_calibrate_command_repicks_a_checkpoints_guidance(chain, tmp_path, capsys):
+    import shutil
+
+    from echopulse.cli import main
+
+    work, out = chain
+    ckpt = tmp_path / "checkpoint"
+    shutil.copytree(out["generator"], ckpt)
+    meta = json.loads((ckpt / "config.json").read_text())
+    del meta["extra"]["guidance_calibration"]  # as a checkpoint from before calibration
+    meta["extra"]["sampling"]["guidance"] = 3.0  # an old recipe's weight, not a candidate
+    (ckpt / "config.json").write_text(json.dumps(meta))
+    rc = main(["calibrate", "--checkpoint", str(ckpt), "--tokens", str(work / "tokens"),
+               "--candidates", "1", "--seeds", "1"])
+    assert rc == 0
+    extra = json.loads((ckpt / "config.json").read_text())["extra"]
+    assert extra["guidance_calibration"]["candidates"] == [0.0, 1.0]
+    assert extra["sampling"]["guidance"] == extra["guidance_calibration"]["picked"] in (0.0, 1.0)
+    assert "<- picked" in capsys.readouterr().out
+    # clips are not tokens: one line, exit 2, the checkpoint untouched
+    before = (ckpt / "config.json").read_text()
+    assert main(["calibrate", "--checkpoint", str(ckpt), "--tokens", str(work / "clips")]) == 2
+    assert (ckpt / "config.json").read_text() == before
+
+
 def test_videos_decode(chain):
     import imageio.v3 as iio
     from PIL import Image
