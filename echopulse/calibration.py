@@ -3,7 +3,8 @@
 Whether classifier-free guidance helps depends on the model (BENCHMARKS.md: +0.10 ECG control on one
 demo pair, a loss on another), so the weight is measured per model instead of fixed by a recipe.
 For each validation clip the generator draws a clip from the clip's own ECG, primed with its first
-token frame as chained windows are, at every candidate weight and a few seeds; the score is
+token frame (as a video's first window is when a first frame is given, and as evaluation primes), at
+every candidate weight and a few seeds; the score is
 :func:`echopulse.metrics.motion_agreement` of the decoded clip against the clip the ECG was recorded
 with (the tokenizer's decoding of its tokens). A weight other than 0 is picked only when its paired
 gain over g=0 is positive by more than ``MARGIN_SE`` standard errors; the best such weight wins.
