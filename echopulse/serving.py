@@ -56,7 +56,7 @@ class GenerateRequest:
 
     def batch_key(self) -> tuple:
         """Requests with equal keys (and no first frame) can share one batched forward."""
-        return (self.seconds, self.fps, self.seed, self.steps, self.guidance, self.ecg.shape[1])
+        return (self.seconds, self.fps, self.steps, self.guidance, self.ecg.shape[1])
 
 
 def _number(name: str, value: Any, cast, positive: bool = False):
@@ -265,7 +265,7 @@ def _generate_shared(model, group: list[GenerateRequest]) -> list[np.ndarray]:
     with torch.inference_mode():
         tokens = model.generator.generate(
             ecg, steps=r.steps or s.steps, guidance=s.guidance if r.guidance is None else r.guidance,
-            temperature=s.temperature, schedule=s.schedule, seed=r.seed)
+            temperature=s.temperature, schedule=s.schedule, seed=[q.seed for q in group])
         decoded = model.tokenizer.decode_from_indices(tokens)
     videos = (decoded.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()[:, :frames_needed]
     if out_fps == model.clip.fps:
@@ -276,11 +276,11 @@ def _generate_shared(model, group: list[GenerateRequest]) -> list[np.ndarray]:
 def generate_many(model, requests: Sequence[GenerateRequest]) -> list[np.ndarray | RequestError]:
     """Frames for each request, in order; a failing request gives its error, not the others'.
 
-    Requests of a single model window with the same options and no first frame share one batched
-    forward of the sampler; a group of one is exactly what ``echopulse generate`` makes, while in
-    a larger group each video also depends on its place in the batch (the seed's noise is drawn
-    for the whole batch), so a service that must return bit-identical videos per seed runs with
-    ``--max-batch-size 1``. The rest run one by one through
+    Requests of a single model window with the same options (seeds may differ) and no first frame
+    share one batched forward of the sampler; each row draws its noise from its own seed, so a
+    request's video does not depend on which others share its batch (up to floating-point
+    differences of batched matrix products, which can flip a near-tied token). The rest run one by
+    one through
     :meth:`~echopulse.generate.EchoGenerator.generate`, which chains windows.
     """
     results: list[np.ndarray | RequestError | None] = [None] * len(requests)

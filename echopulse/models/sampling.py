@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any, Protocol
 
 import torch
@@ -64,10 +64,35 @@ GUIDANCE_SCHEDULES = ("constant", "falling", "rising")
 _MAX_LOGIT_ELEMENTS = 1 << 28
 
 
-def _gumbel(shape: tuple[int, ...], rng: torch.Generator, device: torch.device) -> torch.Tensor:
-    # noise comes from a CPU generator so a seed gives the same draws on every device
-    u = torch.rand(shape, generator=rng).clamp_(1e-20, 1.0 - 1e-7)
-    return (-torch.log(-torch.log(u))).to(device)
+class RowNoise:
+    """The sampler's random draws, row by row: batch row ``i`` draws only from its own CPU generator,
+    seeded with its own seed, so a row's tokens depend on its inputs and seed and not on which
+    other rows share its batch (or where it sits). CPU generators: a seed gives the same draws on
+    every device."""
+
+    def __init__(self, seeds: Sequence[int]) -> None:
+        self.generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+
+    def uniform(self, counts: Sequence[int]) -> torch.Tensor:
+        """``sum(counts)`` uniforms in [0, 1), batch-major: ``counts[i]`` from row ``i``."""
+        return torch.cat([torch.rand(int(c), generator=g) for g, c in zip(self.generators, counts)])
+
+    def gumbel(self, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+        """Standard Gumbel noise ``(b, ...)``, row ``i`` from generator ``i``."""
+        u = torch.stack([torch.rand(shape[1:], generator=g) for g in self.generators]).clamp_(1e-20, 1.0 - 1e-7)
+        return (-torch.log(-torch.log(u))).to(device)
+
+
+def _row_seeds(seed: int | Sequence[int], b: int) -> list[int]:
+    try:
+        seeds = [int(seed)] * b
+    except TypeError:  # one seed per row
+        seeds = [int(s) for s in seed]
+    if len(seeds) == 1:
+        seeds = seeds * b
+    if len(seeds) != b:
+        raise ValueError(f"{len(seeds)} seeds for a batch of {b} ECGs")
+    return seeds
 
 
 def _prime_prefix(prime_tokens: torch.Tensor, grid: tuple[int, int, int], batch: int) -> torch.Tensor:
@@ -99,7 +124,7 @@ def sample(
     guidance: float = 2.0,
     temperature: float = 1.0,
     schedule: str = "cosine",
-    seed: int = 0,
+    seed: int | Sequence[int] = 0,
     prime_tokens: torch.Tensor | None = None,
     view: torch.Tensor | None = None,
     ef: torch.Tensor | None = None,
@@ -122,7 +147,9 @@ def sample(
         temperature: sampling temperature at the first step, annealed linearly towards 0; it also
             scales the Gumbel noise added to the confidences (annealed the same way). 0 is greedy.
         schedule: masking schedule name (see :mod:`echopulse.models.schedules`).
-        seed: seeds a private ``torch.Generator``: the same seed gives the same tokens.
+        seed: one seed for every row, or one per row: each row draws from its own private
+            ``torch.Generator`` seeded with its seed, so the same ECG and seed give the same tokens
+            whatever else is in the batch.
         prime_tokens: known leading token frames, ``(b, h', w')`` (the first frame's tokens),
             ``(b, k, h', w')`` or ``(b, k * h' * w')``; batch 1 broadcasts. Returned unchanged.
         view, ef: ``(b,)`` echo view ids / ejection fractions, when the model conditions on them.
@@ -190,7 +217,7 @@ def _decode(model, ecg, steps, guidance, temperature, schedule_fn, seed, prime_t
     device = next(model.parameters()).device
     ecg = ecg.to(device)
     b = ecg.shape[0]
-    rng = torch.Generator().manual_seed(seed)
+    rng = RowNoise(_row_seeds(seed, b))
     ids, num_known = _initial_ids(model, prime_tokens, grid, b, device)  # (b, n)
     if negative_ecg is not None and tuple(negative_ecg.shape) != tuple(ecg.shape):
         raise ValueError(f"negative_ecg must be shaped like the ECG {tuple(ecg.shape)}, got {tuple(negative_ecg.shape)}")
@@ -300,7 +327,8 @@ def _decode_halton(ids, step_logits, grid, num_known, weights, temperature, sche
         now = positions[decoded:num_unknown - remaining]  # (k,): this step's positions
         chunks = step_logits(ids, lambda t: t[:, now].flatten(0, 1), weights[step])  # rows (b * k, ...), batch-major
         sample_temperature = temperature * (1 - step / steps)
-        sampled = torch.cat([_draw(chunk.float(), sample_temperature, rng)[0] for chunk in chunks])
+        uniform = rng.uniform([now.numel()] * b) if sample_temperature > 0 else None
+        sampled = torch.cat([d[0] for d in _draw_chunks(chunks, sample_temperature, uniform)])
         ids[:, now] = sampled.view(b, -1)
         decoded += now.numel()
 
@@ -320,14 +348,15 @@ def _decode_confidence(ids, step_logits, mask_id, num_known, weights, temperatur
 
         # guided logits at the masked positions
         chunks = step_logits(ids, lambda t: t[is_masked], weights[step])
-        drawn = [_draw(chunk.float(), sample_temperature, rng) for chunk in chunks]
+        uniform = rng.uniform(is_masked.sum(-1).tolist()) if sample_temperature > 0 else None
+        drawn = _draw_chunks(chunks, sample_temperature, uniform)
         sampled = torch.cat([d[0] for d in drawn])  # (r,)
         confidence = torch.full((b, n), math.inf, device=device)  # decoded tokens stay
         confidence[is_masked] = torch.cat([d[1] for d in drawn])  # log p(sampled) at T = 1
         ids[is_masked] = sampled
         noise_scale = temperature * (1 - progress)
         if noise_scale > 0:
-            confidence += noise_scale * _gumbel(confidence.shape, rng, device)
+            confidence += noise_scale * rng.gumbel(tuple(confidence.shape), device)
 
         # how many unknown positions stay masked; decode at least one new token per step
         num_remask = int(math.floor(float(schedule_fn(progress)) * num_unknown))
@@ -351,12 +380,22 @@ def _chunk_rows(vocab: int) -> int:
     return max(1, _MAX_LOGIT_ELEMENTS // vocab)
 
 
-def _draw(logits: torch.Tensor, temperature: float, rng: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def _draw_chunks(chunks, temperature: float, uniform: torch.Tensor | None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """:func:`_draw` over consecutive row chunks, each with its share of ``uniform``."""
+    out, start = [], 0
+    for chunk in chunks:
+        rows = chunk.shape[0]
+        out.append(_draw(chunk.float(), temperature, None if uniform is None else uniform[start:start + rows]))
+        start += rows
+    return out
+
+
+def _draw(logits: torch.Tensor, temperature: float, uniform: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """A token per row from ``softmax(logits / T)`` and its log-probability at ``T = 1``.
 
     Args:
         logits: ``(r, vocab)``; overwritten.
-        temperature: > 0 draws one uniform per row from ``rng``; 0 takes the argmax.
+        temperature: > 0 inverts each row's CDF at its ``uniform`` (``(r,)``); 0 takes the argmax.
 
     Returns:
         ``(sampled, confidence)``, both ``(r,)``: ids and ``log softmax(logits)[sampled]``.
@@ -375,8 +414,7 @@ def _draw(logits: torch.Tensor, temperature: float, rng: torch.Generator) -> tup
         # so only tokens negligible next to the best one underflow)
         log_total = torch.cat([piece.exp().sum(-1) for piece in shifted.split(64)]).log()
         weights = shifted.mul_(1.0 / temperature).exp_()
-    uniform = torch.rand(weights.shape[0], generator=rng).to(weights.device)
-    sampled = _inverse_cdf(weights, uniform)
+    sampled = _inverse_cdf(weights, uniform.to(weights.device))
     picked = weights.gather(-1, sampled.unsqueeze(-1)).squeeze(-1)  # exp((logit - max) / T)
     return sampled, temperature * picked.log() - log_total
 

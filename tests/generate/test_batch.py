@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
@@ -36,3 +37,24 @@ def test_generate_batch_writes_videos_and_index(ray_session, tiny_checkpoint, co
         assert rates == pytest.approx([5.0] * count)
     assert by_id["a"]["frames"] == 10 and by_id["b"]["frames"] == 5
     assert sorted(p.name for p in (out / "videos").iterdir()) == sorted(f"{r['video_id']}.gif" for r in ok)
+
+
+def test_a_served_video_does_not_depend_on_what_shares_its_batch(model):
+    """Requests with different seeds share one sampler forward, and each still gets the video it
+    would get alone: its noise comes from its own seed."""
+    from echopulse.serving import GenerateRequest, generate_many
+
+    rng = np.random.default_rng(0)
+    ecgs = [rng.standard_normal((12, model.clip.ecg_samples)).astype(np.float32) for _ in range(3)]
+
+    def request(i: int, seed: int) -> GenerateRequest:
+        return GenerateRequest(ecg=ecgs[i], lead_mask=np.ones(12, dtype=bool), seed=seed)
+
+    together = generate_many(model, [request(0, 1), request(1, 2), request(2, 3)])
+    alone = generate_many(model, [request(1, 2)])
+    reordered = generate_many(model, [request(1, 2), request(0, 7)])
+    same_seed = generate_many(model, [request(0, 2), request(1, 2)])  # second in its batch
+    np.testing.assert_array_equal(together[1], alone[0])
+    np.testing.assert_array_equal(same_seed[1], alone[0])
+    np.testing.assert_array_equal(reordered[0], alone[0])
+    assert not np.array_equal(generate_many(model, [request(1, 4)])[0], alone[0])

@@ -88,12 +88,13 @@ def test_fast_path_hidden_states_give_the_models_logits(frame_embedding):
 def test_draw_samples_the_tempered_softmax(temperature):
     logits = torch.tensor([2.0, 1.0, 0.0, -1.0, -30.0, 0.5] * 2)  # 12 ids: blocks of 3
     rows = 40_000
-    sampled, confidence = _draw(logits.repeat(rows, 1), temperature, torch.Generator().manual_seed(0))
+    uniform = torch.rand(rows, generator=torch.Generator().manual_seed(0))
+    sampled, confidence = _draw(logits.repeat(rows, 1), temperature, uniform)
     expected = torch.softmax(logits / temperature, -1)
     freq = torch.bincount(sampled, minlength=logits.numel()).float() / rows
     assert (freq - expected).abs().max() < 0.01, (freq, expected)
     torch.testing.assert_close(confidence, torch.log_softmax(logits, -1)[sampled])
-    greedy, best = _draw(logits.repeat(2, 1), 0.0, torch.Generator())
+    greedy, best = _draw(logits.repeat(2, 1), 0.0, None)
     assert greedy.tolist() == [0, 0]
     torch.testing.assert_close(best, torch.log_softmax(logits, -1)[[0, 0]])
 
@@ -280,3 +281,20 @@ def test_guidance_schedule_reaches_every_step(trained_generator, cached):
                        sample(model, batch["ecg"], **{**kwargs, "steps": 1, "guidance": 0.0}))
     with pytest.raises(ValueError, match="guidance schedule"):
         sample(model, batch["ecg"], guidance_schedule="cosine")
+
+
+@pytest.mark.parametrize("order", ["confidence", "halton"])
+def test_a_rows_tokens_do_not_depend_on_its_batch(trained_generator, order):
+    """Each row draws from its own seed: the same ECG and seed give the same tokens alone, first or
+    second in a batch, beside any other ECG; another seed gives other tokens."""
+    model, batch = trained_generator
+    ecg = batch["ecg"][:3]
+    kw = {"steps": 4, "temperature": 1.0, "order": order}
+    alone = sample(model, ecg[1:2], seed=9, **kw)
+    second = sample(model, ecg[[0, 1]], seed=[5, 9], **kw)
+    first = sample(model, ecg[[1, 2]], seed=[9, 3], **kw)
+    torch.testing.assert_close(second[1:], alone, rtol=0, atol=0)
+    torch.testing.assert_close(first[:1], alone, rtol=0, atol=0)
+    assert not torch.equal(sample(model, ecg[1:2], seed=10, **kw), alone)
+    with pytest.raises(ValueError, match="seeds for a batch"):
+        sample(model, ecg, seed=[1, 2], **kw)
