@@ -284,17 +284,19 @@ def machine() -> dict:
 
 
 def print_table(result: dict) -> None:
+    others = ("real_cine_tokenizer_psnr_db", "real_cine_tokenizer_insector_psnr_db",
+              "ecg_sync_swapped", "ecg_sync_chance", "ecg_sync_real", "ecg_sync_reconstructed",
+              "pixel_ecg_control_matched", "pixel_ecg_control_shuffled",
+              "generated_psnr_db", "generated_ssim")
+    w = max(map(len, (*GOALS, *others))) + 2  # the longest name sets the column
     print()
-    print(f"{'metric':<22}{'value':>10}  {'goal':<10}{'reached':>8}")
+    print(f"{'metric':<{w}}{'value':>10}  {'goal':<10}{'reached':>8}")
     for key, (op, bound) in GOALS.items():
         v = result[key]
         ok = result["goals_reached"][key]
-        print(f"{key:<22}{v:>10.3f}  {op + ' ' + str(bound):<10}{'yes' if ok else 'no':>8}")
-    for key in ("real_cine_tokenizer_psnr_db", "real_cine_tokenizer_insector_psnr_db",
-                "ecg_sync_swapped", "ecg_sync_chance", "ecg_sync_real", "ecg_sync_reconstructed",
-                "pixel_ecg_control_matched", "pixel_ecg_control_shuffled",
-                "generated_psnr_db", "generated_ssim"):
-        print(f"{key:<22}{result[key]:>10.3f}")
+        print(f"{key:<{w}}{v:>10.3f}  {op + ' ' + str(bound):<10}{'yes' if ok else 'no':>8}")
+    for key in others:
+        print(f"{key:<{w}}{result[key]:>10.3f}")
     s = result["seconds"]
     print(f"\nsteps: tokenizer {result['steps']['tokenizer']}, generator {result['steps']['generator']}; "
           f"clips: train {result['clips']['train']}, held-out {result['clips']['heldout']} "
