@@ -75,7 +75,7 @@ def _draw(generator, tokenizer, ecg, prime, weight: float, sampling: SamplingCon
             extra["negative_ecg"] = torch.from_numpy(shifted_ecg(ecg[part].cpu().numpy())).to(ecg.device)
         ids = sample(generator, ecg[part], steps=sampling.steps, guidance=weight,
                      temperature=sampling.temperature, schedule=sampling.schedule, order=sampling.order,
-                     seed=seed + k, prime_tokens=prime[part], **extra)
+                     seed=[seed + i for i in range(k, k + len(ecg[part]))], prime_tokens=prime[part], **extra)
         out.append(_decode_uint8(tokenizer, ids))
     return np.concatenate(out)
 
