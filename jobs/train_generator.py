@@ -268,11 +268,11 @@ def finish_checkpoint(tokenizer: str, val, recipe: Recipe, found: dict[str, Any]
         bundle(checkpoint_dir)
         if not recipe.sampling.guidance_candidates:
             return
-        batch = val.take_batch(recipe.sampling.calibration_clips, batch_format="numpy")
         try:
+            batch = val.take_batch(recipe.sampling.calibration_clips, batch_format="numpy")
             found["calibration"] = calibrate_remotely(checkpoint_dir, batch, use_gpu)
         except Exception as exc:  # the trained model is kept either way, at the recipe's weight
-            found["calibration_error"] = str(exc).strip().splitlines()[-1][:200]
+            found["calibration_error"] = (str(exc).strip().splitlines() or [type(exc).__name__])[-1][:200]
             log.warning("guidance not calibrated, the recipe's %g is kept: %s", recipe.sampling.guidance,
                         found["calibration_error"])
 
