@@ -133,3 +133,30 @@ def test_no_candidates_leaves_the_checkpoint_alone(tiny_checkpoint, clips_datase
     before = (ckpt / "config.json").read_text()
     assert calibrate_checkpoint(str(ckpt), _val_rows(ckpt, clips_dataset)) is None
     assert (ckpt / "config.json").read_text() == before
+
+
+@pytest.mark.parametrize("rows", [8, 1])
+def test_finished_training_calibrates_in_a_ray_task_or_keeps_the_model(ray_session, tiny_checkpoint, clips_dataset,
+                                                                       tmp_path, rows):
+    """What ``train generator`` does to its exported checkpoint: bundle the tokenizer, then
+    calibrate in a Ray task; a calibration that cannot run (one validation clip) leaves the
+    checkpoint whole, at the recipe's weight, and says why."""
+    import ray
+
+    from jobs.recipes import tiny
+    from jobs.train_generator import finish_checkpoint
+
+    ckpt = tmp_path / "checkpoint"
+    shutil.copytree(tiny_checkpoint, ckpt, ignore=shutil.ignore_patterns("tokenizer"))
+    val_rows = _val_rows(tiny_checkpoint, clips_dataset, n=rows)
+    val = ray.data.from_items([{"tokens": t, "ecg": e} for t, e in zip(val_rows["tokens"], val_rows["ecg"])])
+    found: dict = {}
+    finish_checkpoint(str(tiny_checkpoint / "tokenizer"), val, tiny(), found)(str(ckpt))
+    assert (ckpt / "tokenizer" / "config.json").is_file()  # bundled either way
+    extra = json.loads((ckpt / "config.json").read_text())["extra"]
+    if rows == 1:
+        assert "two validation clips" in found["calibration_error"] and "calibration" not in found
+        assert "guidance_calibration" not in extra and extra["sampling"]["guidance"] == tiny().sampling.guidance
+    else:
+        assert 2 <= found["calibration"].clips <= rows  # clips whose real motion can be followed
+        assert extra["guidance_calibration"]["picked"] == extra["sampling"]["guidance"] == found["calibration"].picked
