@@ -255,20 +255,31 @@ PIXEL_HR_MIN_PEAK = 0.3  # autocorrelation a beat must reach to be believed
 PIXEL_HR_UPSAMPLE = 4  # the motion is resampled this much finer before its autocorrelation
 
 
+def _motion_axis(v: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """``(sector, centred, axis)`` of a [0, 1] video: the pixels bright at some time (holes
+    filled), those pixels over time minus their mean frame ``(T, P)``, and the leading
+    right-singular vector of that matrix ``(P,)``; ``None`` without a sector or with < 3 frames."""
+    from scipy import ndimage
+
+    sector = ndimage.binary_fill_holes(v.max(axis=0) > 0.08)
+    if not sector.any() or len(v) < 3:
+        return None
+    x = v[:, sector]
+    x = x - x.mean(axis=0)
+    _, _, vt = np.linalg.svd(x, full_matrices=False)
+    return sector, x, vt[0]
+
+
 def motion_component(video: np.ndarray) -> np.ndarray:
     """The motion's first principal component over time, ``(T,)``: the projection of each frame
     (pixels inside the sector -- those bright at some time -- minus their mean frame) on the
     leading right-singular vector. Nothing about hearts or phantoms is assumed."""
-    from scipy import ndimage
-
     v = _as_unit(video)
-    sector = ndimage.binary_fill_holes(v.max(axis=0) > 0.08)
-    if not sector.any() or len(v) < 3:
+    found = _motion_axis(v)
+    if found is None:
         return np.zeros(len(v))
-    x = v[:, sector]
-    x = x - x.mean(axis=0)
-    u, s, _ = np.linalg.svd(x, full_matrices=False)
-    return u[:, 0] * s[0]
+    _, x, axis = found
+    return x @ axis
 
 
 def pixel_heart_rate(video: np.ndarray, fps: float, upsample: int = PIXEL_HR_UPSAMPLE) -> tuple[float, float]:
@@ -387,19 +398,15 @@ def motion_agreement(generated: np.ndarray, reference: np.ndarray, first: int = 
     near 0, a still one 0. Nothing about hearts or phantoms is assumed: the reference is any clip
     recorded with the ECG the generated one was drawn from.
     """
-    from scipy import ndimage
-
     _check_pair(np.asarray(generated), np.asarray(reference))
     g, r = _as_unit(generated), _as_unit(reference)
-    sector = ndimage.binary_fill_holes(r.max(axis=0) > 0.08)
-    if not sector.any() or len(r) - first < 3:
+    found = _motion_axis(r)
+    if found is None or len(r) - first < 3:
         return float("nan")
-    x = r[:, sector]
-    x = x - x.mean(axis=0)
-    _, _, vt = np.linalg.svd(x, full_matrices=False)
-    ref_curve = (x @ vt[0])[first:]
+    sector, x, axis = found
+    ref_curve = (x @ axis)[first:]
     y = g[:, sector]
-    gen_curve = ((y - y.mean(axis=0)) @ vt[0])[first:]
+    gen_curve = ((y - y.mean(axis=0)) @ axis)[first:]
     if ref_curve.std() < 1e-9:
         return float("nan")
     if gen_curve.std() < 1e-9:

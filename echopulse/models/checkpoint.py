@@ -93,9 +93,7 @@ def save_checkpoint(
         "config": to_dict(cfg),
         "extra": extra or {},
     }
-    tmp_cfg = directory / (CONFIG_FILE + ".tmp")
-    tmp_cfg.write_text(json.dumps(meta, indent=2, sort_keys=True))
-    os.replace(tmp_cfg, directory / CONFIG_FILE)
+    _write_meta(directory, meta)
     logger.info("saved %s checkpoint %s to %s", kind, model_id, directory)
     return model_id
 
@@ -107,10 +105,15 @@ def update_extra(path: str | os.PathLike, updates: dict[str, Any]) -> dict[str, 
     directory = Path(path)
     meta = read_checkpoint_info(directory)
     meta["extra"] = {**meta.get("extra", {}), **updates}
+    _write_meta(directory, meta)
+    return meta["extra"]
+
+
+def _write_meta(directory: Path, meta: dict[str, Any]) -> None:
+    """``config.json`` written whole or not at all (a temporary file renamed over it)."""
     tmp_cfg = directory / (CONFIG_FILE + ".tmp")
     tmp_cfg.write_text(json.dumps(meta, indent=2, sort_keys=True))
     os.replace(tmp_cfg, directory / CONFIG_FILE)
-    return meta["extra"]
 
 
 def read_checkpoint_info(path: str | os.PathLike) -> dict[str, Any]:
