@@ -354,6 +354,9 @@ def main(argv=None) -> int:
     parser.add_argument("--prime-prob", type=float, default=None,
                         help="fraction of training samples with the first token frame given "
                              "(default: the recipe's)")
+    parser.add_argument("--cond-dropout", type=float, default=None,
+                        help="fraction of training samples with the null condition: what guidance "
+                             "pushes away from (default: the recipe's)")
     parser.add_argument("--variety", action="store_true",
                         help="a phantom corpus with a look of its own per study (echopulse synth --variety)")
     parser.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
@@ -398,6 +401,8 @@ def main(argv=None) -> int:
         gen_cfg = replace(gen_cfg, ecg_frame_embedding=False)
     if args.prime_prob is not None:
         gen_cfg = replace(gen_cfg, prime_prob=args.prime_prob)
+    if args.cond_dropout is not None:
+        gen_cfg = replace(gen_cfg, cond_dropout=args.cond_dropout)
     sampling = recipe.sampling
     s_steps = args.sampling_steps or sampling.steps
     guidance = sampling.guidance if args.guidance is None else args.guidance
