@@ -40,7 +40,7 @@ echo "cores: $(nproc), Ray CPUs: $cpus, $(uname -m)" | tee -a "$log"
   | tee -a "$log"
 scale_py=("$py" bench/scale.py --cpus "$cpus" --no-s3)
 step 200 "${scale_py[@]}" --actors-scan 1000 --json "$out/actors.json"
-step 180 "${scale_py[@]}" --inputs-per-task 128 --json "$out/scale.json" --workdir "$out/work"
+step 200 "${scale_py[@]}" --inputs-per-task 128 --repeats 1 --json "$out/scale.json" --workdir "$out/work"
 step 150 "${scale_py[@]}" --no-two-stage --json "$out/scale_512.json" --workdir "$out/work512"
 rm -rf "$out/work" "$out/work512"
 echo "failed steps: $failed" | tee -a "$log"

@@ -6,9 +6,11 @@ is decoded in full, without spending minutes writing thousands of phantoms.
 
 For each size (1,000 and 4,000 inputs; ``--quick`` scales both down) the one-pass ingest runs on
 local disk while a sampler thread records the driver's peak RSS and the Ray object store's peak
-use. At the smaller size it also runs ingest-then-tokenize (the two-stage path) for the fused
-speedup, and the one pass against a moto S3 server (loopback), counting the requests it serves
-(every HTTP request: the input reads, the output writes and listings; ``runs.s3`` splits them).
+use. At the smaller size it also runs ingest-then-tokenize (the two-stage path) ``--repeats`` times,
+each followed by the one pass again, and takes the ratio of the two paths' median walls as the
+fused speedup (one run of either moves the ratio by +-0.2 on a shared machine); and the one pass
+against a moto S3 server (loopback), counting the requests it serves (every HTTP request: the
+input reads, the output writes and listings; ``runs.s3`` splits them).
 
     .venv/bin/python bench/scale.py --quick --json bench_scale.json
 
@@ -151,6 +153,37 @@ def actors_scan(work: Path, recipe, tokenizer: str, inputs: int) -> dict:
             "actor_speedup": round(best[2] / best[1], 2), "runs": runs, "cpu_count": os.cpu_count()}
 
 
+def speedup_runs(work: Path, inputs: int, recipe, tokenizer: str, shards, repeats: int, first_fused: float,
+                 fused) -> dict[str, dict]:
+    """Ingest-then-tokenize ``repeats`` times over the ``inputs``-row manifest, each followed by a
+    one-pass run of it (``fused(name, manifest, out)``), so both paths see the same machine in turn;
+    ``{"two_stage", "fused_paired"}`` with the median wall of each (``first_fused``, the timed
+    one-pass run before them, counts among the one-pass walls)."""
+    import shutil
+    import statistics
+
+    from pipelines.ingest import run_ingest
+    from pipelines.tokenize import run_tokenize
+
+    manifest = work / f"manifest_{inputs}.csv"
+    two, one, tokens = [], [first_fused], 0
+    for k in range(max(1, repeats)):
+        for name in ("two_clips", "two_tokens"):
+            shutil.rmtree(work / name, ignore_errors=True)
+        t0 = time.perf_counter()
+        run_ingest(str(manifest), str(work / "two_clips"), recipe.clip, shards=shards)
+        tokens = run_tokenize(str(work / "two_clips"), tokenizer, str(work / "two_tokens")).tokens
+        two.append(round(time.perf_counter() - t0, 2))
+        log.info("two_stage %d: %.2f s", k, two[-1])
+        if k < repeats - 1 or repeats == 1:
+            shutil.rmtree(work / f"out_paired_{k}", ignore_errors=True)
+            one.append(fused(f"fused_paired_{k}", manifest, str(work / f"out_paired_{k}"))["wall_s"])
+    t, f = statistics.median(two), statistics.median(one)
+    return {"two_stage": {"inputs": inputs, "tokens": tokens, "wall_s": t, "inputs_per_s": round(inputs / t, 2),
+                          "walls_s": two},
+            "fused_paired": {"inputs": inputs, "wall_s": f, "inputs_per_s": round(inputs / f, 2), "walls_s": one}}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=int, nargs=2, default=(1000, 4000), metavar=("SMALL", "LARGE"))
@@ -161,6 +194,10 @@ def main(argv=None) -> int:
                              "so the actor scan measures cores)")
     parser.add_argument("--no-s3", action="store_true", help="skip the moto S3 run")
     parser.add_argument("--no-two-stage", action="store_true", help="skip ingest-then-tokenize")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="ingest-then-tokenize and one-pass runs at the smaller size, alternated, for "
+                             "fused_speedup (the median of each; one run of either moves +-0.2 on a shared "
+                             "machine) (default: %(default)s)")
     parser.add_argument("--inputs-per-task", type=int, default=512,
                         help="inputs per decode task (smaller: the chunk cap is reached at small sizes)")
     parser.add_argument("--actors-scan", type=int, default=0, metavar="INPUTS",
@@ -180,9 +217,6 @@ def main(argv=None) -> int:
     from bench._common import write_random_tokens
     from jobs.recipes import tiny
     from pipelines.fused import DECODE_CHUNK_MB, run_ingest_tokens
-    from pipelines.ingest import run_ingest
-    from pipelines.tokenize import run_tokenize
-
     args.chunk_mb = args.chunk_mb or DECODE_CHUNK_MB
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_scale_"))
@@ -232,13 +266,7 @@ def main(argv=None) -> int:
     b = fused(f"fused_{large}", make_manifest(work, large), str(work / f"out_{large}"))
 
     if not args.no_two_stage:
-        t0 = time.perf_counter()
-        run_ingest(str(work / f"manifest_{small}.csv"), str(work / "two_clips"), recipe.clip, shards=shards)
-        tok = run_tokenize(str(work / "two_clips"), tokenizer, str(work / "two_tokens"))
-        wall = time.perf_counter() - t0
-        results["two_stage"] = {"inputs": small, "tokens": tok.tokens, "wall_s": round(wall, 2),
-                                "inputs_per_s": round(small / wall, 2)}
-        log.info("two_stage: %s", results["two_stage"])
+        results.update(speedup_runs(work, small, recipe, tokenizer, shards, args.repeats, a["wall_s"], fused))
 
     s3_per_input = None
     if not args.no_s3:
@@ -277,7 +305,7 @@ def main(argv=None) -> int:
         "files_per_1k_inputs": round(1000 * b["files"] / b["inputs"], 2),
         "s3_requests_per_input": s3_per_input,
         "s3_output_requests_per_input": results.get("s3", {}).get("output_requests_per_input"),
-        "fused_speedup": (round(a["inputs_per_s"] / results["two_stage"]["inputs_per_s"], 2)
+        "fused_speedup": (round(results["two_stage"]["wall_s"] / results["fused_paired"]["wall_s"], 2)
                           if "two_stage" in results else None),
         "sizes": [small, large], "ray_cpus": cores, "ray_gpus": args.gpus,
         "inputs_per_task": args.inputs_per_task, "actors": args.actors, "chunk_mb": args.chunk_mb,
