@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The archive-scale figures that need more cores than the 2-core development machine (issue #15),
-# in one run of at most ~7 minutes (each step under its own limit, scaled by LIMIT_SCALE):
+# in one run of at most ~9 minutes (each step under its own limit, scaled by LIMIT_SCALE):
 #   1. bench/scale.py --actors-scan   tokenize clips/s with 1 and 2 actors (CPU encoders)
 #   2. bench/scale.py                 the one pass at 1,000 and 4,000 inputs and ingest-then-tokenize
 #                                     at 1,000, all cores, CPU encoders (no S3 server: moto is not

@@ -48,6 +48,8 @@ ENCODER_CPUS = 2.0
 SMALL_ENCODER_CPUS, SMALL_DECODE_CPUS = 0.5, 0.75  # clusters of fewer than 4 CPUs
 DECODE_CHUNK_MB = 2.0  # clip MiB per encode call (and at least batch_size clips)
 IN_FLIGHT = 2  # chunks a decode task keeps waiting on the encoders
+DATA_TASK_CPUS = 1.0  # what Ray Data's own tasks reserve by default: kept free beside the decoders
+MIN_DECODE_CPUS = 0.25
 TOKEN_EXTRA = ("ecg_source", "ecg_leads", "source_uri")
 POS = "_pos"  # a token row's position in its chunk's clip table
 
@@ -376,8 +378,10 @@ def _run_fused_pass(manifest: str, out: str, clip: ClipConfig, tokenizer: str, s
     # on a small cluster two decoders still fit beside the encoder (which waits for them most of
     # the time); 1 CPU each would leave a core's worth idle
     decode_cpus = SMALL_DECODE_CPUS if small else 1.0
-    decoders = decoder_count(ray.cluster_resources().get("CPU", 1), actors, encoder_cpus, decode_cpus,
-                             fixed=not joined_cluster())
+    cpus = ray.cluster_resources().get("CPU", 1)
+    decoders = decoder_count(cpus, actors, encoder_cpus, decode_cpus, fixed=not joined_cluster())
+    if decoders is not None:
+        decode_cpus = decoder_share(cpus, actors * encoder_cpus, decoders, decode_cpus)
     remote_args = ray_remote_args(manifest, out, tokenizer, keep_clips)
     credentials = worker_credentials(manifest, out, tokenizer, keep_clips)
     encoders = start_encoders(tokenizer, actors, batch_size, bool(use_gpu), clip.ecg_samples, encoder_cpus,
@@ -389,6 +393,10 @@ def _run_fused_pass(manifest: str, out: str, clip: ClipConfig, tokenizer: str, s
         # on the local cluster, as many decoders as the CPUs beside the encoders hold: a decoder
         # waiting on an encoder lends Ray its CPU, and more would only hold more chunks in the store
         ds = ds.flat_map(decode, num_cpus=decode_cpus, compute=TaskPoolStrategy(size=decoders), **remote_args)
+        # Ray Data's per-operator CPU reservations held a late plan row's 1-CPU shuffle-reduce task
+        # back while the first decoder ran, so a run's groups were at times decoded one after the
+        # other; without them any free CPU serves (this dataset's own context, not the process's)
+        ds.context.op_resource_reservation_enabled = False
         return collect_counts(out, ds)  # streams: one small counts row per group
     finally:
         for encoder in encoders:
@@ -415,6 +423,22 @@ def decoder_count(cpus: float, actors: int, encoder_cpus: float, decode_cpus: fl
                              f"cluster's {cpus:g} CPUs, and a decode task needs {decode_cpus:g}: "
                              "use fewer --actors or a larger cluster")
     return max(1, int(free / decode_cpus + 1e-9))
+
+
+def decoder_share(cpus: float, encoders_cpus: float, decoders: int, decode_cpus: float) -> float:
+    """The CPUs each of ``decoders`` decode tasks reserves on a fixed cluster of ``cpus``: ``decode_cpus``,
+    or less so that ``DATA_TASK_CPUS`` stay free beside them and the encoders (never under a quarter).
+
+    Ray Data's own tasks reserve 1 CPU (the plan's shuffle-reduce and repartition tasks). With the
+    decoders and encoders holding every CPU, a plan row that came after the first decoder had
+    started waited for that decoder to end, and the run's two groups were decoded one after the
+    other (31-35 s instead of 22-24 s at 1,000 inputs on 2 cores, in some runs). A reservation is
+    only a token for Ray's scheduler: the decoders still run on all the cores.
+    """
+    spare = cpus - encoders_cpus - decoders * decode_cpus
+    if spare >= DATA_TASK_CPUS - 1e-9:
+        return decode_cpus
+    return max(MIN_DECODE_CPUS, (cpus - encoders_cpus - DATA_TASK_CPUS) / decoders)
 
 
 def _write_summaries(out: str, plan: PlanCounts, clip: ClipConfig, tokenizer: str,

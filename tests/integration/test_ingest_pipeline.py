@@ -256,6 +256,19 @@ def test_encoders_that_leave_no_cpu_for_a_decoder_are_refused():
     assert decoder_count(0, 2, 2.0, 1.0, fixed=False) is None
 
 
+def test_decoders_leave_a_cpu_for_the_plans_own_tasks():
+    """Ray Data's map tasks reserve 1 CPU; with decoders and encoders holding every CPU, the
+    repartition of a late plan row waited for the first decoder to end (two groups decoded in turn)."""
+    from pipelines.fused import DATA_TASK_CPUS, decoder_count, decoder_share
+
+    for cpus, actors, enc, dec in [(2, 1, 0.5, 0.75), (4, 1, 2.0, 1.0), (3, 1, 0.5, 0.75), (16, 2, 2.0, 1.0)]:
+        n = decoder_count(cpus, actors, enc, dec)
+        share = decoder_share(cpus, actors * enc, n, dec)
+        assert 0 < share <= dec
+        assert cpus - actors * enc - n * share >= DATA_TASK_CPUS - 1e-9, (cpus, n, share)
+    assert decoder_share(16, 4.0, 10, 1.0) == 1.0  # room to spare: the usual reservation
+
+
 def test_kept_clips_and_tokens_close_together_so_resume_adds_no_copies(tmp_path, ray_session):
     """`--keep-clips` with `--resume`: clips shards and token shards cover the same inputs, so a
     run that lost its last token shard redoes those inputs without a second copy of their clips."""
