@@ -432,7 +432,7 @@ def decoder_share(cpus: float, encoders_cpus: float, decoders: int, decode_cpus:
     Ray Data's own tasks reserve 1 CPU (the plan's shuffle-reduce and repartition tasks). With the
     decoders and encoders holding every CPU, a plan row that came after the first decoder had
     started waited for that decoder to end, and the run's two groups were decoded one after the
-    other (31-35 s instead of 22-24 s at 1,000 inputs on 2 cores, in some runs). A reservation is
+    other (31-33 s instead of 21-25 s at 1,000 inputs on 2 cores, in 3 of 11 runs). A reservation is
     only a token for Ray's scheduler: the decoders still run on all the cores.
     """
     spare = cpus - encoders_cpus - decoders * decode_cpus
