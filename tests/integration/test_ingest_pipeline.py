@@ -257,8 +257,9 @@ def test_encoders_that_leave_no_cpu_for_a_decoder_are_refused():
 
 
 def test_decoders_leave_a_cpu_for_the_plans_own_tasks():
-    """Ray Data's map tasks reserve 1 CPU; with decoders and encoders holding every CPU, the
-    repartition of a late plan row waited for the first decoder to end (two groups decoded in turn)."""
+    """Ray Data's own tasks (shuffle reduce, repartition) reserve 1 CPU; with decoders and encoders
+    holding every CPU, a late plan row's reduce task waited for the first decoder to end (a run's
+    two groups decoded in turn, BENCHMARKS stop 32)."""
     from pipelines.fused import DATA_TASK_CPUS, decoder_count, decoder_share
 
     for cpus, actors, enc, dec in [(2, 1, 0.5, 0.75), (4, 1, 2.0, 1.0), (3, 1, 0.5, 0.75), (16, 2, 2.0, 1.0)]:
