@@ -116,6 +116,23 @@ def test_color_converted_to_gray(tmp_path, photometric):
     assert np.abs(gray.astype(float) - luma).max() <= 3
 
 
+def test_rgb_luma_is_exact_across_its_pixel_steps(tmp_path, monkeypatch):
+    """The RGB luma is computed a run of pixels at a time: a step that ends mid-frame (and a short
+    last step) gives the same integer BT.601 luma as converting the whole cine at once."""
+    import echopulse.io.dicom_echo as dicom_echo
+
+    monkeypatch.setattr(dicom_echo, "LUMA_CHUNK_PX", 1000)  # 6 x 40 x 48 pixels: 12 steps, the last short
+    path, _ = _write(tmp_path)
+    rgb = np.random.default_rng(2).integers(0, 256, size=(6, 40, 48, 3), dtype=np.uint8)
+    rgb[0, 0, :3] = [[255, 255, 255], [0, 0, 0], [255, 0, 255]]  # the largest sum must not overflow
+    _rewrite(path, SamplesPerPixel=3, PhotometricInterpretation="RGB", PlanarConfiguration=0,
+             PixelData=rgb.tobytes())
+    gray, _ = read_echo_dicom(path)
+    r, g, b = (rgb[..., i].astype(np.int64) for i in range(3))
+    assert np.array_equal(gray, ((77 * r + 150 * g + 29 * b + 128) >> 8).astype(np.uint8))
+    assert gray[0, 0, :3].tolist() == [255, 0, 106]
+
+
 # --- transfer syntaxes, photometrics, timing order, memory bound -------------------------------
 
 from echopulse.synth.dicom_variants import TRANSFER_SYNTAXES, rewrite_transfer_syntax  # noqa: E402
