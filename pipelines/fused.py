@@ -25,6 +25,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import tempfile
 from collections import deque
 from dataclasses import dataclass
@@ -45,7 +46,7 @@ from pipelines.shards import GROUP_STRIDE, MB, ChunkWriter, ShardConfig
 log = logging.getLogger(__name__)
 
 ENCODER_CPUS = 2.0
-SMALL_ENCODER_CPUS, SMALL_DECODE_CPUS = 0.5, 0.75  # clusters of fewer than 4 CPUs
+SMALL_ENCODER_CPUS, SMALL_DECODE_CPUS = 0.5, 0.75  # below 4 cores (size_pass)
 DECODE_CHUNK_MB = 2.0  # clip MiB per encode call (and at least batch_size clips)
 IN_FLIGHT = 2  # chunks a decode task keeps waiting on the encoders
 DATA_TASK_CPUS = 1.0  # what Ray Data's own tasks reserve by default: kept free beside the decoders
@@ -310,8 +311,8 @@ def run_ingest_tokens(manifest: str, out: str, clip: ClipConfig, tokenizer: str,
         actors: tokenizer actors; batch_size: clips per encode call; use_gpu: a GPU per actor
             (``None``: when the cluster has GPUs).
         encoder_cpus: CPUs each tokenizer actor reserves (torch's threads on a CPU encoder;
-            default 2, or 0.5 on a cluster of fewer than 4 CPUs, where decode tasks take 0.75 so
-            that two fit beside it).
+            default 2, or 0.5 below 4 cores, where decode tasks take 0.75 so that two fit beside
+            it: :func:`size_pass`; a local cluster counts the machine's cores, not its CPUs).
         chunk_mb: clip bytes a decode task sends per encode call (at least ``batch_size`` clips);
             with ``IN_FLIGHT`` it bounds what each decoder keeps in the object store.
 
@@ -372,16 +373,10 @@ def _run_fused_pass(manifest: str, out: str, clip: ClipConfig, tokenizer: str, s
     init_ray()
     if use_gpu is None:
         use_gpu = ray.cluster_resources().get("GPU", 0) >= 1
-    small = ray.cluster_resources().get("CPU", 1) < 4
-    if encoder_cpus is None:
-        encoder_cpus = SMALL_ENCODER_CPUS if small else ENCODER_CPUS
-    # on a small cluster two decoders still fit beside the encoder (which waits for them most of
-    # the time); 1 CPU each would leave a core's worth idle
-    decode_cpus = SMALL_DECODE_CPUS if small else 1.0
     cpus = ray.cluster_resources().get("CPU", 1)
-    decoders = decoder_count(cpus, actors, encoder_cpus, decode_cpus, fixed=not joined_cluster())
-    if decoders is not None:
-        decode_cpus = decoder_share(cpus, actors * encoder_cpus, decoders, decode_cpus)
+    fixed = not joined_cluster()
+    encoder_cpus, decoders, decode_cpus = size_pass(cpus, machine_cores(cpus) if fixed else cpus, actors,
+                                                    encoder_cpus, fixed)
     remote_args = ray_remote_args(manifest, out, tokenizer, keep_clips)
     credentials = worker_credentials(manifest, out, tokenizer, keep_clips)
     encoders = start_encoders(tokenizer, actors, batch_size, bool(use_gpu), clip.ecg_samples, encoder_cpus,
@@ -401,6 +396,47 @@ def _run_fused_pass(manifest: str, out: str, clip: ClipConfig, tokenizer: str, s
     finally:
         for encoder in encoders:
             ray.kill(encoder)
+
+
+def size_pass(cpus: float, cores: float, actors: int, encoder_cpus: float | None,
+              fixed: bool = True) -> tuple[float, int | None, float]:
+    """``(encoder_cpus, decoders, decode_cpus)`` for ``actors`` encoders on a cluster of ``cpus``
+    logical CPUs backed by ``cores`` (:func:`machine_cores`; ``cpus`` on a joined cluster);
+    ``decoders`` is ``None`` on a joined cluster (Ray Data decides).
+
+    Below 4 cores an encoder takes 0.5 CPU (one torch thread) and decode tasks 0.75, so two
+    decoders still fit beside it (it waits for them most of the time; 1 CPU each would leave a
+    core's worth idle); from 4 cores an encoder takes 2. Never more decoders than the cores hold
+    beside the encoders, and their reservations leave room for Ray Data's tasks (:func:`decoder_share`).
+
+    Raises:
+        EchoPulseError: on a fixed cluster, the encoders leave no room for one decoder.
+    """
+    small = cores < 4
+    if encoder_cpus is None:
+        encoder_cpus = SMALL_ENCODER_CPUS if small else ENCODER_CPUS
+    decode_cpus = SMALL_DECODE_CPUS if small else 1.0
+    decoders = decoder_count(cpus, actors, encoder_cpus, decode_cpus, fixed=fixed)
+    if decoders is not None:
+        if cores < cpus:
+            decoders = min(decoders, max(1, int((cores - actors * encoder_cpus) / decode_cpus + 1e-9)))
+        decode_cpus = decoder_share(cpus, actors * encoder_cpus, decoders, decode_cpus)
+    return encoder_cpus, decoders, decode_cpus
+
+
+def machine_cores(cpus: float) -> float:
+    """The cores behind a local cluster of ``cpus`` logical CPUs: fewer where the cluster claims more
+    CPUs than this machine has (:func:`echopulse.runtime.init_ray` asks for at least 4).
+
+    The one pass is sized by these: on 2 cores, a local cluster of 4 CPUs had sized the encoder for
+    2 torch threads beside 2 decoders, and torch's threads, short of a core each, spent 20 s
+    encoding what 1 thread encodes in 4.6 s (the run: 29-31 s instead of 19-22 s at 1,000 inputs).
+    """
+    try:
+        machine = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # no affinity on this platform
+        machine = os.cpu_count() or 1
+    return min(cpus, float(machine))
 
 
 def decoder_count(cpus: float, actors: int, encoder_cpus: float, decode_cpus: float,

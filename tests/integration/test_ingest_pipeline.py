@@ -270,6 +270,28 @@ def test_decoders_leave_a_cpu_for_the_plans_own_tasks():
     assert decoder_share(16, 4.0, 10, 1.0) == 1.0  # room to spare: the usual reservation
 
 
+def test_the_pass_is_sized_by_the_cores_behind_a_local_cluster(monkeypatch):
+    """The CLI's local cluster claims at least 4 CPUs; on 2 cores that had sized the encoder for 2
+    torch threads beside 2 decoders, and the encoder ran 4x slower (BENCHMARKS stop 33). Sized by
+    the cores, the encoders' threads and the decoders fit the machine, and the reservations still
+    leave Ray Data's tasks a CPU."""
+    import os
+
+    from pipelines.fused import DATA_TASK_CPUS, SMALL_DECODE_CPUS, machine_cores, size_pass
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert machine_cores(4) == 2 and machine_cores(1) == 1
+    for cpus, cores, actors in [(4, 2, 1), (2, 2, 1), (8, 2, 2), (4, 4, 1), (16, 16, 2)]:
+        enc, decoders, dec = size_pass(cpus, cores, actors, None)
+        threads = max(1, int(enc))  # what match_torch_threads_to_actor gives each encoder
+        assert actors * threads <= cores, (cpus, cores, enc)
+        nominal = SMALL_DECODE_CPUS if cores < 4 else 1.0  # a decoder's share of a core
+        assert decoders * nominal <= cores - actors * enc + 1e-9, (cpus, cores, decoders)
+        assert cpus - actors * enc - decoders * dec >= DATA_TASK_CPUS - 1e-9, (cpus, cores, decoders, dec)
+    assert size_pass(4, 2, 1, None) == size_pass(2, 2, 1, None)[:2] + (0.75,)
+    assert size_pass(64, 64, 1, None, fixed=False)[1] is None  # a joined cluster: Ray Data decides
+
+
 def test_kept_clips_and_tokens_close_together_so_resume_adds_no_copies(tmp_path, ray_session):
     """`--keep-clips` with `--resume`: clips shards and token shards cover the same inputs, so a
     run that lost its last token shard redoes those inputs without a second copy of their clips."""
