@@ -223,9 +223,11 @@ def main(argv=None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     recipe = tiny()
     tokenizer = write_random_tokens(str(work / "unused"), recipe, n=2)
-    ray.init(num_cpus=args.cpus, num_gpus=args.gpus, object_store_memory=512 << 20,
-             include_dashboard=False,
-             log_to_driver=False, logging_level=logging.WARNING)
+    from echopulse.runtime import local_cluster_env
+
+    with local_cluster_env():  # as the CLI's local cluster
+        ray.init(num_cpus=args.cpus, num_gpus=args.gpus, object_store_memory=512 << 20,
+                 include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
     from ray.data import DataContext
 
     DataContext.get_current().enable_progress_bars = False

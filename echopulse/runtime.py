@@ -4,9 +4,30 @@ from __future__ import annotations
 
 import logging
 import os
+from contextlib import contextmanager
 
 log = logging.getLogger(__name__)
 _joined: list[str] = []  # the address init_ray connected to, if any
+
+# Ray stops idle workers beyond the CPU count after 1 s, so every Ray Data stage of a run (a plan
+# has five) and the next run in the same process started a fresh worker (~1 s each: 4-5 s of a
+# 20 s one pass at 1,000 inputs, BENCHMARKS stop 33). The local cluster is this process's own.
+IDLE_WORKER_ENV = "RAY_idle_worker_killing_time_threshold_ms"
+IDLE_WORKER_MS = 60_000
+
+
+@contextmanager
+def local_cluster_env():
+    """The environment a local cluster is started in (wrap ``ray.init``): idle workers kept for
+    ``IDLE_WORKER_MS`` unless the user set ``IDLE_WORKER_ENV``. Ray's processes read it at start;
+    this process's environment is restored afterwards."""
+    before = os.environ.get(IDLE_WORKER_ENV)
+    os.environ.setdefault(IDLE_WORKER_ENV, str(IDLE_WORKER_MS))
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(IDLE_WORKER_ENV, None)
 
 
 def joined_cluster() -> bool:
@@ -43,14 +64,15 @@ def init_ray(address: str | None = None, num_cpus: int | None = None,
         return
     cpus = num_cpus or max(os.cpu_count() or 1, 4)
     log.info("starting a local Ray cluster (%d logical CPUs)", cpus)
-    ray.init(
-        address="local",  # never join a stale cluster that /tmp/ray/ray_current_cluster points to
-        num_cpus=cpus,
-        include_dashboard=False,
-        log_to_driver=worker_logs,
-        configure_logging=True,
-        logging_level=logging.WARNING,
-    )
+    with local_cluster_env():
+        ray.init(
+            address="local",  # never join a stale cluster that /tmp/ray/ray_current_cluster points to
+            num_cpus=cpus,
+            include_dashboard=False,
+            log_to_driver=worker_logs,
+            configure_logging=True,
+            logging_level=logging.WARNING,
+        )
     # Ray Data's own progress bars are the per-stage progress in a terminal; keep its logs quiet.
     from ray.data import DataContext
 
