@@ -138,6 +138,8 @@ def main(argv=None) -> int:
     parser.add_argument("--upscale", type=int, default=3,
                         help="enlarge the 128x160 phantom frames by this factor (default: %(default)s)")
     parser.add_argument("--recipe", default="demo", help="clip geometry from this recipe (default: %(default)s)")
+    parser.add_argument("--inputs-per-task", type=int, default=0,
+                        help="inputs per Ray decode task (default: two tasks per Ray CPU)")
     parser.add_argument("--profile", type=int, default=20, help="inputs to profile serially (0: skip)")
     parser.add_argument("--workdir", default=None, help="where the corpus goes (default: a temp dir)")
     parser.add_argument("--json", default=None, help="write the figures here")
@@ -164,10 +166,15 @@ def main(argv=None) -> int:
     warm = manifest.parent / "warm.csv"  # paths in a manifest are relative to its folder
     with open(manifest) as src, open(warm, "w") as dst:
         dst.writelines(line for i, line in enumerate(src) if i <= 2 * cpus)
-    run_ingest(str(warm), str(work / "out_warm"), clip)
+    from pipelines.shards import ShardConfig
+
+    # two decode tasks per CPU: at the CLI's 512 inputs per task, 100 inputs were one task
+    per_task = args.inputs_per_task or max(1, -(-len(rows) // (2 * cpus)))
+    shards = ShardConfig(inputs_per_task=per_task)
+    run_ingest(str(warm), str(work / "out_warm"), clip, shards=shards)
 
     t0 = time.perf_counter()
-    summary = run_ingest(str(manifest), str(work / "out_ray"), clip)
+    summary = run_ingest(str(manifest), str(work / "out_ray"), clip, shards=shards)
     ray_s = time.perf_counter() - t0
     ray.shutdown()
 
@@ -179,6 +186,7 @@ def main(argv=None) -> int:
     result = {
         "studies": len(rows), "clips": summary.clips, "quarantined": summary.quarantined,
         "input_mb": round(mb, 1), "recipe": args.recipe, "frame_size": [128 * args.upscale, 160 * args.upscale], "cores": os.cpu_count(), "ray_cpus": cpus,
+        "inputs_per_task": per_task,
         "ray_s": round(ray_s, 2), "serial_s": round(serial_s, 2),
         "ray_clips_per_s": round(summary.clips / ray_s, 2),
         "serial_clips_per_s": round(serial_clips / serial_s, 2),

@@ -25,7 +25,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
 import tempfile
 from collections import deque
 from dataclasses import dataclass
@@ -366,7 +365,7 @@ def _run_fused_pass(manifest: str, out: str, clip: ClipConfig, tokenizer: str, s
     from ray.data import TaskPoolStrategy
 
     from echopulse.runtime import init_ray, joined_cluster
-    from pipelines.common import ray_remote_args, worker_credentials
+    from pipelines.common import machine_cores, ray_remote_args, worker_credentials
     from pipelines.ingest import collect_counts
     from pipelines.plan import plan_dataset
 
@@ -401,7 +400,7 @@ def _run_fused_pass(manifest: str, out: str, clip: ClipConfig, tokenizer: str, s
 def size_pass(cpus: float, cores: float, actors: int, encoder_cpus: float | None,
               fixed: bool = True) -> tuple[float, int | None, float]:
     """``(encoder_cpus, decoders, decode_cpus)`` for ``actors`` encoders on a cluster of ``cpus``
-    logical CPUs backed by ``cores`` (:func:`machine_cores`; ``cpus`` on a joined cluster);
+    logical CPUs backed by ``cores`` (:func:`pipelines.common.machine_cores`; ``cpus`` on a joined cluster);
     ``decoders`` is ``None`` on a joined cluster (Ray Data decides).
 
     Below 4 cores an encoder takes 0.5 CPU (one torch thread) and decode tasks 0.75, so two
@@ -422,21 +421,6 @@ def size_pass(cpus: float, cores: float, actors: int, encoder_cpus: float | None
             decoders = min(decoders, max(1, int((cores - actors * encoder_cpus) / decode_cpus + 1e-9)))
         decode_cpus = decoder_share(cpus, actors * encoder_cpus, decoders, decode_cpus)
     return encoder_cpus, decoders, decode_cpus
-
-
-def machine_cores(cpus: float) -> float:
-    """The cores behind a local cluster of ``cpus`` logical CPUs: fewer where the cluster claims more
-    CPUs than this machine has (:func:`echopulse.runtime.init_ray` asks for at least 4).
-
-    The one pass is sized by these: on 2 cores, a local cluster of 4 CPUs had sized the encoder for
-    2 torch threads beside 2 decoders, and torch's threads, short of a core each, spent 20 s
-    encoding what 1 thread encodes in 4.6 s (the run: 29-31 s instead of 19-22 s at 1,000 inputs).
-    """
-    try:
-        machine = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # no affinity on this platform
-        machine = os.cpu_count() or 1
-    return min(cpus, float(machine))
 
 
 def decoder_count(cpus: float, actors: int, encoder_cpus: float, decode_cpus: float,

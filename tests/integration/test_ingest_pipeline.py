@@ -277,7 +277,8 @@ def test_the_pass_is_sized_by_the_cores_behind_a_local_cluster(monkeypatch):
     leave Ray Data's tasks a CPU."""
     import os
 
-    from pipelines.fused import DATA_TASK_CPUS, SMALL_DECODE_CPUS, machine_cores, size_pass
+    from pipelines.common import machine_cores
+    from pipelines.fused import DATA_TASK_CPUS, SMALL_DECODE_CPUS, size_pass
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
     assert machine_cores(4) == 2 and machine_cores(1) == 1
